@@ -1,0 +1,32 @@
+# maskaq: `make demo` and `make test` are all a new user needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.maskaq-installed
+export MAX_JOBS ?= 2
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q ninja==1.13.2 pybind11==3.1.0
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -c "import maskaq; print(maskaq.extension_info())"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/maskaq demo
+
+bench: install
+	$(PY) benchmarks/bench_ops.py
+
+clean:
+	rm -rf build $(VENV) maskaq/*.so *.egg-info
