@@ -84,7 +84,7 @@ def extensions():
     cuda_home = find_cuda_home()
     use_cuda = want_cuda(cuda_home)
     sources = ["csrc/maskaq.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # torch adds the -std it needs (C++20 for torch 2.14)
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if not use_cuda:
@@ -99,7 +99,7 @@ def extensions():
     if missing:
         include_dirs += nvidia_wheel_includes(missing)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
     return [cpp_extension.CUDAExtension("maskaq._C", sources, include_dirs=include_dirs,
                                         define_macros=define_macros + [("MASKAQ_WITH_CUDA", None)],
                                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
