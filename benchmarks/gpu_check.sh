@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_check.sh — the check of maskaq's CUDA kernels on a lent GPU machine.
+#
+# Run from anywhere (it cd's to the repo root); needs python3 with torch (CUDA build), pytest
+# and ninja, and nvcc; no internet. It
+#   1. builds maskaq._C in place with its CUDA kernels (MASKAQ_CUDA=1, TORCH_CUDA_ARCH_LIST
+#      default 9.0, MAX_JOBS default 16) — build_ext, not pip, so no dependency is resolved;
+#   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py);
+#   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON;
+#   4. prints a short table last: each step's status and time, then the benchmark rows.
+# Every step has its own time limit (about 7 minutes in all); a failed step does not stop the
+# later ones where they can still run. Logs and the JSON go to ${OUT:-/tmp}. Exit status 0 only
+# when every step passed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+LOGS="${OUT:-/tmp}"
+mkdir -p "$LOGS"
+PY="${PYTHON:-python3}"
+export MASKAQ_CUDA=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export MASKAQ_REQUIRE_EXTENSION=1  # a broken build must fail the tests, not fall back
+export PYTHONUNBUFFERED=1
+
+declare -a STEP_NAMES=() STEP_STATUS=() STEP_SECONDS=()
+
+# run_step NAME LIMIT_S LOGFILE CMD...: runs CMD under a time limit, tee'd to LOGFILE.
+run_step() {
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  echo "=== ${name} (limit ${limit}s): $*"
+  local start=$SECONDS rc=0
+  set +e
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local status="ok"
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="TIMEOUT"; elif [[ $rc -ne 0 ]]; then status="FAILED (rc ${rc})"; fi
+  STEP_NAMES+=("$name")
+  STEP_STATUS+=("$status")
+  STEP_SECONDS+=("$((SECONDS - start))")
+  return 0
+}
+
+step_ok() { [[ "${STEP_STATUS[$1]}" == "ok" ]]; }
+
+# 0. The machine.
+{
+  nvidia-smi -L || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  command -v nvcc && nvcc --version | tail -n 1
+} 2>&1 | tee "$LOGS/gpu_check_env.log" || true
+
+# 1. Build the extension in place with the CUDA kernels.
+rm -f maskaq/_C*.so
+run_step "build (CUDA ${TORCH_CUDA_ARCH_LIST})" 300 "$LOGS/gpu_check_build.log" \
+  "$PY" setup.py build_ext --inplace
+run_step "extension loads" 60 "$LOGS/gpu_check_info.log" \
+  "$PY" -c "import maskaq, json; info = maskaq.extension_info(); print(json.dumps(info)); \
+assert info['loaded'] and info['with_cuda'], 'the CUDA kernels are not in maskaq._C'"
+
+# 2. Tests (only meaningful with a loaded extension; run anyway so the log says why they fail).
+TESTS=(tests/test_cuda.py)
+[[ -f tests/test_ops.py ]] && TESTS+=(tests/test_ops.py)
+run_step "pytest ${TESTS[*]}" 240 "$LOGS/gpu_check_pytest.log" \
+  "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider
+
+# 3. Benchmark.
+BENCH_JSON="$LOGS/bench_ops_cuda.json"
+rm -f "$BENCH_JSON"
+if [[ -f benchmarks/bench_ops.py ]] && step_ok 1; then
+  run_step "bench_ops --device cuda" 150 "$LOGS/gpu_check_bench.log" \
+    "$PY" benchmarks/bench_ops.py --device cuda --json "$BENCH_JSON"
+else
+  STEP_NAMES+=("bench_ops --device cuda"); STEP_STATUS+=("skipped (no extension or no bench_ops.py)"); STEP_SECONDS+=(0)
+fi
+
+# 4. The table.
+echo
+echo "=== gpu_check summary ($(head -n 1 "$LOGS/gpu_check_env.log" 2>/dev/null || echo 'no nvidia-smi'))"
+printf '%-44s %-30s %6s\n' "step" "status" "s"
+for i in "${!STEP_NAMES[@]}"; do
+  printf '%-44s %-30s %6s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}"
+done
+tail -n 1 "$LOGS/gpu_check_pytest.log" 2>/dev/null | sed 's/^/pytest: /' || true
+if [[ -f "$BENCH_JSON" ]]; then
+  "$PY" - "$BENCH_JSON" <<'EOF' || true
+import json, sys
+rows = json.load(open(sys.argv[1]))
+print(f"\n{'op':<28} {'shape':<22} {'impl':<10} {'ms':>9} {'vs ref':>8}")
+for r in rows:
+    shape = "x".join(map(str, r["shape"])) if isinstance(r["shape"], (list, tuple)) else str(r["shape"])
+    speed = r.get("speedup_vs_reference")
+    speed = f"{speed:.2f}x" if isinstance(speed, (int, float)) else "-"
+    print(f"{r['op']:<28} {shape:<22} {r['impl']:<10} {r['ms']:>9.3f} {speed:>8}")
+EOF
+fi
+echo "logs: $LOGS/gpu_check_*.log"
+
+for status in "${STEP_STATUS[@]}"; do
+  [[ "$status" == "ok" ]] || exit 1
+done
+exit 0

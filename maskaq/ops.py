@@ -1,0 +1,229 @@
+"""The public maskaq ops: fused C++/CUDA kernels (``torch.ops.maskaq.*``) with autograd.
+
+Each function validates its arguments, draws its randomness (from the given generator or
+seed; the compiled ops themselves are deterministic) and calls the kernel. Where the
+extension cannot run the call (not built, or a device/dtype it has no kernel for: the CPU
+kernels take float32/float64, the CUDA kernels float32/float16/bfloat16) the plain-PyTorch
+reference in :mod:`maskaq.reference` computes the same result (the loader warns once when
+the extension is missing).
+
+Fake (meta) kernels are registered for all six ops, so they trace under torch.compile, and
+autograd for the three forward ops (their backward calls the ``*_backward`` ops).
+"""
+from __future__ import annotations
+
+import torch
+
+from maskaq import _extension, reference
+from maskaq.reference import (
+    check_align_args,
+    check_entropy_args,
+    check_fq_attention_args,
+    draw_keep_rand,
+    draw_row_index,
+)
+
+__all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "uses_extension"]
+
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def uses_extension(t: torch.Tensor) -> bool:
+    """Whether a call with inputs like ``t`` runs the compiled kernel (else the reference)."""
+    if not _extension.loaded():
+        return False
+    kind = t.device.type
+    if kind == "cuda" and not _extension.extension_info()["with_cuda"]:
+        return False
+    return t.dtype in _KERNEL_DTYPES.get(kind, ())
+
+
+# --------------------------------------------------------------------------------------
+# Public functions
+
+
+def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, scale=None,
+                 return_logits=False):
+    """Attention with LSQ fake-quantized operands (MaskAQ student) or in full precision.
+
+    Args:
+        q, k, v: (B, H, N, d) tensors of one dtype (made contiguous here).
+        step: None for full precision (the teacher), else a 1-D tensor of 4 LSQ steps α in
+            the order (q, k, p, v); receives LSQ gradients scaled by 0.01/sqrt(numel·qmax).
+        zero_point: optional 1-D tensor of 4 LSQ zero points z (same order), learnable.
+        qmin, qmax: sequences of 4 ints, the integer range of each quantizer (needed with step).
+        scale: softmax scale, default d ** -0.5.
+        return_logits: also return the unscaled logits q̂·k̂ᵀ, (B, H, N, N).
+
+    Fake quant: x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α with
+    straight-through rounding. out = P̂·v̂ with P = softmax(logits·scale).
+
+    Returns:
+        (out (B, H, N, d), logits or None).
+    """
+    qmin, qmax, scale = check_fq_attention_args(q, k, v, step, zero_point, qmin, qmax, scale)
+    if not uses_extension(q):
+        return reference.fq_attention(q, k, v, step=step, zero_point=zero_point, qmin=qmin or None,
+                                      qmax=qmax or None, scale=scale, return_logits=return_logits)
+    out, logits = torch.ops.maskaq.fq_attention(q.contiguous(), k.contiguous(), v.contiguous(), step,
+                                                zero_point, qmin, qmax, scale, bool(return_logits))
+    return out, (logits if return_logits else None)
+
+
+def patch_similarity_entropy(logits, *, num_prefix_tokens=1, num_rows=64, generator=None, row_index=None):
+    """Gaussian differential entropy of patch similarity, per sample (MaskAQ's L_ent = −h.mean()).
+
+    Per sample: the head mean of ``logits`` without the ``num_prefix_tokens`` prefix rows and
+    columns (N' x N'), ``num_rows`` rows picked at random (all if N' <= num_rows), each
+    L2-normalized; G = their cosine Gram matrix; h = ½·log(2πe·(Var(G) + 1e-8)) with the
+    biased variance over all entries of G.
+
+    Args:
+        logits: (B, H, N, N) unscaled attention logits (Swin: window logits (B·nW, H, N, N)
+            with ``num_prefix_tokens=0``).
+        num_prefix_tokens: CLS / distillation / register tokens in front of the patches.
+        num_rows: rows of the patch block sampled per sample.
+        generator: torch.Generator for the row draw (any device).
+        row_index: explicit (B, R) int64 rows in [0, N - num_prefix_tokens) instead of a draw.
+
+    Returns:
+        h, shape (B,), in the dtype of ``logits``.
+    """
+    num_patches = check_entropy_args(logits, num_prefix_tokens, num_rows, row_index)
+    if row_index is None:
+        row_index = draw_row_index(logits.shape[0], num_patches, int(num_rows), generator=generator,
+                                   device=logits.device)
+    if not uses_extension(logits):
+        return reference.patch_similarity_entropy(logits, num_prefix_tokens=num_prefix_tokens,
+                                                  row_index=row_index)
+    return torch.ops.maskaq.patch_similarity_entropy(logits.contiguous(), row_index.contiguous(),
+                                                     int(num_prefix_tokens))
+
+
+def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, seed=None, rand=None):
+    """Masked attention alignment (MaskAQ's L_align) of student CLS-row logits to the teacher's.
+
+    The mask comes from the teacher: c = mean over blocks and heads of ``cls_t`` (B, M);
+    the k = max(1, floor(M·ratio)) top keys of c per sample, of which the
+    max(1, floor(keep·k + 0.5)) with the smallest uniform draw survive (stochastic drop).
+    loss = mean over blocks l of Σ_{b,i} |mean_h cls_t[l] − mean_h cls_q[l]|·m / (Σ m + 1e-8).
+
+    Args:
+        cls_t, cls_q: (L, B, H, M) CLS-row logits A_l[:, :, 0, P:] of every block, stacked,
+            of the teacher and the student. The gradient flows to ``cls_q`` only.
+        ratio: the top-k fraction r in (0, 1] (MaskAQ anneals 0.5 -> 0.1).
+        keep: the kept fraction of the top-k (0.7).
+        generator / seed: randomness of the drop (a seed makes a generator on the inputs' device).
+        rand: explicit (B, M) uniform [0, 1) draws instead.
+
+    Returns:
+        (loss 0-dim, mask (B, M) of 0/1 in the inputs' dtype).
+    """
+    check_align_args(cls_t, cls_q, ratio, keep, rand)
+    if rand is None:
+        rand = draw_keep_rand(cls_t.shape[1], cls_t.shape[3], generator=generator, seed=seed,
+                              device=cls_t.device)
+    if not uses_extension(cls_t):
+        return reference.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, rand=rand)
+    return torch.ops.maskaq.masked_attention_align(cls_t.detach().contiguous(), cls_q.contiguous(),
+                                                   rand.contiguous(), float(ratio), float(keep))
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels and autograd (only when the compiled ops exist)
+
+
+def _fq_attention_fake(q, k, v, step, zero_point, qmin, qmax, scale, return_logits):
+    B, H, N, _ = q.shape
+    logits = q.new_empty((B, H, N, N)) if return_logits else q.new_empty((0,))
+    return q.new_empty(q.shape), logits
+
+
+def _fq_attention_backward_fake(grad_out, grad_logits, q, k, v, step, zero_point, qmin, qmax, scale):
+    gstep = step.new_empty((4,)) if step is not None else q.new_empty((0,))
+    gzp = zero_point.new_empty((4,)) if (step is not None and zero_point is not None) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gstep, gzp
+
+
+def _entropy_fake(logits, row_index, num_prefix_tokens):
+    return logits.new_empty((logits.shape[0],))
+
+
+def _entropy_backward_fake(grad, logits, row_index, num_prefix_tokens):
+    return logits.new_empty(logits.shape)
+
+
+def _align_fake(cls_t, cls_q, rand, ratio, keep):
+    return cls_t.new_empty(()), cls_t.new_empty((cls_t.shape[1], cls_t.shape[3]))
+
+
+def _align_backward_fake(grad, cls_t, cls_q, mask):
+    return cls_q.new_empty(cls_q.shape)
+
+
+def _fq_attention_setup(ctx, inputs, output):
+    q, k, v, step, zero_point, qmin, qmax, scale, _ = inputs
+    ctx.save_for_backward(q, k, v, step, zero_point)
+    ctx.qmin, ctx.qmax, ctx.scale = qmin, qmax, scale
+
+
+def _fq_attention_backward(ctx, grad_out, grad_logits):
+    q, k, v, step, zero_point = ctx.saved_tensors
+    grad_out = torch.zeros_like(q) if grad_out is None else grad_out.contiguous()
+    if grad_logits is not None and grad_logits.numel() == 0:  # logits were not returned
+        grad_logits = None
+    if grad_logits is not None:
+        grad_logits = grad_logits.contiguous()
+    gq, gk, gv, gstep, gzp = torch.ops.maskaq.fq_attention_backward(
+        grad_out, grad_logits, q, k, v, step, zero_point, ctx.qmin, ctx.qmax, ctx.scale)
+    return (gq, gk, gv, gstep if step is not None else None,
+            gzp if (step is not None and zero_point is not None) else None, None, None, None, None)
+
+
+def _entropy_setup(ctx, inputs, output):
+    logits, row_index, num_prefix_tokens = inputs
+    ctx.save_for_backward(logits, row_index)
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _entropy_backward(ctx, grad):
+    logits, row_index = ctx.saved_tensors
+    grad_logits = torch.ops.maskaq.patch_similarity_entropy_backward(
+        grad.contiguous(), logits, row_index, ctx.num_prefix_tokens)
+    return grad_logits, None, None
+
+
+def _align_setup(ctx, inputs, output):
+    cls_t, cls_q, _, _, _ = inputs
+    ctx.save_for_backward(cls_t, cls_q, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _align_backward(ctx, grad_loss, grad_mask):
+    cls_t, cls_q, mask = ctx.saved_tensors
+    grad_q = torch.ops.maskaq.masked_attention_align_backward(grad_loss.contiguous(), cls_t, cls_q, mask)
+    return None, grad_q, None, None, None
+
+
+def _register():
+    lib = "maskaq::"
+    for name, fake in (
+        ("fq_attention", _fq_attention_fake),
+        ("fq_attention_backward", _fq_attention_backward_fake),
+        ("patch_similarity_entropy", _entropy_fake),
+        ("patch_similarity_entropy_backward", _entropy_backward_fake),
+        ("masked_attention_align", _align_fake),
+        ("masked_attention_align_backward", _align_backward_fake),
+    ):
+        torch.library.register_fake(lib + name, fake)
+    torch.library.register_autograd(lib + "fq_attention", _fq_attention_backward, setup_context=_fq_attention_setup)
+    torch.library.register_autograd(lib + "patch_similarity_entropy", _entropy_backward,
+                                    setup_context=_entropy_setup)
+    torch.library.register_autograd(lib + "masked_attention_align", _align_backward, setup_context=_align_setup)
+
+
+if _extension.loaded():
+    _register()

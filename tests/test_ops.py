@@ -1,0 +1,595 @@
+"""maskaq ops: the compiled CPU kernels against the plain-PyTorch references.
+
+Forward and backward on random inputs (never zeros) over many shapes, all bit widths 2-8
+signed and unsigned, gradcheck in float64, torch.library.opcheck, bad inputs, and a test
+that fails when MASKAQ_REQUIRE_EXTENSION=1 and maskaq._C did not load.
+
+Strict comparisons run in float64, where rounding a quantizer input across a .5 boundary
+differently in the two implementations is practically impossible; float32 checks allow
+the rare such flips (a few elements off by one quantization step).
+"""
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from maskaq import _extension, ops
+from maskaq import reference as ref
+
+HAS_EXT = _extension.loaded()
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="maskaq._C is not built (reference fallback only)")
+F64 = torch.float64
+
+# Shapes (B, H, N, d) covering B 1..8, H 1..6, N in {5, 17, 50, 65, 197}, d in {8, 32, 64}.
+ATTN_SHAPES = [
+    (1, 1, 5, 8), (2, 3, 17, 32), (3, 2, 50, 64), (8, 6, 65, 8), (2, 4, 197, 64), (4, 5, 17, 64),
+    (7, 1, 50, 32), (1, 6, 197, 8), (6, 3, 5, 32), (2, 2, 65, 64), (5, 1, 197, 32), (3, 6, 50, 8),
+    (8, 2, 17, 8), (1, 3, 65, 32),
+]
+BIT_CASES = [(bits, signed) for bits in range(2, 9) for signed in (True, False)]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed, dtype=F64, scale=1.0, requires_grad=False):
+    t = torch.randn(*shape, generator=gen(seed), dtype=dtype) * scale
+    return t.requires_grad_(requires_grad)
+
+
+def quant_range(bits, signed):
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def quant_params(q, k, v, bits, signed, seed):
+    """LSQ steps initialized from the data (2·mean|x|/sqrt(qmax), METHOD.md), jittered by
+    a factor in [0.3, 3] so both the in-range and the clamped regime occur, and random
+    zero points in [-3, 3]. float32 like the model's parameters."""
+    rng = random.Random(seed)
+    lo, hi = quant_range(bits, signed)
+    n = q.shape[2]
+    means = [q.abs().mean().item(), k.abs().mean().item(), 1.0 / n, v.abs().mean().item()]
+    step = torch.tensor([2 * m / math.sqrt(hi) * rng.uniform(0.3, 3.0) for m in means], requires_grad=True)
+    zp = torch.tensor([rng.uniform(-3, 3) for _ in range(4)], requires_grad=True)
+    return dict(step=step, zero_point=zp, qmin=[lo] * 4, qmax=[hi] * 4)
+
+
+def fq_grads(fn, q, k, v, kw, seed):
+    out, logits = fn(q, k, v, return_logits=True, **kw)
+    go = randn(*out.shape, seed=seed, dtype=out.dtype)
+    gl = randn(*logits.shape, seed=seed + 1, dtype=out.dtype, scale=0.1)
+    inputs = [q, k, v] + [t for t in (kw.get("step"), kw.get("zero_point")) if t is not None]
+    grads = torch.autograd.grad([out, logits], inputs, [go, gl])
+    return out, logits, grads
+
+
+def assert_mostly_close(actual, expected, *, atol, rtol, max_bad_fraction, max_abs_error):
+    """Close everywhere but a small fraction of elements, and never far off."""
+    err = (actual - expected).abs()
+    bad = err > atol + rtol * expected.abs()
+    assert bad.float().mean().item() <= max_bad_fraction, f"{bad.sum().item()} of {bad.numel()} elements differ"
+    assert err.max().item() <= max_abs_error, f"max error {err.max().item()} > {max_abs_error}"
+
+
+# --------------------------------------------------------------------------------------
+# fq_attention
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_fq_attention_full_precision_matches_reference(shape):
+    B, H, N, d = shape
+    seed = sum(shape)
+    q, k, v = (randn(*shape, seed=seed + i, requires_grad=True) for i in range(3))
+    out, logits, grads = fq_grads(ops.fq_attention, q, k, v, {}, seed)
+    out_r, logits_r, grads_r = fq_grads(ref.fq_attention, q, k, v, {}, seed)
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(logits, logits_r)
+    for g, g_r in zip(grads, grads_r):
+        torch.testing.assert_close(g, g_r)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(BIT_CASES)))
+def test_fq_attention_quantized_matches_reference(case):
+    bits, signed = BIT_CASES[case]
+    shape = ATTN_SHAPES[case % len(ATTN_SHAPES)]
+    seed = 100 + case
+    q, k, v = (randn(*shape, seed=seed + i, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, bits, signed, seed)
+    out, logits, grads = fq_grads(ops.fq_attention, q, k, v, kw, seed)
+    out_r, logits_r, grads_r = fq_grads(ref.fq_attention, q, k, v, kw, seed)
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(logits, logits_r)
+    names = ["q", "k", "v", "step", "zero_point"]
+    for name, g, g_r in zip(names, grads, grads_r):
+        # step / zero_point are float32 parameters: their gradients are float32 sums
+        tol = dict(rtol=1e-4, atol=1e-6) if name in ("step", "zero_point") else {}
+        torch.testing.assert_close(g, g_r, msg=lambda m, n=name: f"grad of {n}: {m}", **tol)
+    # the inputs are quantized for real: the output differs from full precision
+    assert not torch.allclose(out, ref.fq_attention(q, k, v)[0])
+
+
+@needs_ext
+def test_fq_attention_quantized_clamps_and_zero_point_gradient():
+    """Small steps clamp many values: the zero-point gradient is nonzero and matches."""
+    shape = (2, 3, 17, 8)
+    q, k, v = (randn(*shape, seed=i, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, 3, True, 7)
+    with torch.no_grad():
+        kw["step"].mul_(0.2)
+        kw["step"][2] = 0.005  # P > 0.035 clamps
+    _, _, grads = fq_grads(ops.fq_attention, q, k, v, kw, 1)
+    _, _, grads_r = fq_grads(ref.fq_attention, q, k, v, kw, 1)
+    assert (grads[4] != 0).all()
+    torch.testing.assert_close(grads[3], grads_r[3], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[4], grads_r[4], rtol=1e-4, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape,bits", [((2, 3, 197, 64), 4), ((3, 2, 65, 32), 8), ((4, 1, 50, 8), 2)])
+def test_fq_attention_float32(shape, bits):
+    q32, k32, v32 = (randn(*shape, seed=i, dtype=torch.float32, requires_grad=True) for i in range(3))
+    kw = quant_params(q32, k32, v32, bits, False, bits)
+    out, logits, grads = fq_grads(ops.fq_attention, q32, k32, v32, kw, 3)
+    out_r, logits_r, grads_r = fq_grads(ref.fq_attention, q32, k32, v32, kw, 3)
+    torch.testing.assert_close(logits, logits_r, rtol=1e-5, atol=1e-4)
+    # a P element rounding the other way moves an output row by step_p·|v̂| at most
+    flip = kw["step"][2].item() * (v32.abs().max().item() + kw["step"][3].item()) * 2
+    assert_mostly_close(out, out_r, atol=1e-5, rtol=1e-4, max_bad_fraction=0.05, max_abs_error=flip)
+    for g, g_r in zip(grads[:3], grads_r[:3]):
+        scale = g_r.abs().max().item()
+        assert_mostly_close(g, g_r, atol=1e-4 * scale, rtol=1e-3, max_bad_fraction=0.05, max_abs_error=0.5 * scale)
+    for g, g_r in zip(grads[3:], grads_r[3:]):
+        torch.testing.assert_close(g, g_r, rtol=0.05, atol=1e-3 * g_r.abs().max().item())
+
+
+@needs_ext
+def test_fq_attention_without_logits_and_default_scale():
+    q, k, v = (randn(2, 3, 17, 32, seed=i) for i in range(3))
+    out, logits = ops.fq_attention(q, k, v)
+    assert logits is None
+    torch.testing.assert_close(out, ref.fq_attention(q, k, v, scale=32 ** -0.5)[0])
+    out2, _ = ops.fq_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out2, ref.fq_attention(q, k, v, scale=0.3)[0])
+    assert not torch.allclose(out, out2)
+
+
+@needs_ext
+def test_fq_attention_gradient_without_logits_and_noncontiguous_inputs():
+    """timm hands q, k, v as non-contiguous views of one qkv tensor, and out.sum() gives an
+    expanded (stride-0) gradient: both must work."""
+    base = randn(2, 17, 3, 4, 8, seed=5, requires_grad=True)
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    kw = quant_params(q, k, v, 4, True, 9)
+    out = ops.fq_attention(q, k, v, **kw)[0]
+    g = torch.autograd.grad(out.sum(), [base, kw["step"]])
+    out_r = ref.fq_attention(q, k, v, **kw)[0]
+    g_r = torch.autograd.grad(out_r.sum(), [base, kw["step"]])
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(g[0], g_r[0])
+    torch.testing.assert_close(g[1], g_r[1], rtol=1e-4, atol=1e-6)
+
+
+@needs_ext
+def test_fq_attention_step_gradient_independent_of_threads():
+    shape = (4, 3, 17, 8)
+    q, k, v = (randn(*shape, seed=i, dtype=torch.float32, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, 4, True, 2)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(fq_grads(ops.fq_attention, q, k, v, kw, 4)[2])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_fq_attention_gradcheck_full_precision():
+    q, k, v = (randn(1, 2, 5, 3, seed=i, requires_grad=True) for i in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.fq_attention(a, b, c, return_logits=True), (q, k, v))
+
+
+# --------------------------------------------------------------------------------------
+# patch_similarity_entropy
+
+ENTROPY_CASES = [
+    # (B, H, N, num_prefix_tokens, num_rows)
+    (1, 1, 5, 1, 64), (2, 3, 17, 1, 64), (3, 6, 50, 1, 7), (8, 2, 65, 1, 64), (4, 3, 197, 1, 64),
+    (5, 4, 197, 2, 33), (2, 5, 17, 0, 64), (6, 1, 65, 0, 64), (7, 2, 50, 0, 200), (1, 6, 197, 0, 1),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ENTROPY_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_patch_similarity_entropy_matches_reference(case, dtype):
+    B, H, N, P, R = case
+    logits = randn(B, H, N, N, seed=sum(case), dtype=dtype, scale=3.0, requires_grad=True)
+    h = ops.patch_similarity_entropy(logits, num_prefix_tokens=P, num_rows=R, generator=gen(1))
+    h_r = ref.patch_similarity_entropy(logits, num_prefix_tokens=P, num_rows=R, generator=gen(1))
+    w = randn(B, seed=7, dtype=dtype)
+    (g,) = torch.autograd.grad(h, logits, w)
+    (g_r,) = torch.autograd.grad(h_r, logits, w)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5 * g_r.abs().max().item())
+    torch.testing.assert_close(h, h_r, **tol)
+    torch.testing.assert_close(g, g_r, **tol)
+    assert h.shape == (B,) and h.dtype == dtype
+
+
+@needs_ext
+def test_patch_similarity_entropy_repeated_rows_and_tiny_norms():
+    """A row picked twice gets both gradient contributions; a near-zero row (norm below
+    the 1e-6 clamp) follows the reference too."""
+    logits = randn(2, 3, 9, 9, seed=3, requires_grad=False)
+    logits[1, :, 3, 1:] *= 1e-9
+    logits.requires_grad_(True)
+    row_index = torch.tensor([[0, 4, 4, 7, 0], [2, 2, 5, 1, 6]])
+    h = ops.patch_similarity_entropy(logits, row_index=row_index)
+    h_r = ref.patch_similarity_entropy(logits, row_index=row_index)
+    torch.testing.assert_close(h, h_r)
+    (g,), (g_r,) = torch.autograd.grad(h.sum(), logits), torch.autograd.grad(h_r.sum(), logits)
+    torch.testing.assert_close(g, g_r)
+    # only the picked rows of the patch block receive gradient
+    assert g[:, :, 0].abs().sum() == 0 and g[:, :, :, 0].abs().sum() == 0
+
+
+@needs_ext
+def test_patch_similarity_entropy_gradcheck():
+    logits = randn(2, 2, 7, 7, seed=11, requires_grad=True)
+    row_index = torch.tensor([[0, 3, 5, 3], [1, 2, 4, 0]])
+    assert torch.autograd.gradcheck(lambda x: ops.patch_similarity_entropy(x, row_index=row_index), (logits,))
+
+
+def test_patch_similarity_entropy_draws_repeat_with_the_generator():
+    logits = randn(3, 2, 30, 30, seed=2)
+    a = ops.patch_similarity_entropy(logits, num_rows=8, generator=gen(5))
+    b = ops.patch_similarity_entropy(logits, num_rows=8, generator=gen(5))
+    c = ops.patch_similarity_entropy(logits, num_rows=8, generator=gen(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    rows = ref.draw_row_index(3, 29, 8, generator=gen(5))
+    assert rows.shape == (3, 8) and rows.min() >= 0 and rows.max() < 29
+    assert all(len(set(r.tolist())) == 8 for r in rows)  # without replacement
+    assert torch.equal(ref.draw_row_index(2, 5, 64), torch.arange(5).expand(2, 5))  # all rows when N' <= R
+
+
+# --------------------------------------------------------------------------------------
+# masked_attention_align
+
+ALIGN_CASES = [
+    # (L, B, H, M, ratio, keep)
+    (1, 1, 1, 4, 0.5, 0.7), (12, 8, 3, 196, 0.5, 0.7), (4, 3, 6, 49, 0.1, 0.7), (6, 5, 2, 64, 0.33, 1.0),
+    (2, 7, 4, 16, 1.0, 0.5), (3, 2, 5, 196, 0.01, 0.7), (5, 4, 1, 63, 0.27, 0.2),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ALIGN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_attention_align_matches_reference(case, dtype):
+    L, B, H, M, ratio, keep = case
+    cls_t = randn(L, B, H, M, seed=sum(case[:4]), dtype=dtype, scale=2.0)
+    cls_q = randn(L, B, H, M, seed=sum(case[:4]) + 1, dtype=dtype, scale=2.0, requires_grad=True)
+    loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, seed=3)
+    loss_r, mask_r = ref.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, seed=3)
+    assert torch.equal(mask, mask_r)
+    k, kept = ref.alignment_counts(M, ratio, keep)
+    assert (mask.sum(1) == kept).all() and mask.dtype == dtype
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, loss_r, **tol)
+    (g,), (g_r,) = torch.autograd.grad(loss, cls_q), torch.autograd.grad(loss_r, cls_q)
+    torch.testing.assert_close(g, g_r, **tol)
+
+
+@needs_ext
+def test_masked_attention_align_mask_follows_the_teacher():
+    """Kept keys are among the teacher's top-k; keep=1 keeps the whole top-k."""
+    cls_t = randn(3, 4, 2, 40, seed=1)
+    cls_q = randn(3, 4, 2, 40, seed=2)
+    score = cls_t.mean(dim=(0, 2))
+    top = torch.zeros_like(score).scatter_(1, score.topk(10, dim=1).indices, 1.0)
+    _, full = ops.masked_attention_align(cls_t, cls_q, ratio=0.25, keep=1.0, seed=0)
+    assert torch.equal(full, top)
+    _, part = ops.masked_attention_align(cls_t, cls_q, ratio=0.25, keep=0.7, seed=0)
+    assert ((part <= top).all() and (part.sum(1) == 7).all())
+    _, other = ops.masked_attention_align(cls_t, cls_q, ratio=0.25, keep=0.7, seed=1)
+    _, same = ops.masked_attention_align(cls_t, cls_q, ratio=0.25, keep=0.7, generator=gen(0))
+    assert not torch.equal(part, other)
+    assert torch.equal(part, same)  # seed s and a CPU generator seeded with s draw alike
+
+
+@needs_ext
+def test_masked_attention_align_gradcheck_and_teacher_gets_no_gradient():
+    cls_t = randn(2, 3, 2, 6, seed=4, requires_grad=True)
+    cls_q = randn(2, 3, 2, 6, seed=5, requires_grad=True)
+    rand = torch.rand(3, 6, generator=gen(0))
+    assert torch.autograd.gradcheck(
+        lambda x: ops.masked_attention_align(cls_t, x, ratio=0.5, rand=rand)[0], (cls_q,))
+    loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=rand)
+    loss.backward()
+    assert cls_t.grad is None and cls_q.grad is not None and not mask.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# opcheck (schema, fake kernels, autograd registration, AOT dispatch)
+
+
+@needs_ext
+def test_opcheck_fq_attention():
+    q, k, v = (randn(2, 2, 5, 4, seed=i, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, 4, True, 0)
+    step, zp = kw["step"], kw["zero_point"]
+    op = torch.ops.maskaq.fq_attention.default
+    torch.library.opcheck(op, (q, k, v, None, None, [], [], 0.5, True))
+    torch.library.opcheck(op, (q, k, v, step, zp, kw["qmin"], kw["qmax"], 0.5, True))
+    torch.library.opcheck(op, (q, k, v, step, None, kw["qmin"], kw["qmax"], 0.5, False))
+    go, gl = randn(2, 2, 5, 4, seed=7), randn(2, 2, 5, 5, seed=8)
+    bop = torch.ops.maskaq.fq_attention_backward.default
+    d = [t.detach() for t in (q, k, v)]
+    torch.library.opcheck(bop, (go, gl, *d, step.detach(), zp.detach(), kw["qmin"], kw["qmax"], 0.5))
+    torch.library.opcheck(bop, (go, None, *d, None, None, [], [], 0.5))
+
+
+@needs_ext
+def test_opcheck_patch_similarity_entropy():
+    logits = randn(2, 3, 7, 7, seed=1, requires_grad=True)
+    rows = torch.tensor([[0, 2, 5], [1, 1, 3]])
+    torch.library.opcheck(torch.ops.maskaq.patch_similarity_entropy.default, (logits, rows, 1))
+    torch.library.opcheck(torch.ops.maskaq.patch_similarity_entropy_backward.default,
+                          (randn(2, seed=3), logits.detach(), rows, 1))
+
+
+@needs_ext
+def test_opcheck_masked_attention_align():
+    cls_t = randn(2, 3, 2, 8, seed=1)
+    cls_q = randn(2, 3, 2, 8, seed=2, requires_grad=True)
+    rand = torch.rand(3, 8, generator=gen(0), dtype=F64)
+    torch.library.opcheck(torch.ops.maskaq.masked_attention_align.default, (cls_t, cls_q, rand, 0.5, 0.7))
+    _, mask = ops.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=rand)
+    torch.library.opcheck(torch.ops.maskaq.masked_attention_align_backward.default,
+                          (torch.tensor(1.5, dtype=F64), cls_t, cls_q.detach(), mask))
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: an exception with a message, never a crash
+
+BAD = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+def _qkv(shape=(2, 2, 5, 4), dtype=torch.float32):
+    return [randn(*shape, seed=i, dtype=dtype) for i in range(3)]
+
+
+STEP = torch.tensor([0.1, 0.1, 0.05, 0.1])
+QMIN, QMAX = [-8, -8, 0, -8], [7, 7, 15, 7]
+
+
+def _fq_bad_cases():
+    q, k, v = _qkv()
+    return {
+        "int dtype": (q.long(), k.long(), v.long(), None, None, [], [], 0.5, False),
+        "half on cpu": (q.half(), k.half(), v.half(), None, None, [], [], 0.5, False),
+        "mixed dtypes": (q, k.double(), v, None, None, [], [], 0.5, False),
+        "3-D": (q[0], k[0], v[0], None, None, [], [], 0.5, False),
+        "shape mismatch": (q, k[:, :, :4], v, None, None, [], [], 0.5, False),
+        "non-contiguous": (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), None, None, [], [], 0.5, False),
+        "step of 3": (q, k, v, STEP[:3], None, QMIN, QMAX, 0.5, False),
+        "qmin of 3": (q, k, v, STEP, None, QMIN[:3], QMAX, 0.5, False),
+        "qmin >= qmax": (q, k, v, STEP, None, [7, -8, 0, -8], QMAX, 0.5, False),
+        "zero step": (q, k, v, torch.tensor([0.1, 0.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
+        "negative step": (q, k, v, torch.tensor([0.1, -1.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
+        "nan step": (q, k, v, torch.tensor([0.1, float("nan"), 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
+        "zero_point without step": (q, k, v, None, torch.zeros(4), [], [], 0.5, False),
+        "2-D step": (q, k, v, STEP.view(2, 2), None, QMIN, QMAX, 0.5, False),
+        "int step": (q, k, v, torch.ones(4, dtype=torch.long), None, QMIN, QMAX, 0.5, False),
+        "inf scale": (q, k, v, None, None, [], [], float("inf"), False),
+    }
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(_fq_bad_cases()))
+def test_fq_attention_rejects_bad_input(name):
+    args = _fq_bad_cases()[name]
+    with pytest.raises(BAD):
+        torch.ops.maskaq.fq_attention(*args)
+
+
+@needs_ext
+def test_fq_attention_backward_rejects_bad_grads():
+    q, k, v = _qkv()
+    bop = torch.ops.maskaq.fq_attention_backward
+    with pytest.raises(BAD, match="grad_out"):
+        bop(torch.ones(2, 2, 5, 3), None, q, k, v, None, None, [], [], 0.5)
+    with pytest.raises(BAD, match="grad_logits"):
+        bop(torch.ones(2, 2, 5, 4), torch.ones(2, 2, 5, 4), q, k, v, None, None, [], [], 0.5)
+    with pytest.raises(BAD, match="contiguous"):
+        bop(torch.ones(2, 2, 4, 5).transpose(2, 3), None, q, k, v, None, None, [], [], 0.5)
+
+
+def test_fq_attention_python_errors_are_clear():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="qmin"):
+        ops.fq_attention(q, k, v, step=STEP)
+    with pytest.raises(ValueError, match="4 ints"):
+        ops.fq_attention(q, k, v, step=STEP, qmin=[0, 0, 0], qmax=QMAX)
+    with pytest.raises(ValueError, match="zero_point"):
+        ops.fq_attention(q, k, v, zero_point=torch.zeros(4))
+    with pytest.raises(ValueError, match="device"):  # devices checked without needing a GPU
+        ops.fq_attention(q, k, v, step=STEP.to("meta"), qmin=QMIN, qmax=QMAX)
+    with pytest.raises(TypeError):
+        ops.fq_attention(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="shape"):
+        ops.fq_attention(q, k[..., :3], v)
+
+
+@needs_ext
+def test_patch_similarity_entropy_rejects_bad_input():
+    op = torch.ops.maskaq.patch_similarity_entropy
+    logits = randn(2, 3, 7, 7, seed=0, dtype=torch.float32)
+    rows = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        op(logits, torch.tensor([[0, 6], [1, 2]]), 1)
+    with pytest.raises(IndexError):
+        op(logits, torch.tensor([[0, -1], [1, 2]]), 1)
+    with pytest.raises(IndexError):  # with no prefix tokens, 6 is valid but 7 is not
+        op(logits, torch.tensor([[0, 7], [1, 2]]), 0)
+    op(logits, torch.tensor([[0, 6], [1, 2]]), 0)
+    for bad in (
+        (logits, rows.int(), 1),
+        (logits, rows[:1], 1),
+        (logits, rows.view(-1), 1),
+        (logits, rows, 7),
+        (logits, rows, -1),
+        (logits[..., :6].contiguous(), rows, 1),
+        (logits.transpose(2, 3), rows, 1),
+        (logits.long(), rows, 1),
+        (logits[0], rows, 1),
+        (logits, rows[:, :0], 1),
+    ):
+        with pytest.raises(BAD):
+            op(*bad)
+    bop = torch.ops.maskaq.patch_similarity_entropy_backward
+    with pytest.raises(BAD, match="grad"):
+        bop(torch.ones(3), logits, rows, 1)
+    with pytest.raises(IndexError):
+        bop(torch.ones(2), logits, torch.tensor([[0, 99], [1, 2]]), 1)
+
+
+def test_patch_similarity_entropy_python_errors_are_clear():
+    logits = randn(2, 3, 7, 7, seed=0)
+    with pytest.raises(IndexError):
+        ref.patch_similarity_entropy(logits, row_index=torch.tensor([[0, 6], [1, 2]]))
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        ops.patch_similarity_entropy(logits, num_prefix_tokens=7)
+    with pytest.raises(ValueError, match="num_rows"):
+        ops.patch_similarity_entropy(logits, num_rows=0)
+    with pytest.raises(ValueError, match="square"):
+        ops.patch_similarity_entropy(logits[..., :5])
+    with pytest.raises(TypeError, match="int64"):
+        ops.patch_similarity_entropy(logits, row_index=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="device"):
+        ops.patch_similarity_entropy(logits, row_index=torch.zeros(2, 3, dtype=torch.long, device="meta"))
+
+
+@needs_ext
+def test_masked_attention_align_rejects_bad_input():
+    op = torch.ops.maskaq.masked_attention_align
+    cls_t, cls_q = randn(2, 3, 2, 8, seed=0), randn(2, 3, 2, 8, seed=1)
+    rand = torch.rand(3, 8, generator=gen(0))
+    for bad in (
+        (cls_t, cls_q[:, :2], rand, 0.5, 0.7),
+        (cls_t, cls_q.float(), rand, 0.5, 0.7),
+        (cls_t, cls_q, rand[:2], 0.5, 0.7),
+        (cls_t, cls_q, rand.long(), 0.5, 0.7),
+        (cls_t, cls_q, rand, 0.0, 0.7),
+        (cls_t, cls_q, rand, 1.5, 0.7),
+        (cls_t, cls_q, rand, 0.5, 0.0),
+        (cls_t, cls_q, torch.full((3, 8), float("nan")), 0.5, 0.7),
+        (cls_t[0], cls_q[0], rand, 0.5, 0.7),
+        (cls_t.transpose(0, 1), cls_q.transpose(0, 1), rand, 0.5, 0.7),
+        (cls_t.long(), cls_q.long(), rand, 0.5, 0.7),
+    ):
+        with pytest.raises(BAD):
+            op(*bad)
+    bop = torch.ops.maskaq.masked_attention_align_backward
+    mask = torch.ones(3, 8, dtype=F64)
+    with pytest.raises(BAD, match="grad"):
+        bop(torch.ones(2, dtype=F64), cls_t, cls_q, mask)
+    with pytest.raises(BAD, match="mask"):
+        bop(torch.tensor(1.0, dtype=F64), cls_t, cls_q, mask[:2])
+    with pytest.raises(BAD, match="mask"):
+        bop(torch.tensor(1.0, dtype=F64), cls_t, cls_q, mask.float())
+
+
+def test_masked_attention_align_python_errors_are_clear():
+    cls_t, cls_q = randn(2, 3, 2, 8, seed=0), randn(2, 3, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="ratio"):
+        ops.masked_attention_align(cls_t, cls_q, ratio=0.0)
+    with pytest.raises(ValueError, match="keep"):
+        ops.masked_attention_align(cls_t, cls_q, ratio=0.5, keep=1.5)
+    with pytest.raises(ValueError, match="generator or seed"):
+        ops.masked_attention_align(cls_t, cls_q, ratio=0.5, seed=1, generator=gen(1))
+    with pytest.raises(ValueError, match=r"\(B, M\)"):
+        ops.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=torch.rand(3, 7))
+
+
+# --------------------------------------------------------------------------------------
+# Fallback and the build
+
+
+def test_unsupported_dtype_falls_back_to_reference():
+    """bfloat16 on CPU has no compiled kernel: the reference answers, with the same draws."""
+    q, k, v = (randn(1, 2, 9, 8, seed=i, dtype=torch.bfloat16) for i in range(3))
+    out, logits = ops.fq_attention(q, k, v, return_logits=True)
+    out_r, logits_r = ref.fq_attention(q, k, v, return_logits=True)
+    assert torch.equal(out, out_r) and torch.equal(logits, logits_r)
+    logits = randn(2, 2, 9, 9, seed=1, dtype=torch.bfloat16)
+    h = ops.patch_similarity_entropy(logits, num_rows=4, generator=gen(0))
+    assert torch.equal(h, ref.patch_similarity_entropy(logits, num_rows=4, generator=gen(0)))
+
+
+def test_extension_built():
+    """CI sets MASKAQ_REQUIRE_EXTENSION=1: then a missing maskaq._C fails here instead of
+    being hidden by the reference fallback."""
+    if os.environ.get("MASKAQ_REQUIRE_EXTENSION") == "1":
+        assert HAS_EXT, f"maskaq._C did not load: {_extension.load_error()}"
+    elif not HAS_EXT:
+        pytest.skip(f"maskaq._C not built ({_extension.load_error()}); set MASKAQ_REQUIRE_EXTENSION=1 to fail")
+    for name in ("fq_attention", "fq_attention_backward", "patch_similarity_entropy",
+                 "patch_similarity_entropy_backward", "masked_attention_align",
+                 "masked_attention_align_backward"):
+        assert hasattr(torch.ops.maskaq, name), name
+    q = randn(1, 1, 5, 8, seed=0, dtype=torch.float32)
+    assert ops.uses_extension(q)
+
+
+def test_fallback_without_extension_matches_reference(monkeypatch):
+    """With maskaq._C missing the public functions answer with the reference."""
+    monkeypatch.setattr(_extension, "loaded", lambda: False)
+    q, k, v = (randn(2, 2, 9, 8, seed=i, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, 4, True, 1)
+    out, logits, grads = fq_grads(ops.fq_attention, q, k, v, kw, 2)
+    out_r, logits_r, grads_r = fq_grads(ref.fq_attention, q, k, v, kw, 2)
+    assert torch.equal(out, out_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r))
+    logits = randn(2, 2, 9, 9, seed=3)
+    assert torch.equal(ops.patch_similarity_entropy(logits, num_rows=4, generator=gen(0)),
+                       ref.patch_similarity_entropy(logits, num_rows=4, generator=gen(0)))
+    cls_t, cls_q = randn(2, 2, 2, 8, seed=4), randn(2, 2, 2, 8, seed=5)
+    loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=0.5, seed=1)
+    loss_r, mask_r = ref.masked_attention_align(cls_t, cls_q, ratio=0.5, seed=1)
+    assert torch.equal(loss, loss_r) and torch.equal(mask, mask_r)
+
+
+def _loop_baselines():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_baselines.py"
+    spec = importlib.util.spec_from_file_location("loop_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loop_baselines_agree_where_no_draw_is_involved():
+    """The per-sample loops of benchmarks/loop_baselines.py compute the same losses (they
+    draw differently, so compare where nothing is drawn: all rows, keep = 1)."""
+    loops = _loop_baselines()
+    logits = randn(3, 2, 12, 12, seed=1, requires_grad=True)
+    h_loop = loops.patch_similarity_entropy_loop(logits, num_rows=64)
+    torch.testing.assert_close(h_loop, ops.patch_similarity_entropy(logits, num_rows=64))
+    cls_t, cls_q = randn(4, 3, 2, 20, seed=2), randn(4, 3, 2, 20, seed=3, requires_grad=True)
+    loss_loop, mask_loop = loops.masked_attention_align_loop(cls_t, cls_q, ratio=0.3, keep=1.0)
+    loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=0.3, keep=1.0, seed=0)
+    assert torch.equal(mask_loop, mask)
+    torch.testing.assert_close(loss_loop, loss)
+    _, mask_loop = loops.masked_attention_align_loop(cls_t, cls_q, ratio=0.3, keep=0.7, generator=gen(0))
+    assert (mask_loop.sum(1) == 4).all() and (mask_loop <= mask).all()
