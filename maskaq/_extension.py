@@ -7,6 +7,8 @@ fallback cannot hide a broken build).
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which maskaq._C links against)
+
 __version__ = "0.1.0"
 
 _module = None
