@@ -11,8 +11,7 @@ import importlib
 from maskaq._extension import __version__, extension_info
 from maskaq import ops, reference
 from maskaq.ops import fq_attention, masked_attention_align, patch_similarity_entropy
-# Bound eagerly: the function shadows its module's name, so it must win the attribute.
-from maskaq.evaluate import evaluate
+from maskaq.evaluation import evaluate
 
 # Public names served lazily (they pull in timm): name -> module that defines it.
 _LAZY = {

@@ -12,7 +12,7 @@ COMMANDS = {
     "demo": ("maskaq.demo", "run MaskAQ end to end on the bundled teacher (no downloads)"),
     "quantize": ("maskaq.pipeline", "data-free quantization of a ViT: synthesize, distill, evaluate, save"),
     "synthesize": ("maskaq.synthesis.cli", "only synthesize calibration images"),
-    "eval": ("maskaq.evaluate", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
+    "eval": ("maskaq.evaluation", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
     "train-teacher": ("maskaq.zoo.train", "train the bundled Fashion-MNIST ViT teacher"),
     "bench": ("maskaq.integer.bench", "latency of FP, fake-quant and integer models"),
 }

@@ -1,0 +1,173 @@
+"""Top-1/top-5 accuracy of a model (bundled zoo name, or timm name + local checkpoint) on the
+bundled Fashion-MNIST test split or on an ImageFolder validation set."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["evaluate", "add_arguments", "run"]
+
+
+def _as_loader(data, batch_size: int = 256):
+    """DataLoaders and other iterables of (images, labels) pass through; a Dataset is batched."""
+    from torch.utils.data import DataLoader, Dataset
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return data
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def evaluate(model: torch.nn.Module, loader, device=None, progress: bool = True) -> dict:
+    """Top-1 and top-5 accuracy in percent: {"top1": float, "top5": float}.
+
+    `loader` yields (images, labels) batches (a DataLoader or any iterable; a map-style Dataset is
+    batched for you). Runs under no_grad in eval mode and restores the model's previous mode.
+    With fewer than 5 classes, top5 counts the top-num_classes predictions (always 100%).
+    `device`: where to run (default: the model's device); the model is moved there.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    loader = _as_loader(loader)
+    was_training = model.training
+    model.to(device).eval()
+    correct1 = correct5 = total = 0
+    try:
+        from tqdm import tqdm
+        total_batches = len(loader) if hasattr(loader, "__len__") else None
+        with torch.no_grad():
+            for batch in tqdm(loader, total=total_batches, desc="eval", disable=not progress,
+                              leave=False, dynamic_ncols=True):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError("the loader must yield (images, labels) batches")
+                images, labels = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+                logits = model(images)
+                if isinstance(logits, (tuple, list)):  # e.g. distilled heads in train-style output
+                    logits = logits[0]
+                if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+                    raise ValueError(f"expected logits (batch, classes) for {labels.shape[0]} labels, "
+                                     f"got {tuple(logits.shape)}")
+                k = min(5, logits.shape[1])
+                topk = logits.topk(k, dim=1).indices
+                hits = topk == labels[:, None]
+                correct1 += hits[:, 0].sum().item()
+                correct5 += hits.any(dim=1).sum().item()
+                total += labels.shape[0]
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the loader yielded no samples")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+# ----------------------------------------------------------------------------- CLI: maskaq eval
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", nargs="?", default="vit_fmnist",
+                        help="bundled zoo name (e.g. vit_fmnist) or a timm architecture name")
+    parser.add_argument("--checkpoint", default=None,
+                        help="local weights (.pth/.pt/.bin/.safetensors, {'model': ...} wrappers ok)")
+    parser.add_argument("--num-classes", type=int, default=None, help="timm models: classifier size")
+    parser.add_argument("--img-size", type=int, default=None, help="timm models: input resolution")
+    parser.add_argument("--in-chans", type=int, default=None, help="timm models: input channels")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="ImageFolder validation directory (default: bundled Fashion-MNIST test split)")
+    parser.add_argument("--fmnist-root", default=None, metavar="DIR",
+                        help="read Fashion-MNIST idx files from DIR instead of the bundled copy")
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="Fashion-MNIST split")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only N images")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --limit: draw a random subset with this seed (default: the first N)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help="also write the result as JSON to FILE (or stdout with no FILE)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cli_error(msg: str):
+    from maskaq.cli import CliError
+    return CliError(msg)
+
+
+def _build_model(args):
+    from maskaq import zoo
+    timm_kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
+                                       ("in_chans", args.in_chans)) if v is not None}
+    try:
+        return zoo.create(args.model, checkpoint=args.checkpoint, **timm_kwargs)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise _cli_error(str(exc)) from None
+
+
+def _build_dataset(args, model):
+    from maskaq import data
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    try:
+        if args.data is not None:
+            return data.image_folder(args.data, input_size, cfg.get("mean", (0.485, 0.456, 0.406)),
+                                     cfg.get("std", (0.229, 0.224, 0.225)), cfg.get("interpolation", "bicubic"),
+                                     float(cfg.get("crop_pct", 0.875)))
+        if input_size != (1, 28, 28):
+            raise _cli_error(f"model {args.model} takes input {input_size}, Fashion-MNIST is (1, 28, 28): "
+                             "pass --data DIR (an ImageFolder) or --img-size 28 --in-chans 1")
+        return data.fashion_mnist(args.split, root=args.fmnist_root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _cli_error(str(exc)) from None
+
+
+def run(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise _cli_error(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise _cli_error(f"--batch-size must be >= 1, got {args.batch_size}")
+    from torch.utils.data import DataLoader, Subset
+
+    model = _build_model(args)
+    dataset = _build_dataset(args, model)
+    if args.limit is not None and args.limit < len(dataset):
+        if args.seed is None:
+            indices = range(args.limit)
+        else:
+            g = torch.Generator().manual_seed(args.seed)
+            indices = torch.randperm(len(dataset), generator=g)[:args.limit].tolist()
+        dataset = Subset(dataset, indices)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise _cli_error(f"bad --device {args.device!r}: {exc}") from None
+    result = evaluate(model, loader, device=device, progress=not args.no_progress)
+    source = args.data if args.data is not None else f"fashion-mnist/{args.split}"
+    report = {"model": args.model, "checkpoint": args.checkpoint, "data": source, "images": len(dataset),
+              "top1": round(result["top1"], 3), "top5": round(result["top5"], 3)}
+    print(f"{args.model} on {source} ({len(dataset)} images): "
+          f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%")
+    if args.json == "-":
+        print(json.dumps(report))
+    elif args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    _parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

@@ -1,0 +1,164 @@
+"""Model zoo: the bundled Fashion-MNIST teacher, and timm models from local checkpoints.
+
+Nothing here downloads: `load("vit_fmnist")` reads the weights shipped in this directory and
+`create(timm_name, checkpoint=path)` builds a timm architecture with pretrained=False and loads a
+local .pth/.pt/.bin/.safetensors file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["ZOO_DIR", "available", "load", "create", "load_state_dict", "load_checkpoint"]
+
+ZOO_DIR = Path(__file__).resolve().parent
+
+
+def available() -> list:
+    """Names of the bundled models (those whose .json and .safetensors both ship)."""
+    return sorted(p.stem for p in ZOO_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+
+def _read_config(name: str) -> dict:
+    config_path = ZOO_DIR / f"{name}.json"
+    if not config_path.is_file() or not config_path.with_suffix(".safetensors").is_file():
+        known = ", ".join(available()) or "none (the checkpoint has not been trained/exported yet)"
+        raise ValueError(f"unknown zoo model {name!r}; bundled models: {known}. For timm architectures "
+                         "use maskaq.zoo.create(timm_name, checkpoint=path)")
+    return json.loads(config_path.read_text())
+
+
+def _set_pretrained_cfg(model: torch.nn.Module, cfg: dict) -> None:
+    # timm convention: both attributes point at the same dict.
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+
+
+def load(name: str = "vit_fmnist", device=None) -> torch.nn.Module:
+    """A bundled model: FP32, eval mode, `pretrained_cfg` with mean, std, input_size, num_classes.
+
+    It expects input normalized with pretrained_cfg['mean'] / ['std'] (what maskaq.data gives).
+    """
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    config = _read_config(name)
+    model = VisionTransformer(**config["model_args"])
+    state = load_file(str(ZOO_DIR / f"{name}.safetensors"))
+    _load_strict(model, state, f"{name}.safetensors")
+    cfg = dict(config["pretrained_cfg"])
+    cfg.setdefault("architecture", name)
+    _set_pretrained_cfg(model, cfg)
+    model.float().eval()
+    return model.to(device) if device is not None else model
+
+
+def load_checkpoint(path) -> dict:
+    """Read a state dict from .safetensors or a torch file; unwraps {'model'|'state_dict'|...: sd}
+    and strips DDP/compile prefixes ('module.', '_orig_mod.')."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, or pickled objects beyond tensors
+            raise ValueError(f"could not read checkpoint {path} as a torch state dict "
+                             f"(weights_only load): {exc}") from exc
+    for key in ("model", "state_dict", "model_state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors "
+                         "(nor one under 'model' or 'state_dict')")
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _load_strict(model: torch.nn.Module, state: dict, source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                         for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(items):
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"shape mismatches: {few(wrong_shape)}" if wrong_shape else ""]
+        raise ValueError(f"checkpoint {source} does not match the model architecture; "
+                         + "; ".join(p for p in parts if p)
+                         + ". Pass the model options the checkpoint was trained with (e.g. num_classes, img_size).")
+    model.load_state_dict(state, strict=True)
+
+
+def load_state_dict(model: torch.nn.Module, checkpoint) -> torch.nn.Module:
+    """Load a local checkpoint into `model`, refusing any missing/unexpected/mis-shaped key."""
+    _load_strict(model, load_checkpoint(checkpoint), str(checkpoint))
+    return model
+
+
+def create(name: str, checkpoint: Optional[str] = None, device=None, **kwargs) -> torch.nn.Module:
+    """A bundled zoo model by name, or a timm architecture (pretrained=False) with optional local
+    weights. Extra kwargs go to timm.create_model (e.g. num_classes=10, img_size=32).
+
+    Returns the model in eval mode with `pretrained_cfg` describing its input (input_size follows
+    img_size/in_chans overrides; num_classes follows the model).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in available():
+        if kwargs:
+            raise ValueError(f"zoo model {name!r} has a fixed architecture; unexpected options {sorted(kwargs)}")
+        model = load(name)
+        if checkpoint is not None:
+            load_state_dict(model, checkpoint)
+        return model.to(device) if device is not None else model
+
+    import timm
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
+        hint = f" Similar timm names: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown model {name!r}: neither a bundled zoo model ({', '.join(available()) or 'none'}) "
+                         f"nor a timm architecture.{hint}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint is not None:
+        load_state_dict(model, checkpoint)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg["architecture"] = cfg.get("architecture", name)
+    cfg["num_classes"] = getattr(model, "num_classes", cfg.get("num_classes"))
+    cfg["input_size"] = _input_size_of(model, cfg.get("input_size", (3, 224, 224)))
+    in_chans = cfg["input_size"][0]
+    for key, default in (("mean", (0.485, 0.456, 0.406)), ("std", (0.229, 0.224, 0.225))):
+        values = tuple(cfg.get(key, default))
+        if len(values) != in_chans:  # e.g. in_chans=1 on an RGB default: average the channels
+            values = (sum(values) / len(values),) * in_chans
+        cfg[key] = values
+    _set_pretrained_cfg(model, cfg)
+    model.float().eval()
+    return model.to(device) if device is not None else model
+
+
+def _input_size_of(model: torch.nn.Module, fallback) -> tuple:
+    """(C, H, W) the model was built for, following img_size/in_chans overrides."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    in_chans = getattr(proj, "in_channels", None) or fallback[0]
+    if img_size is None:
+        return tuple(fallback)
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    return (int(in_chans), int(img_size[0]), int(img_size[1]))
