@@ -26,7 +26,8 @@ demo: install
 	$(VENV)/bin/maskaq demo
 
 bench: install
-	$(PY) benchmarks/bench_ops.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ops.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_inference.py --quick
 
 clean:
 	rm -rf build $(VENV) maskaq/*.so *.egg-info

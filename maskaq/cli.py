@@ -62,4 +62,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m maskaq.cli`: this file is __main__, so the CliError the subcommands raise
+    # (maskaq.cli.CliError) is another class than ours; go through the imported module.
+    from maskaq.cli import main as _main
+
+    sys.exit(_main())
