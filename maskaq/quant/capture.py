@@ -1,0 +1,139 @@
+"""Recording every block's attention logits and outputs during a forward (teacher or student).
+
+    with capture_attention(model) as cap:
+        logits = model(x)
+    cap.logits[l]   # (B, H, N, N) unscaled q̂·k̂ᵀ of block l (Swin: (B·nW, H, N, N) per window)
+    cap.outputs[l]  # (B, H, N, d) attention output P̂·v̂ before proj
+    cap.num_prefix_tokens  # CLS (+ distillation / register) tokens at the start; 0 for Swin
+
+The tensors are the ones the attention computes (no clone, no detach), so gradients of a loss on
+them flow back to the model's parameters and to the input image. A student's quant attention
+modules record through an attached recorder. A plain timm teacher has its ``Attention`` /
+``WindowAttention`` forwards swapped, while inside the block, for the same functions the student
+uses with the quantizers switched off (ViT: ``maskaq.ops.fq_attention`` in full-precision mode);
+the original forwards are restored on exit, also when the body raises.
+
+Each forward inside the block appends one entry per attention block; ``cap.clear()`` empties the
+lists (e.g. between the teacher and student passes when sharing one ``cap`` is not wanted).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from maskaq.quant.modules import (
+    QuantAttention,
+    QuantWindowAttention,
+    vit_attention_forward,
+    window_attention_forward,
+)
+
+__all__ = ["AttentionCapture", "capture_attention"]
+
+
+class AttentionCapture:
+    """What ``capture_attention`` yields: per-block lists in forward order.
+
+    ``logits`` / ``outputs`` are None when that kind of tensor was not requested.
+    """
+
+    def __init__(self, want_logits: bool, want_outputs: bool, num_prefix_tokens: int):
+        self.want_logits = want_logits
+        self.want_outputs = want_outputs
+        self.num_prefix_tokens = num_prefix_tokens
+        self.logits: Optional[list[torch.Tensor]] = [] if want_logits else None
+        self.outputs: Optional[list[torch.Tensor]] = [] if want_outputs else None
+
+    def record(self, logits: Optional[torch.Tensor], outputs: torch.Tensor) -> None:
+        if self.want_logits:
+            self.logits.append(logits)
+        if self.want_outputs:
+            self.outputs.append(outputs)
+
+    def clear(self) -> None:
+        if self.want_logits:
+            self.logits.clear()
+        if self.want_outputs:
+            self.outputs.clear()
+
+    def __len__(self) -> int:
+        return len(self.logits if self.want_logits else self.outputs)
+
+    def __repr__(self) -> str:
+        return (f"AttentionCapture(blocks={len(self)}, logits={self.want_logits}, "
+                f"outputs={self.want_outputs}, num_prefix_tokens={self.num_prefix_tokens})")
+
+
+def _timm_attention_classes():
+    from timm.layers.attention import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    return Attention, WindowAttention
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel keep the real model in .module.
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _teacher_forward(module: nn.Module, recorder: AttentionCapture, windowed: bool):
+    if windowed:
+        def forward(x, mask=None):
+            return window_attention_forward(module, x, mask, None, recorder)
+    else:
+        def forward(x, attn_mask=None, is_causal=False):
+            return vit_attention_forward(module, x, attn_mask, is_causal, None, recorder)
+    forward.maskaq_capture = recorder
+    return forward
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = True) -> Iterator[AttentionCapture]:
+    """Context manager recording every attention block of ``model`` (see the module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture_attention needs an nn.Module, got {type(model).__name__}")
+    if not (logits or outputs):
+        raise ValueError("capture_attention: ask for logits, outputs or both")
+    Attention, WindowAttention = _timm_attention_classes()
+    root = _unwrap(model)
+    quant_modules, fp_modules = [], []
+    for module in root.modules():
+        if isinstance(module, (QuantAttention, QuantWindowAttention)):
+            quant_modules.append(module)
+        elif type(module) in (Attention, WindowAttention):
+            fp_modules.append(module)
+    if not quant_modules and not fp_modules:
+        raise ValueError(
+            f"capture_attention found no timm Attention / WindowAttention or maskaq quant attention in "
+            f"{type(root).__name__}; it supports timm VisionTransformer and SwinTransformer models"
+        )
+    busy = [m for m in quant_modules if m.capture_recorder is not None] + [
+        m for m in fp_modules if hasattr(m.__dict__.get("forward"), "maskaq_capture")]
+    if busy:
+        raise RuntimeError("capture_attention is already active on this model (nested captures of one "
+                           "model are not supported; reuse the outer capture)")
+    windowed = any(isinstance(m, (QuantWindowAttention, WindowAttention)) for m in quant_modules + fp_modules)
+    num_prefix = 0 if windowed else int(getattr(root, "num_prefix_tokens", 1))
+    cap = AttentionCapture(logits, outputs, num_prefix)
+    # A forward someone set on the instance before us is put back on exit; without one, removing
+    # our instance attribute lets the class's forward show through again.
+    previous = {id(m): m.__dict__.get("forward") for m in fp_modules}
+    try:
+        for module in quant_modules:
+            module.capture_recorder = cap
+        for module in fp_modules:
+            module.forward = _teacher_forward(module, cap, isinstance(module, WindowAttention))
+        yield cap
+    finally:
+        for module in quant_modules:
+            module.capture_recorder = None
+        for module in fp_modules:
+            if previous[id(module)] is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous[id(module)]

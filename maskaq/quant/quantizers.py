@@ -1,0 +1,320 @@
+"""Fake quantizers of the MaskAQ student (METHOD.md, "Quantizer").
+
+Two kinds:
+
+* ``LsqActQuantizer`` — per-tensor activation quantizer with a learnable step α and a
+  learnable zero point z (LSQ). Signed range [-2^(a-1), 2^(a-1)-1] when the first
+  calibration tensor has min < 1e-5, else unsigned [0, 2^a-1]. Init α = 2·mean|x|/sqrt(qmax),
+  z = 0.1·(min x − α·qmax). Forward
+  x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α, straight-through on both
+  roundings; the gradients of α and z are scaled by g = 0.01/sqrt(numel(x)·qmax).
+* ``WeightQuantizer`` — per-output-channel symmetric quantizer of a weight tensor:
+  ``"minmax"`` (step = max|w|/qmax of each output channel, recomputed every forward, no
+  parameters) or ``"lsq"`` (a learnable per-channel step initialized to the same min/max value).
+  Integers lie in [-qmax, qmax] with qmax = 2^(w-1)-1 (restricted symmetric range, so the zero
+  point is exactly 0 for integer kernels).
+
+An activation quantizer that was never calibrated raises a RuntimeError in forward: running a
+student whose steps still hold placeholder values would give silently wrong numbers.
+``maskaq.quant.calibrate`` switches quantizers to calibration mode, where the first tensor each
+one sees initializes it; later calibration tensors leave it unchanged (LSQ keeps its init).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LSQ_GRAD_SCALE",
+    "MIN_BITS",
+    "MAX_BITS",
+    "check_bits",
+    "act_range",
+    "lsq_grad_scale",
+    "lsq_fake_quant",
+    "symmetric_weight_step",
+    "LsqActQuantizer",
+    "WeightQuantizer",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+# The constant of METHOD.md's gradient scale g = 0.01 / sqrt(numel(x)·qmax); maskaq::fq_attention
+# uses the same value, so linear inputs and attention operands learn at the same rate.
+LSQ_GRAD_SCALE = 0.01
+SIGNED_THRESHOLD = 1e-5
+WEIGHT_METHODS = ("minmax", "lsq")
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Return ``bits`` as an int if it is an integer in [2, 8]; raise ValueError otherwise.
+
+    bool is refused even though it is an int subclass: ``True`` as a bit width is a bug.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise ValueError(
+            f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r} "
+            f"({type(bits).__name__}); pass e.g. {what}=4"
+        )
+    bits = int(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{what} must be between {MIN_BITS} and {MAX_BITS}, got {bits}; "
+            "1-bit and >8-bit fake quantization are not supported (use the FP model for >8 bits)"
+        )
+    return bits
+
+
+def act_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of an activation quantizer."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def lsq_grad_scale(numel: int, qmax: int, factor: float = LSQ_GRAD_SCALE) -> float:
+    """g = factor / sqrt(numel · qmax) (LSQ's step-size gradient scale)."""
+    return factor / math.sqrt(max(1, numel) * max(1, qmax))
+
+
+def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the parameter it belongs to."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(lead))) if lead > 0 else grad
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and grad.shape[i] != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.reshape(shape)
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α with LSQ gradients.
+
+    A custom Function rather than a chain of differentiable ops so that the backward keeps only
+    x, α and z (the chained version keeps four x-sized intermediates per quantizer).
+    Gradients (STE on both roundings, u = x/α + round(z), inside = qmin ≤ u ≤ qmax):
+      dx̂/dx = inside;  dx̂/dα = round(clamp(u)) − round(z) − inside·x/α;  dx̂/dz = −α·(1 − inside);
+    the α and z gradients are multiplied by g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, zero_point, qmin, qmax, grad_scale):
+        z_int = torch.round(zero_point)
+        q = torch.clamp(x / step + z_int, qmin, qmax).round_()
+        ctx.save_for_backward(x, step, zero_point)
+        ctx.qrange = (qmin, qmax)
+        ctx.grad_scale = grad_scale
+        return (q - z_int) * step
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, step, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        z_int = torch.round(zero_point)
+        x_over_step = x / step
+        u = x_over_step + z_int
+        inside = (u >= qmin) & (u <= qmax)
+        grad_x = grad_y = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out * inside
+        if ctx.needs_input_grad[1]:
+            d_step = torch.clamp(u, qmin, qmax).round_() - z_int - torch.where(inside, x_over_step, 0.0)
+            grad_y = _sum_to_shape(grad_out * d_step, step.shape) * ctx.grad_scale
+        if ctx.needs_input_grad[2]:
+            d_zero = torch.where(inside, 0.0, -step)
+            grad_z = _sum_to_shape(grad_out * d_zero, zero_point.shape) * ctx.grad_scale
+        return grad_x, grad_y, grad_z, None, None, None
+
+
+def lsq_fake_quant(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_scale: float | None = None,
+) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` (step and zero_point broadcast against x).
+
+    ``grad_scale`` defaults to METHOD.md's g = 0.01/sqrt(numel(x)·qmax).
+    """
+    if grad_scale is None:
+        grad_scale = lsq_grad_scale(x.numel(), qmax)
+    step = step.to(x.dtype)
+    zero_point = zero_point.to(x.dtype)
+    return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
+
+
+def symmetric_weight_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel step max|w|/qmax, shaped to broadcast against ``weight``."""
+    qmax = 2 ** (bits - 1) - 1
+    reduce_dims = tuple(range(1, weight.dim()))
+    absmax = weight.detach().abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else weight.detach().abs()
+    # A channel of zeros would give step 0 and a division by zero; any positive step maps it to 0.
+    return (absmax / qmax).clamp_min(1e-12)
+
+
+class LsqActQuantizer(nn.Module):
+    """Per-tensor LSQ activation quantizer with learnable step and zero point (METHOD.md).
+
+    Attributes: ``step`` and ``zero_point`` (0-dim Parameters), ``bits``, ``signed``,
+    ``initialized``, ``qmin``, ``qmax``. ``signed`` and ``initialized`` are persistent buffers
+    so that a saved student reloads exactly.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits, "activation bits")
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.zero_point = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("signed_flag", torch.tensor(False))
+        self.register_buffer("initialized_flag", torch.tensor(False))
+        # Python mirrors of the two flags: forward needs qmin/qmax as ints and must not read a
+        # CUDA buffer (a device sync) on every call.
+        self._signed = False
+        self._initialized = False
+        self.calibrating = False
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def signed(self) -> bool:
+        return self._signed
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def qmin(self) -> int:
+        return act_range(self.bits, self._signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return act_range(self.bits, self._signed)[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._signed = bool(self.signed_flag.item())
+        self._initialized = bool(self.initialized_flag.item())
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """LSQ init from a calibration tensor: sign, α = 2·mean|x|/sqrt(qmax), z = 0.1·(min x − α·qmax)."""
+        if x.numel() == 0:
+            raise ValueError("cannot calibrate an activation quantizer on an empty tensor")
+        x = x.detach().float()
+        x_min = x.min()
+        if not torch.isfinite(x_min) or not torch.isfinite(x.abs().max()):
+            raise ValueError("calibration tensor holds NaN or Inf values; check the calibration batch")
+        signed = bool(x_min < SIGNED_THRESHOLD)
+        qmax = act_range(self.bits, signed)[1]
+        # An all-zero tensor would give α = 0 and a division by zero; any small positive step works.
+        step = (2.0 * x.abs().mean() / math.sqrt(qmax)).clamp_min(1e-8)
+        zero_point = 0.1 * (x_min - step * qmax)
+        self.step.copy_(step)
+        self.zero_point.copy_(zero_point)
+        self.signed_flag.fill_(signed)
+        self.initialized_flag.fill_(True)
+        self._signed = signed
+        self._initialized = True
+
+    def ensure_ready(self, x: torch.Tensor) -> None:
+        """Initialize from ``x`` in calibration mode; refuse to run uncalibrated otherwise."""
+        if self._initialized:
+            return
+        if self.calibrating:
+            self.init_from(x)
+            return
+        raise RuntimeError(
+            "activation quantizer used before calibration: call maskaq.quant.calibrate(qmodel, images) "
+            "on a few real or synthetic images first (or load a saved student with load_quantized)"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ensure_ready(x)
+        return lsq_fake_quant(x, self.step, self.zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        if not self._initialized:
+            return f"bits={self.bits}, uncalibrated"
+        return (
+            f"bits={self.bits}, signed={self._signed}, step={self.step.item():.4g}, "
+            f"zero_point={self.zero_point.item():.3g}"
+        )
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric weight fake quantizer (dim 0 of the weight is the channel).
+
+    ``method="minmax"``: step = max|w|/qmax per channel, recomputed from the current weight in
+    every forward (it follows the weights during QAT); gradient to w is straight-through.
+    ``method="lsq"``: a learnable per-channel step, initialized with the min/max step on the
+    first forward (or by ``init_from``), LSQ gradient scale 1/sqrt(numel(w)·qmax).
+    """
+
+    def __init__(self, bits: int, method: str = "minmax", out_channels: int | None = None):
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        if method not in WEIGHT_METHODS:
+            raise ValueError(f"weight method must be one of {WEIGHT_METHODS}, got {method!r}")
+        self.method = method
+        if method == "lsq":
+            if out_channels is None:
+                raise ValueError("WeightQuantizer(method='lsq') needs out_channels")
+            self.step = nn.Parameter(torch.ones(out_channels))
+            self.register_buffer("initialized_flag", torch.tensor(False))
+            self._initialized = False
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -self.qmax
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.method == "lsq":
+            self._initialized = bool(self.initialized_flag.item())
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        if self.method == "lsq":
+            self.step.copy_(symmetric_weight_step(weight, self.bits).reshape(-1))
+            self.initialized_flag.fill_(True)
+            self._initialized = True
+
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The per-channel step, shaped (C_out, 1, ...) to broadcast against ``weight``."""
+        if self.method == "minmax":
+            return symmetric_weight_step(weight, self.bits)
+        return self.step.detach().reshape((-1,) + (1,) * (weight.dim() - 1))
+
+    def integer_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integers as int8, per-channel step (C_out,)) of the quantized weight (for export)."""
+        step = self.scale(weight)
+        w_int = torch.clamp(torch.round(weight.detach() / step), self.qmin, self.qmax)
+        return w_int.to(torch.int8), step.reshape(-1)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.method == "minmax":
+            step = symmetric_weight_step(weight, self.bits)
+            w_q = torch.clamp(torch.round(weight / step), self.qmin, self.qmax) * step
+            # Straight-through: forward the quantized value, backward the identity (the step
+            # depends on max|w| but is treated as a constant, as min/max quantizers do).
+            return weight + (w_q - weight).detach()
+        if not self._initialized:
+            self.init_from(weight)
+        step = self.step.reshape((-1,) + (1,) * (weight.dim() - 1))
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        g = lsq_grad_scale(weight.numel(), self.qmax, 1.0)
+        return lsq_fake_quant(weight, step, zero, self.qmin, self.qmax, g)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, method={self.method}, per_channel=True, symmetric=True"
