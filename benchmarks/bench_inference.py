@@ -1,0 +1,44 @@
+"""Inference latency of maskaq integer models against FP32, fake quant, torch dynamic int8 and
+ONNX Runtime (CPU), and FP16/BF16/torch.compile (CUDA, when available).
+
+    python benchmarks/bench_inference.py                       # full CPU table (+ CUDA if present)
+    python benchmarks/bench_inference.py --quick               # smoke run
+    python benchmarks/bench_inference.py --models deit_small_patch16_224 --batches 8 \\
+        --impls fp32 int_w8a8 ort_int8 --json out/bench.json --plot out/bench.png
+
+Same code and options as `maskaq bench` (maskaq/integer/bench.py). Prints a table; --json writes
+records {"model", "device", "batch", "impl", "ms", "img_per_s", "peak_mb"}; --plot a PNG of the
+speedup vs FP. Timings of one (model, batch) are interleaved across implementations: compare the
+ratios of one run (the machine may be shared).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402,F401  (loads libc10 & co. before maskaq's extension needs them)
+
+from maskaq.integer import bench  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.json is None and not args.quick:
+        args.json = "bench_inference.json"
+    if args.plot is None and not args.quick:
+        args.plot = "bench_inference.png"
+    try:
+        return bench.run(args)
+    except Exception as exc:  # CliError and the like: one line, status 2
+        if type(exc).__name__ == "CliError":
+            print(f"bench_inference.py: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Integer export (maskaq.integer): integer kernels against the fake-quant modules, export round
+trip, fidelity on the bundled teacher, bad inputs, and the benchmark's non-timing parts."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from maskaq.integer import IntAttention, IntLinear, IntMlp, export_integer, load_integer, save_integer, set_kernel
+from maskaq.integer.export import pack_int4, unpack_int4
+from maskaq.quant import QuantLinear, calibrate, quantize_model
+
+KERNELS = ["onednn", "fbgemm"]
+
+
+def _small_vit(seed=0, **kwargs):
+    """A 3-block ViT shaped like the bundled teacher (28 px, patch 4, 50 tokens)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=3,
+                num_heads=3, mlp_ratio=2.0)
+    args.update(kwargs)
+    return VisionTransformer(**args).eval()
+
+
+def _student(wbits, abits, seed=0, **kwargs):
+    model = _small_vit(seed, **kwargs)
+    qmodel = quantize_model(model, wbits, abits).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        calibrate(qmodel, torch.randn(8, 1, 28, 28, generator=g))
+    return model, qmodel
+
+
+def _exact_linear(wbits, abits, signed, zero_point, bias, seed=0):
+    """A QuantLinear whose arithmetic is exact in float32: power-of-two weight steps, a power-of-two
+    input step, an integer zero point and a bias on a coarse binary grid (or none)."""
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out = 64, 24
+    layer = QuantLinear(n_in, n_out, bias=bias, wbits=wbits, abits=abits)
+    qmax_w = 2 ** (wbits - 1) - 1
+    w_int = torch.randint(-qmax_w, qmax_w + 1, (n_out, n_in), generator=g).float()
+    w_int[:, 0] = qmax_w  # max|w| = qmax·2^-k, so the min/max step is exactly 2^-k
+    shifts = torch.randint(4, 8, (n_out, 1), generator=g).float()
+    with torch.no_grad():
+        layer.weight.copy_(w_int * 2.0 ** -shifts)
+        if bias:
+            layer.bias.copy_(torch.randint(-64, 64, (n_out,), generator=g).float() / 8)
+        quantizer = layer.input_quantizer
+        quantizer.init_from(torch.randn(16, n_in) - (0 if signed else -10))
+        quantizer.step.fill_(2.0 ** -3)
+        quantizer.zero_point.fill_(float(zero_point))
+    assert quantizer.signed == signed
+    return layer
+
+
+def _random_input(layer, n, g, spread=1.5):
+    q = layer.input_quantizer
+    step, z = float(q.step.detach()), round(float(q.zero_point.detach()))
+    lo, hi = (q.qmin - z) * step, (q.qmax - z) * step
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    return centre + half * spread * (2 * torch.rand(n, layer.in_features, generator=g) - 1)  # also outside the range
+
+
+# -- IntLinear ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("wbits,abits,signed,zero_point,bias", [
+    (8, 8, True, 0, True), (8, 8, True, -3, False), (8, 8, False, 0, True), (8, 8, False, -5, True),
+    (4, 8, True, 2, True), (4, 4, True, -1, True), (4, 4, False, 3, False), (8, 6, False, -20, True),
+])
+def test_int_linear_equals_fake_quant_exactly(kernel, wbits, abits, signed, zero_point, bias):
+    layer = _exact_linear(wbits, abits, signed, zero_point, bias)
+    integer = IntLinear.from_quant(layer, kernel)
+    g = torch.Generator().manual_seed(3)
+    x = _random_input(layer, 37, g)
+    x = torch.round(x * 2 ** 10) / 2 ** 10 + 2.0 ** -12  # x/α never lies on a .5 tie
+    with torch.no_grad():
+        expected = layer(x)
+        got = integer(x)
+    assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int_linear_accumulates_exact_integers(kernel):
+    """Full 8-bit ranges on both operands (u8 up to 255 times s8 ±127): no int16 saturation."""
+    layer = _exact_linear(8, 8, False, 0, False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.where(torch.rand(layer.weight.shape) < 0.5, -1.0, 1.0) * 127 * 2.0 ** -7)
+    integer = IntLinear.from_quant(layer, kernel)
+    x = torch.full((5, layer.in_features), 255 * 2.0 ** -3)  # u = 255 everywhere
+    x[1] = 0.0
+    w_int = torch.round(layer.weight.detach() * 2 ** 7)
+    expected = (torch.round(x / 2.0 ** -3).double() @ w_int.double().T) * 2.0 ** -3 * 2.0 ** -7
+    with torch.no_grad():
+        got = integer(x)
+    assert torch.equal(got.double(), expected)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4)])
+def test_int_linear_matches_calibrated_fake_quant(kernel, wbits, abits):
+    """General steps: the integer path differs from fake quant only by float rounding, and where
+    x/α falls within an ulp of a tie, by one step of that element."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(96, 40), wbits, abits)
+    x = torch.randn(300, 96) * 2 + 0.3
+    layer.input_quantizer.init_from(x)
+    integer = IntLinear.from_quant(layer, kernel)
+    with torch.no_grad():
+        expected, got = layer(x), integer(x)
+    close = torch.isclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert close.float().mean() > 0.999
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_int_linear_weight_only_and_uint8_input():
+    torch.manual_seed(1)
+    float_input = QuantLinear.from_float(nn.Linear(16, 8), 8, None)
+    integer = IntLinear.from_quant(float_input)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(integer(x), float_input(x), rtol=1e-5, atol=1e-6)
+    layer = QuantLinear.from_float(nn.Linear(16, 8), 8, 8)
+    layer.input_quantizer.init_from(x)
+    integer = IntLinear.from_quant(layer)
+    u = integer.quantize_input(x)
+    assert u.dtype == torch.uint8
+    with torch.no_grad():
+        torch.testing.assert_close(integer(u), integer(x))
+
+
+# -- attention and MLP ---------------------------------------------------------------------------
+@pytest.mark.parametrize("abits", [8, 4])
+@pytest.mark.parametrize("fold", [True, False])
+def test_int_attention_matches_fake_quant_attention(abits, fold):
+    _, qmodel = _student(8, abits, seed=2)
+    attn = qmodel.blocks[1].attn
+    x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(5))
+    integer = IntAttention.from_quant(attn, fold=fold)
+    assert integer.folded == fold
+    with torch.no_grad():
+        expected, got = attn(x), integer(x)
+    scale = expected.abs().max().item()
+    close = torch.isclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
+    assert close.float().mean() > 0.99
+    assert (got - expected).abs().max() < 0.1 * scale
+
+
+def test_int_mlp_fused_equals_unfused_path():
+    _, qmodel = _student(8, 8, seed=3)
+    imodel = export_integer(qmodel)
+    mlp = imodel.blocks[0].mlp
+    assert isinstance(mlp, IntMlp)
+    x = torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = mlp(x)
+        unfused = mlp.fc2(mlp.act(mlp.fc1(x)))
+        fake = qmodel.blocks[0].mlp(x)
+    assert mlp._fusable(x)
+    for other in (unfused, fake):
+        close = torch.isclose(fused, other, rtol=1e-4, atol=1e-4 * other.abs().max().item())
+        assert close.float().mean() > 0.99
+
+
+# -- whole model -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4)])
+def test_export_matches_fake_quant_model(kernel, wbits, abits):
+    _, qmodel = _student(wbits, abits, seed=4)
+    imodel = export_integer(qmodel, kernel=kernel)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected, got = qmodel(x), imodel(x)
+    assert not any(isinstance(m, QuantLinear) for m in imodel.modules())
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    assert (got - expected).abs().mean() < 0.05 * expected.abs().mean()
+    # the student is untouched and still runs
+    assert any(isinstance(m, QuantLinear) for m in qmodel.modules())
+
+
+def test_save_load_round_trip_packs_4bit_weights(tmp_path):
+    model, qmodel = _student(4, 8, seed=5)
+    imodel = export_integer(qmodel)
+    save_integer(imodel, tmp_path / "int")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "int" / "integer.safetensors"))
+    packed = [k for k in saved if k.endswith(".weight_int4")]
+    assert packed and not any(k.endswith(".weight_int") for k in saved)
+    assert saved[packed[0]].dtype == torch.uint8
+    meta = json.loads((tmp_path / "int" / "integer.json").read_text())
+    assert meta["quant"]["wbits"] == 4
+    loaded = load_integer(tmp_path / "int", _small_vit(seed=99))  # weights of the FP model unused
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), imodel(x))
+    for name, buf in imodel.state_dict().items():
+        assert torch.equal(buf, loaded.state_dict()[name]), name
+
+
+def test_load_rejects_other_architecture(tmp_path):
+    _, qmodel = _student(8, 8, seed=6)
+    save_integer(export_integer(qmodel), tmp_path / "int")
+    with pytest.raises(ValueError, match="match"):
+        load_integer(tmp_path / "int", _small_vit(embed_dim=96))
+    with pytest.raises(ValueError, match="match|no module"):
+        load_integer(tmp_path / "int", _small_vit(depth=2))
+    with pytest.raises(FileNotFoundError):
+        load_integer(tmp_path / "missing", _small_vit())
+
+
+def test_pack_int4_round_trip():
+    w = torch.randint(-8, 8, (5, 7), dtype=torch.int8)
+    packed = pack_int4(w)
+    assert packed.shape == (5, 4) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, 7), w)
+    with pytest.raises(ValueError):
+        pack_int4(torch.full((2, 2), 9, dtype=torch.int8))
+
+
+def test_set_kernel_switches_and_keeps_results():
+    _, qmodel = _student(8, 8, seed=7)
+    imodel = export_integer(qmodel)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        a = imodel(x)
+        b = set_kernel(imodel, "fbgemm")(x)
+    assert all(m.kernel == "fbgemm" for m in imodel.modules() if isinstance(m, IntLinear))
+    assert (a.argmax(1) == b.argmax(1)).all()
+    with pytest.raises(ValueError, match="kernel"):
+        set_kernel(imodel, "int4")
+
+
+# -- bad inputs --------------------------------------------------------------------------------------
+def test_export_rejects_uncalibrated_and_non_students():
+    model = _small_vit()
+    qmodel = quantize_model(model, 8, 8)
+    with pytest.raises(ValueError, match="calibrat"):
+        export_integer(qmodel)
+    with pytest.raises(ValueError, match="quantize_model"):
+        export_integer(model)
+    with pytest.raises(TypeError):
+        export_integer("deit_small_patch16_224")
+    _, calibrated = _student(8, 8)
+    with pytest.raises(ValueError, match="kernel"):
+        export_integer(calibrated, kernel="cublas")
+    with pytest.raises(ValueError, match="already"):
+        export_integer(export_integer(calibrated))
+    with torch.no_grad():
+        calibrated.blocks[0].mlp.fc2.input_quantizer.step.fill_(-0.1)  # e.g. a diverged QAT run
+    with pytest.raises(ValueError, match="step"):
+        export_integer(calibrated)
+
+
+def test_export_rejects_swin():
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), num_classes=4).eval()
+    qmodel = quantize_model(swin, 8, 8)
+    with torch.no_grad():
+        calibrate(qmodel, torch.randn(2, 3, 56, 56))
+    with pytest.raises(ValueError, match="Swin"):
+        export_integer(qmodel)
+
+
+def test_int_attention_rejects_masks():
+    _, qmodel = _student(8, 8)
+    attn = IntAttention.from_quant(qmodel.blocks[0].attn)
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(torch.randn(1, 50, 48), attn_mask=torch.zeros(50, 50))
+
+
+# -- fidelity on the bundled teacher -------------------------------------------------------------------
+def _teacher():
+    from maskaq import zoo
+
+    try:
+        return zoo.load("vit_fmnist")
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        pytest.skip(f"bundled teacher not available ({exc})")
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_fidelity_on_bundled_teacher_subset(wbits):
+    from maskaq.data import fashion_mnist
+
+    teacher = _teacher()
+    data = fashion_mnist("test")
+    calib = torch.stack([data[i][0] for i in range(9000, 9032)])
+    images = torch.stack([data[i][0] for i in range(300)])
+    qmodel = quantize_model(teacher, wbits, 8).eval()
+    with torch.no_grad():
+        calibrate(qmodel, calib)
+        imodel = export_integer(qmodel)
+        fake, integer = qmodel(images), imodel(images)
+    agreement = (fake.argmax(1) == integer.argmax(1)).float().mean().item()
+    assert agreement >= 0.99, agreement  # 99.5% is checked on the full test set by the script
+    assert (fake - integer).abs().mean() < 0.02 * fake.abs().mean()
+
+
+# -- benchmark helpers (no timing assertions) -----------------------------------------------------------
+def test_bench_table_json_and_plot(tmp_path):
+    from maskaq.integer import bench
+
+    records = [
+        {"model": "m", "device": "cpu", "batch": 8, "impl": "fp32", "ms": 100.0, "img_per_s": 80.0, "peak_mb": 90.0},
+        {"model": "m", "device": "cpu", "batch": 8, "impl": "int_w8a8", "ms": 50.0, "img_per_s": 160.0, "peak_mb": 40.0},
+    ]
+    assert bench.speedups(records)[("m", "cpu", 8, "int_w8a8")] == pytest.approx(2.0)
+    table = bench.format_table(records)
+    assert "int_w8a8" in table and "2.00x" in table
+    bench.write_json(records, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text()) == records
+    bench.plot_speedups(records, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_bad_options():
+    import argparse
+
+    from maskaq.integer import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for argv in (["--impls", "fp64"], ["--batches", "0"], ["--threads", "0"]):
+        args = parser.parse_args(argv)
+        with pytest.raises(Exception, match="impls|batches|threads"):
+            bench._resolve(args)
+
+
+def test_bench_builds_and_runs_integer_impl():
+    """The integer impl builds from a timm name and returns logits (timing not asserted)."""
+    import argparse
+
+    from maskaq.integer import bench
+
+    model = _small_vit()
+    args = argparse.Namespace(seed=0, threads=1, kernel="onednn")
+    impl = bench.build_impl("int_w8a8", model, "cpu", args, workdir=None)
+    x = torch.randn(2, 1, 28, 28)
+    out = impl.fn(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert impl.weight_bytes > 0
+    assert math.isfinite(bench.measure_memory_mb(impl, x, "cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int_model_matches_cpu_int_model():
+    _, qmodel = _student(8, 8, seed=8)
+    imodel = export_integer(qmodel)
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        cpu = imodel(x)
+        gpu = export_integer(qmodel, device="cuda")(x.cuda()).cpu()
+    assert (cpu.argmax(1) == gpu.argmax(1)).float().mean() >= 0.95
+    assert (cpu - gpu).abs().mean() < 0.05 * cpu.abs().mean()
