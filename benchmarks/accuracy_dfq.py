@@ -1,0 +1,207 @@
+"""Data-free quantization accuracy on the bundled Fashion-MNIST teacher: MaskAQ vs the baselines.
+
+For W4A4 and W3A3, methods real, gaussian, psaq, mimiq, maskaq and the maskaq ablations, seeds
+0, 1, 2: quantize with `maskaq.pipeline.run_pipeline` (same quantizer, same QAT, other data) and
+evaluate top-1 on the Fashion-MNIST test split (10k images). Prints a markdown table of
+mean ± std over seeds and writes JSON and markdown under benchmarks/results/.
+
+Every finished (method, bits, seed) is checkpointed as its own JSON file (atomic write), so an
+interrupted run resumes where it stopped, and the aggregate JSON/markdown are rewritten after
+each result — partial tables are always on disk. Takes hours on 2 CPU cores: run it in the
+background,
+
+    nohup python benchmarks/accuracy_dfq.py > benchmarks/results/accuracy_dfq.log 2>&1 &
+    python benchmarks/accuracy_dfq.py --quick      # smoke run: quick preset, 1 seed, 256 test images
+
+Targets (mean of 3 seeds): maskaq >= mimiq >= psaq >= gaussian at W4A4 and W3A3; maskaq within
+3 pt of real-data QAT at W4A4; at W3A3 maskaq closes at least half the gaussian-to-real gap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import maskaq  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_METHODS = ["gaussian", "maskaq", "real", "mimiq", "psaq",
+               "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask"]
+ALL_BITS = ["W4A4", "W3A3"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: quick preset, seed 0, W4A4, 256 test images")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of " + " ".join(ALL_METHODS))
+    p.add_argument("--bits", nargs="+", default=None, help="subset of " + " ".join(ALL_BITS))
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--preset", default=None, help="pipeline preset (default: cpu; quick with --quick)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--json", default=None, help="aggregate JSON (default benchmarks/results/accuracy_dfq[_quick].json)")
+    p.add_argument("--md", default=None, help="markdown table (default: next to the JSON)")
+    p.add_argument("--runs-dir", default=None, help="per-run checkpoints (default: <json stem>_runs/)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing per-run checkpoints")
+    return p.parse_args(argv)
+
+
+def parse_bits(text: str):
+    text = text.upper()
+    if not (text.startswith("W") and "A" in text):
+        raise SystemExit(f"bad bits {text!r}: expected e.g. W4A4")
+    w, a = text[1:].split("A")
+    return int(w), int(a)
+
+
+def mean_std(values):
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def aggregate(runs, methods, bits_list, fp):
+    table = {}
+    for bits in bits_list:
+        for method in methods:
+            accs = [r["top1"] for r in runs if r["method"] == method and r["bits"] == bits]
+            seeds = [r["seed"] for r in runs if r["method"] == method and r["bits"] == bits]
+            m, s = mean_std(accs)
+            table.setdefault(bits, {})[method] = {"mean": m, "std": s, "n": len(accs), "seeds": seeds,
+                                                  "top1": accs}
+    return {"full_precision_top1": fp, "table": table}
+
+
+def targets(agg):
+    lines = []
+    t = agg["table"]
+    for bits in t:
+        row = {k: v["mean"] for k, v in t[bits].items() if v["mean"] is not None}
+        order = [m for m in ("maskaq", "mimiq", "psaq", "gaussian") if m in row]
+        if len(order) >= 2:
+            ok = all(row[a] >= row[b] for a, b in zip(order, order[1:]))
+            lines.append(f"- {bits}: {' >= '.join(order)}: {'yes' if ok else 'no'} "
+                         f"({', '.join(f'{m} {row[m]:.2f}' for m in order)})")
+        if "maskaq" in row and "real" in row and bits == "W4A4":
+            gap = row["real"] - row["maskaq"]
+            lines.append(f"- {bits}: maskaq within 3 pt of real: {'yes' if gap <= 3 else 'no'} (gap {gap:.2f} pt)")
+        if {"maskaq", "real", "gaussian"} <= set(row) and bits == "W3A3":
+            full = row["real"] - row["gaussian"]
+            closed = (row["maskaq"] - row["gaussian"]) / full if full > 0 else float("nan")
+            lines.append(f"- {bits}: maskaq closes >= half of the gaussian-to-real gap: "
+                         f"{'yes' if closed >= 0.5 else 'no'} ({100 * closed:.0f}% of {full:.2f} pt)")
+    return lines
+
+
+def markdown(agg, methods, bits_list, meta):
+    head = "| method | " + " | ".join(bits_list) + " |"
+    lines = [f"Fashion-MNIST ViT teacher, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}; "
+             f"mean ± std over seeds (n)", "", head, "|" + "---|" * (len(bits_list) + 1)]
+    for method in methods:
+        cells = []
+        for bits in bits_list:
+            cell = agg["table"][bits][method]
+            cells.append("—" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f} ({cell['n']})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (on the seeds so far):"] + (targets(agg) or ["- (not enough results yet)"])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from maskaq import zoo
+    from maskaq.data import fashion_mnist
+    from maskaq.pipeline import collect_overrides, evaluate_model, run_pipeline
+    from maskaq.synthesis.io import write_json, atomic_write_bytes
+
+    methods = args.methods or ALL_METHODS
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    bits_list = [b.upper() for b in (args.bits or (["W4A4"] if args.quick else ALL_BITS))]
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    preset = args.preset or ("quick" if args.quick else "cpu")
+    limit = args.limit if args.limit is not None else (256 if args.quick else None)
+    overrides = collect_overrides(args.set)
+    stem = "accuracy_dfq_quick" if args.quick else "accuracy_dfq"
+    json_path = Path(args.json) if args.json else RESULTS / f"{stem}.json"
+    md_path = Path(args.md) if args.md else json_path.with_suffix(".md")
+    runs_dir = Path(args.runs_dir) if args.runs_dir else json_path.parent / f"{json_path.stem}_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    teacher = zoo.load("vit_fmnist")
+    import hashlib
+    teacher_sha = hashlib.sha256((zoo.ZOO_DIR / "vit_fmnist.safetensors").read_bytes()).hexdigest()[:16]
+    test = fashion_mnist("test")
+    train = fashion_mnist("train") if "real" in methods else None
+    meta = {"teacher_sha256": teacher_sha, "preset": preset, "overrides": {k: v for k, v in overrides.items()}, "limit": limit,
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    fp_file = runs_dir / "full_precision.json"
+    fp_saved = json.loads(fp_file.read_text()) if fp_file.is_file() and not args.fresh else {}
+    if fp_saved.get("teacher_sha256") == teacher_sha and fp_saved.get("limit") == limit:
+        fp = fp_saved["top1"]
+    else:
+        fp = evaluate_model(teacher, test, limit, progress=False)["top1"]
+        write_json(fp_file, {"top1": fp, "limit": limit, "teacher_sha256": teacher_sha})
+    print(f"full precision top-1 {fp:.2f}%  (preset {preset}, {torch.get_num_threads()} threads)", flush=True)
+
+    def matches(r):
+        # a checkpointed result counts only for the same teacher, preset, overrides and test subset
+        return (r.get("teacher_sha256") == teacher_sha and r.get("preset") == preset and r.get("limit") == limit
+                and r.get("overrides") == meta["overrides"])
+
+    def collect():
+        return [r for r in (json.loads(f.read_text()) for f in sorted(runs_dir.glob("*__*__seed*.json")))
+                if matches(r)]
+
+    def publish():
+        runs = collect()
+        agg = aggregate(runs, methods, bits_list, fp)
+        write_json(json_path, {"meta": meta, "runs": runs, **agg})
+        atomic_write_bytes(md_path, markdown(agg, methods, bits_list, meta).encode())
+        return agg
+
+    # seed-major, then method, then bits: the first hours give every method at both bit widths
+    todo = [(seed, bits, method) for seed in seeds for method in methods for bits in bits_list]
+    for i, (seed, bits, method) in enumerate(todo):
+        run_file = runs_dir / f"{method}__{bits}__seed{seed}.json"
+        if run_file.is_file() and not args.fresh and matches(json.loads(run_file.read_text())):
+            continue
+        wbits, abits = parse_bits(bits)
+        extra = dict(overrides)
+        if method == "real":
+            extra["real_data"] = train
+        t0 = time.perf_counter()
+        result = run_pipeline(teacher, wbits, abits, method=method, preset=preset, seed=seed, **extra)
+        acc = evaluate_model(result.model, test, limit, progress=False)
+        record = {"teacher_sha256": teacher_sha, "method": method, "bits": bits, "seed": seed, "top1": acc["top1"], "top5": acc["top5"],
+                  "seconds": time.perf_counter() - t0, "cpu_seconds": result.report["cpu_seconds"], "preset": preset, "limit": limit,
+                  "overrides": meta["overrides"], "nan_retries": result.report["nan_retries"],
+                  "synthesis_seconds": result.report["synthesis_seconds"],
+                  "qat_epoch_losses": result.report["qat"]["epoch_losses"],
+                  "synthesis_final_losses": [s.get("final_losses") for s in result.report["qat"]["synthesis"]]}
+        write_json(run_file, record)
+        publish()
+        print(f"[{i + 1}/{len(todo)}] {bits} {method:<18s} seed {seed}: top-1 {acc['top1']:6.2f}%  "
+              f"({record['seconds']:.0f}s)", flush=True)
+    agg = publish()
+    print()
+    print(markdown(agg, methods, bits_list, meta))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

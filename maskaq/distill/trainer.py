@@ -1,0 +1,198 @@
+"""QAT of the student Q by distillation from the teacher T on synthetic images.
+
+Loss = KD(τ) + λ·L_hd on augmented synthetic images; SGD (Nesterov, momentum 0.9, weight
+decay 1e-4) with a cosine schedule to 1% of the learning rate over all steps.
+
+Periodic sample refreshing: the synthetic set is (re)generated at epochs 0, R, 2R, ... by
+`data_source(student, round)`, which receives the *current* student, so MaskAQ synthesis
+aligns T with the Q that is being trained (R = 0 or None: generate once).
+
+torchrun: with a process group the student is wrapped in DistributedDataParallel and each
+rank trains on its share of every epoch's batches (the synthetic set is the same on all ranks).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from maskaq.distill.losses import head_distillation_loss, kd_loss
+from maskaq.synthesis.augment import QATAugment
+from maskaq.synthesis.spec import describe_model
+from maskaq.synthesis.synthesizer import SyntheticSet, batch_seed, dist_info, progress_bar
+
+__all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]
+
+
+@dataclass
+class QATConfig:
+    """Every knob of QAT; defaults follow METHOD.md (the public code's config and example)."""
+    qat_epochs: int = 100
+    qat_batch_size: int = 32
+    qat_lr: float = 1e-3
+    qat_momentum: float = 0.9
+    qat_weight_decay: float = 1e-4
+    qat_lr_min_factor: float = 0.01
+    kd_temperature: float = 20.0
+    hd_weight: float = 10.0
+    hd_top_fraction: float = 0.1
+    hd_weight_high: float = 2.0
+    hd_mask: bool = True
+    refresh_every: Optional[int] = 30  # regenerate the set every R epochs; 0/None: never
+    qat_augment: bool = True
+    qat_steps_per_epoch: Optional[int] = None  # default: one pass over the synthetic set
+
+    def validate(self) -> "QATConfig":
+        if self.qat_epochs < 1 or self.qat_batch_size < 1:
+            raise ValueError("qat_epochs and qat_batch_size must be >= 1")
+        if self.qat_lr <= 0:
+            raise ValueError(f"qat_lr must be > 0, got {self.qat_lr}")
+        if self.refresh_every is not None and self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
+        if self.qat_steps_per_epoch is not None and self.qat_steps_per_epoch < 1:
+            raise ValueError("qat_steps_per_epoch must be >= 1")
+        return self
+
+
+def refresh_schedule(epochs: int, refresh_every: Optional[int]) -> List[int]:
+    """Epochs at which the synthetic set is generated: 0, R, 2R, ... < epochs."""
+    if not refresh_every:
+        return [0]
+    return list(range(0, epochs, int(refresh_every)))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class QATTrainer:
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: Optional[QATConfig] = None,
+                 data_source: Optional[Callable[[nn.Module, int], SyntheticSet]] = None, *,
+                 seed: int = 0, progress: Optional[bool] = None):
+        if data_source is None:
+            raise ValueError("QATTrainer needs data_source(student, round) -> SyntheticSet")
+        self.teacher = teacher.eval()
+        self.student = student
+        self.config = (config or QATConfig()).validate()
+        self.data_source = data_source
+        self.seed = int(seed)
+        self.progress = progress
+        self.spec = describe_model(teacher)
+        self.augment = QATAugment(self.spec.mean, self.spec.std) if self.config.qat_augment else None
+        self.refresh_log: List[Dict] = []
+        self.data: Optional[SyntheticSet] = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
+
+    def refresh_epochs(self) -> List[int]:
+        return refresh_schedule(self.config.qat_epochs, self.config.refresh_every)
+
+    def _steps_per_epoch(self, n_images: int) -> int:
+        cfg = self.config
+        return cfg.qat_steps_per_epoch or max(1, math.ceil(n_images / cfg.qat_batch_size))
+
+    def _batches(self, epoch: int, steps: int, rank: int, world: int):
+        """Index batches of one epoch: reshuffled passes over the set; rank r takes batches
+        r, r + W, ... and every rank the same number of them (DDP steps in lockstep)."""
+        n, bs = len(self.data), self.config.qat_batch_size
+        local = math.ceil(steps / world)
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, stream=7))
+        passes = math.ceil(local * world * bs / n) + 1
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
+        for i in range(local):
+            j = i * world + rank
+            yield order[j * bs:(j + 1) * bs]
+
+    def step_loss(self, images: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
+        from maskaq.quant import capture_attention
+        cfg = self.config
+        need_hd = cfg.hd_weight > 0
+        with torch.no_grad():
+            if need_hd:
+                with capture_attention(self.teacher, logits=False, outputs=True) as cap_t:
+                    logits_t = self.teacher(images)
+            else:
+                logits_t = self.teacher(images)
+        if need_hd:
+            with capture_attention(model, logits=False, outputs=True) as cap_q:
+                logits_q = model(images)
+        else:
+            logits_q = model(images)
+        out = {"kd": kd_loss(logits_q, logits_t, cfg.kd_temperature)}
+        total = out["kd"]
+        if need_hd:
+            out["hd"] = head_distillation_loss(cap_t.outputs, cap_q.outputs, self.spec.num_prefix_tokens,
+                                               top_fraction=cfg.hd_top_fraction, high=cfg.hd_weight_high,
+                                               masked=cfg.hd_mask)
+            total = total + cfg.hd_weight * out["hd"]
+        out["total"] = total
+        return out
+
+    def fit(self) -> Dict:
+        cfg = self.config
+        rank, world = dist_info()
+        dev = self.device
+        model = self.student
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(self.student)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no trainable parameters")
+        opt = torch.optim.SGD(params, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
+                              weight_decay=cfg.qat_weight_decay, nesterov=True)
+        refresh_at = set(self.refresh_epochs())
+        started, cpu_started = time.perf_counter(), time.process_time()
+        epoch_losses, total_steps, sched = [], None, None
+        step_no = 0
+        g_aug = torch.Generator(device=dev)
+        for epoch in range(cfg.qat_epochs):
+            if epoch in refresh_at:
+                round_index = len(self.refresh_log)
+                self.data = self.data_source(self.student, round_index)
+                self.refresh_log.append({"epoch": epoch, "round": round_index, "num_images": len(self.data),
+                                         "report": self.data.report})
+            steps = self._steps_per_epoch(len(self.data))
+            if sched is None:
+                # One cosine over the whole run (steps per epoch fixed by the first set's size).
+                total_steps = math.ceil(steps / world) * cfg.qat_epochs
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total_steps, cfg.qat_lr_min_factor))
+            self.student.train()
+            running, count = 0.0, 0
+            with progress_bar(math.ceil(steps / world), f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
+                for index in self._batches(epoch, steps, rank, world):
+                    g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=11))
+                    images = self.data.images[index].to(dev)
+                    if self.augment is not None:
+                        images = self.augment(images, g_aug)
+                    terms = self.step_loss(images, model)
+                    opt.zero_grad(set_to_none=True)
+                    terms["total"].backward()
+                    opt.step()
+                    sched.step()
+                    step_no += 1
+                    running += float(terms["total"].detach())
+                    count += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running / count:.4f}")
+            epoch_losses.append(running / max(count, 1))
+        self.student.eval()
+        return {
+            "epochs": cfg.qat_epochs,
+            "steps": step_no,
+            "refresh_epochs": [r["epoch"] for r in self.refresh_log],
+            "epoch_losses": epoch_losses,
+            "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "synthesis": [{k: v for k, v in r["report"].items()} for r in self.refresh_log],
+        }
+
+
+def _cosine(step: int, total: int, min_factor: float) -> float:
+    t = min(step / max(total, 1), 1.0)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))

@@ -1,0 +1,429 @@
+"""Data-free quantization of a ViT: synthesize calibration images, calibrate, distill, evaluate, save.
+
+    maskaq quantize --model vit_fmnist --wbits 4 --abits 4 --method maskaq --val fashion-mnist --out runs/w4a4
+
+From Python: `maskaq.pipeline.quantize(model, wbits=4, abits=4, method="maskaq", preset="cpu")`.
+Methods: maskaq, its ablations (maskaq-no-entropy, maskaq-no-align, maskaq-no-refresh,
+maskaq-no-hdmask) and the baselines mimiq, psaq, gaussian, real — same quantizer, same QAT.
+Presets: quick (seconds, for tests), cpu (the bundled teacher on 2 CPU cores in minutes),
+paper (the public code's settings). Every knob is an override (`--set key=value`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from maskaq.distill.trainer import QATConfig, QATTrainer
+from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
+from maskaq.synthesis.spec import describe_model
+from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer, batch_seed, dist_info
+
+__all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
+           "build_config", "config_keys", "add_arguments", "run"]
+
+METHODS = ("maskaq", "mimiq", "psaq", "gaussian", "real",
+           "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of the pipeline itself (synthesis, PSAQ and QAT have their own dataclasses)."""
+    first_last_8bit: bool = False
+    weight_method: str = "minmax"
+    calib_images: int = 32  # LSQ init from this many images of the (first) synthetic set
+    recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
+    real_data: Any = None  # Dataset of (image, label) for method "real"
+    progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
+
+
+_SECTIONS = {"synthesis": SynthesisConfig, "psaq": PsaqConfig, "qat": QATConfig, "pipeline": PipelineConfig}
+
+
+def config_keys() -> Dict[str, str]:
+    """Every override key -> its section."""
+    keys = {}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in keys, f"duplicate config key {f.name}"
+            keys[f.name] = section
+    return keys
+
+
+# Preset values over the defaults (= paper). `cpu` is sized for the bundled Fashion-MNIST teacher
+# on 2 CPU cores: W4A4 maskaq ≈ 530 CPU-seconds on one thread (2 synthesis rounds × 2 batches ×
+# 200 steps, 240 QAT steps), ≈ 5–6 minutes on 2 idle cores; psaq gets as many steps per batch.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    "cpu": dict(num_images=128, synth_batch_size=64, synth_iters=200, psaq_iters=100,
+                qat_epochs=60, qat_batch_size=32, refresh_every=30, calib_images=32),
+    "quick": dict(num_images=8, synth_batch_size=4, synth_iters=3, psaq_iters=2, psaq_rounds=2,
+                  qat_epochs=2, qat_batch_size=4, refresh_every=1, calib_images=4),
+}
+
+# What each method changes (applied before the user's overrides, which win).
+_METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "maskaq": {},
+    "maskaq-no-entropy": dict(use_entropy=False),
+    "maskaq-no-align": dict(use_alignment=False),
+    "maskaq-no-refresh": dict(refresh_every=0),
+    "maskaq-no-hdmask": dict(hd_mask=False),
+    "mimiq": dict(use_entropy=False, use_alignment=False, refresh_every=0, hd_mask=False),
+    "psaq": dict(refresh_every=0),
+    "gaussian": dict(refresh_every=0),
+    "real": dict(refresh_every=0),
+}
+
+
+@dataclass
+class FullConfig:
+    synthesis: SynthesisConfig
+    psaq: PsaqConfig
+    qat: QATConfig
+    pipeline: PipelineConfig
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {}
+        for name in _SECTIONS:
+            section = asdict(getattr(self, name))
+            section.pop("real_data", None)
+            out[name] = section
+        return out
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> FullConfig:
+    """The settings of one run: defaults ← preset ← method ← overrides (unknown keys refused)."""
+    _check_method(method)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    keys = config_keys()
+    unknown = sorted(k for k in overrides if k not in keys)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, keys, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(keys))}")
+    values = dict(PRESETS[preset])
+    values.update(_METHOD_SETTINGS[method])
+    values.update(overrides)
+    parts = {name: {} for name in _SECTIONS}
+    for k, v in values.items():
+        parts[keys[k]][k] = v
+    synthesis = SynthesisConfig(**parts["synthesis"]).validate()
+    psaq = PsaqConfig(**parts["psaq"]).validate()
+    qat = QATConfig(**parts["qat"]).validate()
+    pipeline = PipelineConfig(**parts["pipeline"])
+    if pipeline.calib_images < 1:
+        raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
+    return FullConfig(synthesis, psaq, qat, pipeline)
+
+
+@dataclass
+class PipelineResult:
+    model: nn.Module
+    report: Dict[str, Any]
+    images: SyntheticSet  # the last synthetic set QAT trained on
+    config: FullConfig
+
+
+def _round_seed(seed: int, round_index: int) -> int:
+    return batch_seed(seed, round_index, stream=3) & 0x7FFFFFFF
+
+
+def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
+    """data_source(student, round) -> SyntheticSet for QATTrainer."""
+    spec = describe_model(teacher)
+    dev = next(teacher.parameters()).device
+    s, progress = cfg.synthesis, cfg.pipeline.progress
+    if method == "gaussian":
+        return lambda student, r: gaussian_images(spec, s.num_images, _round_seed(seed, r), device=dev)
+    if method == "real":
+        return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
+    if method == "psaq":
+        synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress)
+        return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc=f"psaq synthesis")
+    synth = Synthesizer(teacher, s, progress=progress)
+    in_loop = s.use_alignment and s.align_weight > 0
+
+    def source(student, r):
+        return synth.synthesize(s.num_images, _round_seed(seed, r), student=student if in_loop else None,
+                                desc=f"{method} synthesis (round {r})")
+    return source
+
+
+def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", preset: str = "cpu",
+                 seed: int = 0, config: Optional[FullConfig] = None, **overrides) -> PipelineResult:
+    """Quantize `model` data-free; returns the model, a JSON-able report and the last image set."""
+    from maskaq.quant import calibrate, quantize_model
+
+    _check_method(method)
+    cfg = config or build_config(method, preset, **overrides)
+    if method == "real" and cfg.pipeline.real_data is None:
+        raise ValueError("method 'real' needs real training images: pass real_data=<Dataset of (image, label)>")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    teacher = model.eval()
+    spec = describe_model(teacher)
+    dev = next(teacher.parameters()).device
+    student = quantize_model(teacher, wbits, abits, first_last_8bit=cfg.pipeline.first_last_8bit,
+                             weight_method=cfg.pipeline.weight_method)
+    student.to(dev)
+    n_calib = cfg.pipeline.calib_images
+    in_loop = method.startswith("maskaq") and cfg.synthesis.use_alignment and cfg.synthesis.align_weight > 0
+    calibrated_on = None
+    if in_loop:
+        # Q is in the synthesis loop from round 0, so it needs ranges before any image exists:
+        # initialize LSQ on noise (what the public code's first forward does), then re-init on
+        # the first synthetic images below.
+        calibrate(student, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev))
+        calibrated_on = "gaussian noise"
+    base_source = _data_source(method, teacher, cfg, seed)
+
+    def source(current_student, r):
+        nonlocal calibrated_on
+        data = base_source(current_student, r)
+        if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
+            calibrate(current_student, data.images[:n_calib].to(dev))
+            calibrated_on = f"{method} images"
+        return data
+
+    trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress)
+    qat_report = trainer.fit()
+    rank, world = dist_info()
+    synth_reports = qat_report.get("synthesis", [])
+    report = {
+        "method": method, "wbits": int(wbits), "abits": int(abits), "preset": preset if config is None else "custom",
+        "seed": int(seed), "device": str(dev), "world_size": world, "torch_threads": torch.get_num_threads(),
+        "calibrated_on": calibrated_on,
+        "nan_retries": sum(int(r.get("nan_retries", 0)) for r in synth_reports),
+        "failed_batches": sum(len(r.get("failed_batches", [])) for r in synth_reports),
+        "synthesis_seconds": sum(float(r.get("seconds", 0.0)) for r in synth_reports),
+        "qat": qat_report,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "synthesis_cpu_seconds": sum(float(r.get("cpu_seconds", 0.0)) for r in synth_reports),
+        "config": cfg.as_dict(),
+    }
+    report["qat_seconds"] = qat_report["seconds"] - report["synthesis_seconds"]
+    student.maskaq_report = report
+    return PipelineResult(student, report, trainer.data, cfg)
+
+
+def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", preset: str = "cpu",
+             seed: int = 0, **overrides) -> nn.Module:
+    """Data-free quantization of a timm ViT/DeiT/Swin; returns the fake-quantized student.
+
+    The teacher `model` is left untouched. `overrides` set any knob of METHOD.md (see
+    `maskaq.pipeline.config_keys()`), e.g. `synth_iters=500, qat_epochs=20`; method "real"
+    needs `real_data=<Dataset>`. The run's report is at `qmodel.maskaq_report`.
+    """
+    return run_pipeline(model, wbits, abits, method=method, preset=preset, seed=seed, **overrides).model
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _cli_error(msg: str):
+    from maskaq.cli import CliError
+    return CliError(msg)
+
+
+def parse_override(text: str):
+    """KEY=VALUE with VALUE a Python literal (numbers, True/False, tuples) or a bare string."""
+    if "=" not in text:
+        raise _cli_error(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundled zoo model (vit_fmnist) or a timm architecture name")
+    parser.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none given: cuda when available)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--wbits", type=int, default=4, help="weight bits (2-8)")
+    parser.add_argument("--abits", type=int, default=4, help="activation bits (2-8)")
+    parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(METHODS))
+    parser.add_argument("--val", default=None,
+                        help="validation data: an ImageFolder directory, or 'fashion-mnist' (bundled test split)")
+    parser.add_argument("--train", default=None,
+                        help="real training images for --method real: ImageFolder or 'fashion-mnist'")
+    parser.add_argument("--out", required=True, help="output directory (model, report.json, synthetic.png)")
+    parser.add_argument("--preset", default="cpu", help="quick, cpu or paper")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, e.g. --set synth_iters=500 (repeatable)")
+    parser.add_argument("--val-limit", type=int, default=None,
+                        help="evaluate on the first N validation images only (smoke runs)")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise _cli_error(f"bad --device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _cli_error(f"--device {name} asked for CUDA but no CUDA device is available")
+    return dev
+
+
+def load_model_for_cli(name: str, checkpoint: Optional[str], device: torch.device,
+                       model_kwargs: Optional[str] = None) -> nn.Module:
+    import json
+
+    from maskaq import zoo
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise _cli_error(f"checkpoint {checkpoint} does not exist")
+    kwargs = {}
+    if model_kwargs:
+        try:
+            kwargs = json.loads(model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise _cli_error(f"--model-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise _cli_error("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    try:
+        model = zoo.create(name, checkpoint=checkpoint, **kwargs)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise _cli_error(str(exc).splitlines()[0]) from None
+    return model.to(device).eval()
+
+
+def dataset_for_cli(path: Optional[str], model: nn.Module, split: str = "test"):
+    """'fashion-mnist' (or 'fmnist') -> the Fashion-MNIST split; else an ImageFolder directory."""
+    if path is None:
+        return None
+    spec = describe_model(model)
+    if path.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        from maskaq.data import fashion_mnist
+        try:
+            return fashion_mnist(split)
+        except (FileNotFoundError, ValueError) as exc:
+            raise _cli_error(str(exc).splitlines()[0]) from None
+    if not Path(path).is_dir():
+        raise _cli_error(f"dataset directory {path} does not exist (or pass 'fashion-mnist')")
+    from maskaq.data import image_folder
+    try:
+        return image_folder(path, (spec.in_chans, *spec.image_size), spec.mean, spec.std)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _cli_error(str(exc).splitlines()[0]) from None
+
+
+def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch_size: int = 256,
+                   progress: Optional[bool] = None) -> Dict[str, float]:
+    """Top-1/top-5 (%) of `model` on `dataset` (first `limit` items)."""
+    from torch.utils.data import DataLoader, Subset
+    if limit is not None:
+        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    try:
+        from maskaq.evaluation import evaluate
+    except ImportError:
+        evaluate = None
+    if progress is None:  # a bar only where someone watches
+        import sys
+        progress = sys.stderr.isatty()
+    if evaluate is not None:
+        return evaluate(model, loader, progress=bool(progress))
+    dev = next(model.parameters()).device
+    correct1 = correct5 = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            logits = model(x.to(dev))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            total += int(y.shape[0])
+    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+
+
+def check_bits_cli(wbits: int, abits: int) -> None:
+    for name, bits in (("--wbits", wbits), ("--abits", abits)):
+        if not 2 <= bits <= 8:
+            raise _cli_error(f"{name} must be between 2 and 8, got {bits}")
+
+
+def collect_overrides(items) -> Dict[str, Any]:
+    overrides = dict(parse_override(text) for text in items)
+    keys = config_keys()
+    for k in overrides:
+        if k not in keys or k == "real_data":
+            close = difflib.get_close_matches(k, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _cli_error(f"unknown setting {k!r} in --set{hint}; see maskaq.pipeline.config_keys()")
+    return overrides
+
+
+def run(args) -> int:
+    from maskaq.quant import save_quantized
+    from maskaq.synthesis.io import save_image_grid, write_json
+
+    if args.method not in METHODS:
+        close = difflib.get_close_matches(args.method, METHODS, n=1)
+        raise _cli_error(f"unknown method {args.method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; choose one of {', '.join(METHODS)}")
+    if args.preset not in PRESETS:
+        raise _cli_error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    check_bits_cli(args.wbits, args.abits)
+    overrides = collect_overrides(args.set)
+    device = resolve_device(args.device)
+    model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs)
+    val = dataset_for_cli(args.val, model, "test")
+    if args.method == "real":
+        if args.train is None:
+            raise _cli_error("--method real needs --train PATH (ImageFolder) or --train fashion-mnist")
+        overrides["real_data"] = dataset_for_cli(args.train, model, "train")
+    try:
+        config = build_config(args.method, args.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise _cli_error(str(exc)) from None
+    out = Path(args.out)
+    rank, _ = dist_info()
+    result = run_pipeline(model, args.wbits, args.abits, method=args.method, seed=args.seed, config=config)
+    report = dict(result.report, preset=args.preset, model=args.model, checkpoint=args.checkpoint)
+    if val is not None:
+        report["val"] = {"path": args.val, "limit": args.val_limit}
+        report["val"]["quantized"] = evaluate_model(result.model, val, args.val_limit, args.batch_size)
+        report["val"]["full_precision"] = evaluate_model(model, val, args.val_limit, args.batch_size)
+    if rank == 0:
+        spec = describe_model(model)
+        out.mkdir(parents=True, exist_ok=True)
+        save_quantized(result.model, out / "model")
+        grid = save_image_grid(result.images.images, spec.mean, spec.std, out / "synthetic.png")
+        report["files"] = {"model": str(out / "model"), "report": str(out / "report.json"), "grid": str(grid)}
+        write_json(out / "report.json", report)
+        line = f"{args.method} W{args.wbits}A{args.abits}: done in {report['seconds']:.0f}s"
+        if val is not None:
+            line += (f"; top-1 {report['val']['quantized']['top1']:.2f}% "
+                     f"(full precision {report['val']['full_precision']['top1']:.2f}%)")
+        print(line)
+        print(f"wrote {out / 'model'}, {out / 'report.json'}, {grid}")
+    return 0

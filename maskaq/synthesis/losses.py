@@ -1,0 +1,192 @@
+"""Losses of image synthesis (METHOD.md, "Synthesis of one batch").
+
+Every function takes the tensors the attention capture hands out (lists with one entry per
+block) and returns a scalar to minimize. The two losses that dominate the cost, the
+patch-similarity entropy and the masked attention alignment, run through the fused ops in
+`maskaq.ops`; the others are cheap, batched plain PyTorch.
+
+Prefix tokens (CLS, distillation, register tokens) are `num_prefix_tokens` leading tokens;
+they are dropped wherever METHOD.md says "without CLS". Swin window attention has none.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+SSIM_C1 = 0.01 ** 2
+SSIM_C2 = 0.03 ** 2
+
+__all__ = [
+    "total_variation", "inter_head_ssim_loss", "inter_head_ssim_block", "entropy_loss",
+    "cls_rows", "alignment_loss", "mask_ratio", "psaq_total_variation", "kde_entropy",
+    "psaq_entropy_loss", "SSIM_C1", "SSIM_C2",
+]
+
+
+def _check_blocks(name: str, blocks: Sequence[torch.Tensor], ndim: int = 4) -> None:
+    if len(blocks) == 0:
+        raise ValueError(f"{name}: got no attention blocks; did the capture see any attention layer?")
+    for i, t in enumerate(blocks):
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            raise ValueError(f"{name}: block {i} must be a {ndim}-D tensor, got "
+                             f"{getattr(t, 'shape', type(t))}")
+
+
+# ----------------------------------------------------------------------------------------- L_tv
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """‖Δ_h x‖ + ‖Δ_w x‖ + (‖Δ_diag x‖ + ‖Δ_antidiag x‖)/√2, Frobenius norms over the batch."""
+    if x.dim() != 4:
+        raise ValueError(f"total_variation expects images (B, C, H, W), got {tuple(x.shape)}")
+    d_w = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d_h = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d_anti = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d_diag = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return (torch.linalg.vector_norm(d_w) + torch.linalg.vector_norm(d_h)
+            + (torch.linalg.vector_norm(d_diag) + torch.linalg.vector_norm(d_anti)) / math.sqrt(2.0))
+
+
+# -------------------------------------------------------------------------------------- L_ssim
+def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """1 − SSIM² between every pair of heads (self pairs included, like the public code), one block.
+
+    logits (B, H, N, N). For every query patch the H key maps are min–max normalized to
+    [0, 1] and compared with global statistics (the map is not windowed, so the reshape to the
+    patch grid does not change the result and is skipped). Returns (B, N', H, H).
+
+    Min–max normalization x = (r − min r)/s, s = max r − min r + 1e-8, is affine, so the
+    statistics of x follow from those of the raw rows r: mean (r̄ − min r)/s, covariance
+    cov(r_i, r_j)/(s_i s_j). That needs one centred copy of the logits and one batched Gram
+    instead of materializing the normalized maps (several times cheaper, forward and backward).
+    """
+    p = num_prefix_tokens
+    a = logits[:, :, p:, p:]  # (B, H, N', N'): row n of head h is the key map of query n
+    n = a.shape[-1]
+    mean = a.mean(dim=-1, keepdim=True)
+    lo = a.amin(dim=-1)
+    scale = a.amax(dim=-1) - lo + 1e-8  # (B, H, N')
+    centred = a - mean
+    cov = torch.einsum("bink,bjnk->bnij", centred, centred) / n  # (B, N', H, H)
+    s = scale.transpose(1, 2)  # (B, N', H)
+    mu = ((mean.squeeze(-1) - lo) / scale).transpose(1, 2)
+    cov = cov / (s.unsqueeze(-1) * s.unsqueeze(-2))
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    mu_sq = mu * mu
+    mu_ij = mu.unsqueeze(-1) * mu.unsqueeze(-2)
+    ssim = ((2 * mu_ij + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_sq.unsqueeze(-1) + mu_sq.unsqueeze(-2) + SSIM_C1)
+        * (var.unsqueeze(-1) + var.unsqueeze(-2) + SSIM_C2))
+    return 1.0 - ssim * ssim
+
+
+def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """L_ssim = mean over blocks of mean(1 − SSIM²) between heads (MimiQ's inter-head loss)."""
+    _check_blocks("inter_head_ssim_loss", blocks)
+    return torch.stack([inter_head_ssim_block(a, num_prefix_tokens).mean() for a in blocks]).mean()
+
+
+# --------------------------------------------------------------------------------------- L_ent
+def entropy_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int = 1, num_rows: int = 64,
+                 generator: Optional[torch.Generator] = None, ops=None) -> torch.Tensor:
+    """L_ent = −mean over blocks and samples of the patch-similarity differential entropy."""
+    _check_blocks("entropy_loss", blocks)
+    if ops is None:
+        from maskaq import ops
+    hs = [ops.patch_similarity_entropy(a, num_prefix_tokens=num_prefix_tokens, num_rows=num_rows,
+                                       generator=generator) for a in blocks]
+    return -torch.stack([h.mean() for h in hs]).mean()
+
+
+# ------------------------------------------------------------------------------------- L_align
+def mask_ratio(step: int, iters: int, start: float = 0.5, end: float = 0.1) -> float:
+    """r = start·(1−t) + end·t with t = step/iters (the decaying share of masked patches)."""
+    t = step / max(iters, 1)
+    return max(start * (1.0 - t) + end * t, min(start, end))
+
+
+def cls_rows(logits: torch.Tensor, num_prefix_tokens: int, has_class_token: bool) -> torch.Tensor:
+    """The query row to align, over the patch keys: (B, H, M).
+
+    With a class token it is the CLS row A[:, :, 0, P:]. Models without one (Swin windows,
+    global-pool ViTs) have no CLS query; the mean over the patch queries stands in for it,
+    which is the attention a pooled read-out sees.
+    """
+    p = num_prefix_tokens
+    if has_class_token:
+        return logits[:, :, 0, p:]
+    return logits[:, :, p:, p:].mean(dim=2)
+
+
+def alignment_loss(teacher_blocks: Sequence[torch.Tensor], student_blocks: Sequence[torch.Tensor], *,
+                   ratio: float, keep: float = 0.7, num_prefix_tokens: int = 1,
+                   has_class_token: bool = True, generator: Optional[torch.Generator] = None,
+                   ops=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Masked attention alignment of T's and Q's CLS-row logits (gradient to Q only).
+
+    Blocks of equal shape share one mask (all of a ViT; each Swin stage); groups are weighted
+    by their number of blocks so the result is the mean over blocks. Returns (loss, masks).
+    """
+    _check_blocks("alignment_loss (teacher)", teacher_blocks)
+    _check_blocks("alignment_loss (student)", student_blocks)
+    if len(teacher_blocks) != len(student_blocks):
+        raise ValueError(f"alignment_loss: teacher has {len(teacher_blocks)} blocks, student "
+                         f"{len(student_blocks)}; quantize the same model you synthesize for")
+    if ops is None:
+        from maskaq import ops
+    groups = {}
+    for t, q in zip(teacher_blocks, student_blocks):
+        if t.shape != q.shape:
+            raise ValueError(f"alignment_loss: teacher block {tuple(t.shape)} vs student {tuple(q.shape)}")
+        groups.setdefault(tuple(t.shape), []).append((t, q))
+    total, masks, count = 0.0, [], 0
+    for pairs in groups.values():
+        cls_t = torch.stack([cls_rows(t.detach(), num_prefix_tokens, has_class_token) for t, _ in pairs])
+        cls_q = torch.stack([cls_rows(q, num_prefix_tokens, has_class_token) for _, q in pairs])
+        loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, generator=generator)
+        total = total + loss * len(pairs)
+        count += len(pairs)
+        masks.append(mask)
+    return total / count, masks
+
+
+# ------------------------------------------------------------------------------------ PSAQ-ViT
+def psaq_total_variation(x: torch.Tensor) -> torch.Tensor:
+    """PSAQ-ViT's image prior: the four difference norms summed without the √2 of L_tv."""
+    d_w = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d_h = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d_anti = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d_diag = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return sum(torch.linalg.vector_norm(d) for d in (d_w, d_h, d_anti, d_diag))
+
+
+def kde_entropy(samples: torch.Tensor, *, bandwidth: float = 0.01, num_points: int = 10) -> torch.Tensor:
+    """Differential entropy of each row of `samples` (B, S) by a Gaussian KDE (batch mean).
+
+    The density is evaluated at `num_points` points evenly spaced between the batch minimum
+    and maximum (held constant, as in PSAQ-ViT), and −p·log p integrated by the trapezoid rule.
+    """
+    if samples.dim() != 2:
+        raise ValueError(f"kde_entropy expects (B, S) samples, got {tuple(samples.shape)}")
+    lo, hi = samples.detach().min(), samples.detach().max()
+    grid = torch.linspace(0.0, 1.0, num_points, device=samples.device, dtype=samples.dtype)
+    grid = (lo + (hi - lo) * grid).expand(samples.shape[0], num_points)
+    var = bandwidth * bandwidth
+    diff = grid.unsqueeze(-1) - samples.unsqueeze(1)  # (B, points, S)
+    pdf = torch.exp(-diff * diff / (2 * var)).mean(dim=-1) / math.sqrt(2 * math.pi * var)
+    pdf = pdf + 1e-4
+    return torch.trapezoid(-pdf * torch.log(pdf), grid, dim=-1).mean()
+
+
+def psaq_entropy_loss(outputs: Sequence[torch.Tensor], num_prefix_tokens: int = 1, *,
+                      bandwidth: float = 0.01, num_points: int = 10) -> torch.Tensor:
+    """−Σ over blocks of the KDE entropy of patch cosine similarities (head-mean of O_l)."""
+    _check_blocks("psaq_entropy_loss", outputs)
+    total = 0.0
+    for o in outputs:
+        feats = o.mean(dim=1)[:, num_prefix_tokens:]  # (B, N', d)
+        feats = F.normalize(feats, dim=-1, eps=1e-8)
+        sims = feats @ feats.transpose(1, 2)
+        total = total - kde_entropy(sims.flatten(1), bandwidth=bandwidth, num_points=num_points)
+    return total

@@ -1,0 +1,323 @@
+"""MaskAQ synthesis: optimize noise into calibration images with the student Q in the loop.
+
+One batch (METHOD.md, "Synthesis of one batch"): x ~ N(0, 1) is the only optimized tensor;
+every step rolls, offsets and colour-jitters it, runs T and (when aligning) Q on the result,
+capturing the attention logits of every block, and takes an AdamW step on
+
+    total = w_ssim·L_ssim + w_ce·L_ce + w_tv·L_tv(x) + w_align·L_align + w_ent·L_ent,
+
+then clamps x per channel to the normalized pixel range. A batch that turns non-finite is
+re-seeded and started over (at most `max_nan_retries` times) and counted in the report.
+
+Randomness: every batch has its own seed derived from (seed, batch index, attempt), so a
+batch's images do not depend on how many processes share the work (torchrun: rank r takes
+batches r, r + W, ...; the images are gathered on every rank, rank 0 writes them).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskaq.synthesis import losses as L
+from maskaq.synthesis.augment import SynthesisAugment
+from maskaq.synthesis.spec import ModelSpec, describe_model
+
+__all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "NonFiniteError", "batch_seed",
+           "frozen", "dist_info", "gather_batches", "progress_bar"]
+
+
+@dataclass
+class SynthesisConfig:
+    """Every knob of MaskAQ synthesis; defaults are the public code's (METHOD.md)."""
+    num_images: int = 10000
+    synth_batch_size: int = 32
+    synth_iters: int = 2000
+    synth_lr: float = 0.1
+    synth_betas: Tuple[float, float] = (0.9, 0.999)
+    synth_weight_decay: float = 1e-6
+    synth_lr_min: float = 1e-3
+    jitter: float = 8.0  # roll limit in px at 224 px for the first half (doubled after); scaled
+    noise_std: float = 0.5  # per-sample per-channel offset, decays to 0 over the steps
+    color_jitter: bool = True
+    ce_weight: float = 1.0
+    tv_weight: float = 2.5e-5
+    ssim_weight: float = 1.0
+    entropy_weight: float = 1.0
+    align_weight: float = 0.1
+    mask_ratio_start: float = 0.5
+    mask_ratio_end: float = 0.1
+    mask_keep: float = 0.7
+    entropy_rows: int = 64
+    use_entropy: bool = True
+    use_alignment: bool = True
+    clamp: bool = True
+    max_nan_retries: int = 3
+
+    def validate(self) -> "SynthesisConfig":
+        for name in ("num_images", "synth_batch_size", "synth_iters", "entropy_rows"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.mask_keep <= 1:
+            raise ValueError(f"mask_keep must be in (0, 1], got {self.mask_keep}")
+        for name in ("mask_ratio_start", "mask_ratio_end"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.max_nan_retries < 0:
+            raise ValueError(f"max_nan_retries must be >= 0, got {self.max_nan_retries}")
+        return self
+
+
+@dataclass
+class SyntheticSet:
+    """Images (N, C, H, W) normalized like the model's input, labels (N,), and a report."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    report: Dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class NonFiniteError(RuntimeError):
+    """The optimized batch (or its loss) became NaN/inf."""
+
+
+def batch_seed(seed: int, batch_index: int, attempt: int = 0, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for one batch attempt (independent of rank and world size)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(attempt), int(stream)])
+    return int(state.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
+
+
+@contextlib.contextmanager
+def frozen(*models: Optional[nn.Module]):
+    """Eval mode and no parameter gradients for the models; restores both on exit."""
+    saved = []
+    for m in models:
+        if m is None:
+            continue
+        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()]))
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def dist_info() -> Tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_batches(local: List[Tuple[int, torch.Tensor, torch.Tensor]], world_size: int):
+    """All ranks' (batch_index, images, labels) in batch order (all-gather when distributed)."""
+    if world_size > 1:
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, [(i, x.cpu(), y.cpu()) for i, x, y in local])
+        local = [item for part in gathered for item in part]
+    return sorted(local, key=lambda item: item[0])
+
+
+def progress_bar(total: int, desc: str, enabled: Optional[bool] = None):
+    from tqdm.auto import tqdm
+    rank, _ = dist_info()
+    disable = (rank != 0) if enabled is None else (not enabled or rank != 0)
+    # disable=None lets tqdm switch itself off when stderr is not a terminal.
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if not disable else True)
+
+
+def _capture(model: nn.Module, **kwargs):
+    from maskaq.quant import capture_attention
+    return capture_attention(model, **kwargs)
+
+
+class Synthesizer:
+    """MaskAQ (and MimiQ, with entropy and alignment off) image synthesis for a teacher.
+
+    `student` is the quantized model put in the loop for the masked attention alignment;
+    pass the *current* student at every call (periodic refreshing). `ops` is the module that
+    provides patch_similarity_entropy and masked_attention_align (default maskaq.ops).
+    `on_step(attempt, step, x)` is called after every update (monitoring; tests inject faults).
+    """
+
+    def __init__(self, teacher: nn.Module, config: Optional[SynthesisConfig] = None, *,
+                 ops=None, progress: Optional[bool] = None,
+                 on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None):
+        self.teacher = teacher
+        self.config = (config or SynthesisConfig()).validate()
+        self.spec: ModelSpec = describe_model(teacher)
+        if ops is None:
+            from maskaq import ops
+        self.ops = ops
+        self.progress = progress
+        self.on_step = on_step
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
+
+    # ------------------------------------------------------------------------------ one step
+    def losses(self, x: torch.Tensor, x_aug: torch.Tensor, labels: torch.Tensor,
+               student: Optional[nn.Module], step: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Forward T (and Q) on the augmented batch; every loss term of METHOD.md."""
+        cfg, spec = self.config, self.spec
+        need_t_logits = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0) or self._aligning(student)
+        out: Dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            cap_t = stack.enter_context(_capture(self.teacher, logits=True, outputs=False)) if need_t_logits else None
+            cap_q = (stack.enter_context(_capture(student, logits=True, outputs=False))
+                     if self._aligning(student) else None)
+            logits_t = self.teacher(x_aug)
+            if cap_q is not None:
+                student(x_aug)
+        out["ce"] = F.cross_entropy(logits_t, labels)
+        out["tv"] = L.total_variation(x)
+        if cfg.ssim_weight > 0:
+            out["ssim"] = L.inter_head_ssim_loss(cap_t.logits, spec.num_prefix_tokens)
+        if cfg.use_entropy and cfg.entropy_weight > 0:
+            out["entropy"] = L.entropy_loss(cap_t.logits, spec.num_prefix_tokens, cfg.entropy_rows,
+                                            generator=generator, ops=self.ops)
+        if cap_q is not None:
+            ratio = L.mask_ratio(step, cfg.synth_iters, cfg.mask_ratio_start, cfg.mask_ratio_end)
+            out["align"], _ = L.alignment_loss(cap_t.logits, cap_q.logits, ratio=ratio, keep=cfg.mask_keep,
+                                               num_prefix_tokens=spec.num_prefix_tokens,
+                                               has_class_token=spec.has_class_token,
+                                               generator=generator, ops=self.ops)
+        weights = {"ce": cfg.ce_weight, "tv": cfg.tv_weight, "ssim": cfg.ssim_weight,
+                   "entropy": cfg.entropy_weight, "align": cfg.align_weight}
+        out["total"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def _aligning(self, student) -> bool:
+        return student is not None and self.config.use_alignment and self.config.align_weight > 0
+
+    # ----------------------------------------------------------------------------- one batch
+    def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None):
+        cfg, spec, dev = self.config, self.spec, self.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(seed)
+        x = torch.randn(spec.image_shape(batch), generator=g, device=dev)
+        labels = torch.randint(0, spec.num_classes, (batch,), generator=g, device=dev)
+        x.requires_grad_(True)
+        opt = torch.optim.AdamW([x], lr=cfg.synth_lr, betas=tuple(cfg.synth_betas), eps=1e-8,
+                                weight_decay=cfg.synth_weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.synth_iters, eta_min=cfg.synth_lr_min)
+        aug = SynthesisAugment(cfg.synth_iters, min(spec.image_size), jitter=cfg.jitter,
+                               noise_std=cfg.noise_std, color_jitter=cfg.color_jitter)
+        lo = spec.pixel_min.to(dev).view(1, -1, 1, 1)
+        hi = spec.pixel_max.to(dev).view(1, -1, 1, 1)
+        history = []
+        last = {}
+        for step in range(cfg.synth_iters):
+            opt.zero_grad(set_to_none=True)
+            terms = self.losses(x, aug(x, step, g), labels, student, step, g)
+            terms["total"].backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                if cfg.clamp:
+                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            if self.on_step is not None:
+                self.on_step(attempt, step, x)
+            total = terms["total"].detach()
+            history.append(total)
+            if not (bool(torch.isfinite(total)) and bool(torch.isfinite(x).all())):
+                raise NonFiniteError(f"non-finite batch at step {step}")
+            last = terms
+            if bar is not None:
+                bar.update(1)
+        history = torch.stack(history).float().cpu().tolist()
+        final = {k: float(v.detach()) for k, v in last.items()}
+        return x.detach(), labels, history, final
+
+    def synthesize_batch(self, seed: int = 0, batch_index: int = 0, student: Optional[nn.Module] = None,
+                         batch_size: Optional[int] = None, bar=None):
+        """One batch with NaN recovery. Returns (images, labels, info) or (None, None, info)."""
+        cfg = self.config
+        batch = int(batch_size or cfg.synth_batch_size)
+        info = {"batch_index": batch_index, "nan_retries": 0, "failed": False}
+        with frozen(self.teacher, student):
+            for attempt in range(cfg.max_nan_retries + 1):
+                s = batch_seed(seed, batch_index, attempt)
+                try:
+                    x, y, history, final = self._optimize(s, batch, student, attempt, bar)
+                except NonFiniteError as exc:
+                    info["nan_retries"] += 1
+                    warnings.warn(f"synthesis batch {batch_index}: {exc}; re-seeding (attempt "
+                                  f"{attempt + 1} of {cfg.max_nan_retries + 1})", RuntimeWarning, stacklevel=2)
+                    continue
+                info.update(seed=s, attempt=attempt, loss_history=history, final_losses=final)
+                return x, y, info
+        info["failed"] = True
+        return None, None, info
+
+    # ------------------------------------------------------------------------------ a dataset
+    def synthesize(self, num_images: Optional[int] = None, seed: int = 0,
+                   student: Optional[nn.Module] = None, desc: str = "synthesis") -> SyntheticSet:
+        """`num_images` images (the last batch may be smaller), all ranks' batches gathered."""
+        cfg = self.config
+        n = int(num_images or cfg.num_images)
+        bs = cfg.synth_batch_size
+        sizes = [min(bs, n - start) for start in range(0, n, bs)]
+        rank, world = dist_info()
+        mine = [i for i in range(len(sizes)) if i % world == rank]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        local, infos = [], []
+        with progress_bar(sum(sizes[i] > 0 for i in mine) * cfg.synth_iters, desc, self.progress) as bar:
+            for i in mine:
+                x, y, info = self.synthesize_batch(seed, i, student, sizes[i], bar)
+                infos.append(info)
+                if x is not None:
+                    local.append((i, x.cpu(), y.cpu()))
+        batches = gather_batches(local, world)
+        if not batches:
+            raise RuntimeError(f"every synthesis batch turned non-finite even after {cfg.max_nan_retries} "
+                               "re-seeded retries; lower synth_lr or check the model")
+        report = {
+            "num_images": sum(int(x.shape[0]) for _, x, _ in batches),
+            "num_batches": len(sizes),
+            "nan_retries": sum(i["nan_retries"] for i in infos),
+            "failed_batches": [i["batch_index"] for i in infos if i["failed"]],
+            "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "first_loss": _mean([i["loss_history"][0] for i in infos if "loss_history" in i]),
+            "final_losses": _mean_dicts([i["final_losses"] for i in infos if "final_losses" in i]),
+        }
+        if world > 1:
+            report = _reduce_report(report, world)
+        return SyntheticSet(torch.cat([x for _, x, _ in batches]), torch.cat([y for _, _, y in batches]), report)
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _mean_dicts(dicts: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    if not dicts:
+        return {}
+    return {k: float(sum(d[k] for d in dicts) / len(dicts)) for k in dicts[0]}
+
+
+def _reduce_report(report: Dict, world: int) -> Dict:
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, report)
+    out = dict(report)
+    out["nan_retries"] = sum(r["nan_retries"] for r in gathered)
+    out["failed_batches"] = sorted(i for r in gathered for i in r["failed_batches"])
+    out["seconds"] = max(r["seconds"] for r in gathered)
+    return out

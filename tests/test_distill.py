@@ -1,0 +1,218 @@
+"""QAT by distillation: KD and masked head distillation (hand-checked and against plain loops),
+periodic refreshing with the current student, and the pipeline's configuration."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskaq.distill.losses import head_distillation_block, head_distillation_loss, kd_loss, token_weights
+from maskaq.distill.trainer import QATConfig, QATTrainer, refresh_schedule
+from maskaq.synthesis.baselines import gaussian_images
+from maskaq.synthesis.spec import describe_model
+
+from test_synthesis import tiny_student, tiny_vit
+
+
+# ------------------------------------------------------------------------------------- KD
+def test_kd_loss_hand_checked():
+    t = torch.tensor([[0.0, 0.0]])
+    assert kd_loss(t.clone(), t, 20.0).item() == pytest.approx(0.0, abs=1e-7)
+    # Two classes, τ = 1: teacher (½, ½), student logits (log 3, 0) -> (¾, ¼).
+    s = torch.tensor([[math.log(3.0), 0.0]])
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kd_loss(s, t, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # τ² scaling: with τ = 20 the same logits ×20 give the same divergence ×400.
+    assert kd_loss(s * 20, t * 20, 20.0).item() == pytest.approx(400 * expected, rel=1e-5)
+
+
+def test_kd_loss_matches_plain_formula_and_only_student_gets_gradient():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    p = (t / 20).softmax(-1)
+    q = (s / 20).softmax(-1)
+    plain = (p * (p.log() - q.log())).sum(-1).mean() * 400
+    loss = kd_loss(s, t, 20.0)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-10)
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+    with pytest.raises(ValueError):
+        kd_loss(s, t[:, :5])
+
+
+# -------------------------------------------------------------------------- head distillation
+def test_token_weights_top_fraction():
+    out = torch.zeros(1, 2, 20, 3)
+    out[0, :, 7] = 5.0
+    out[0, :, 3] = -4.0  # |O| counts, not the sign
+    w = token_weights(out, top_fraction=0.1)  # k = round(20·0.1) = 2
+    assert w[0, 7] == 2 and w[0, 3] == 2 and w.sum() == 22
+    assert torch.equal(token_weights(out, masked=False), torch.ones(1, 20))
+
+
+def test_head_distillation_hand_checked():
+    t = torch.randn(2, 3, 11, 4)
+    # Identical outputs: ssim = (2σ² + C2)/(2σ² + C2 + 1e-6) ≈ 1 -> loss ≈ 0.
+    assert head_distillation_loss([t], [t.clone()], 1).item() == pytest.approx(0.0, abs=1e-4)
+    # Q = −T (perfect anti-correlation): ssim = (−2σ² + C2)/(2σ² + C2 + 1e-6) ≈ −1 -> loss ≈ 2.
+    assert head_distillation_loss([t], [-t], 1).item() == pytest.approx(2.0, abs=1e-2)
+    # A constant offset does not change covariances: loss ≈ 0 again.
+    assert head_distillation_loss([t], [t + 3.0], 1).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def _hd_loop(outs_t, outs_q, p, masked):
+    vals = []
+    for t, q in zip(outs_t, outs_q):
+        B, H, N, d = t.shape
+        n = N - p
+        k = max(1, round(n * 0.1))
+        for b in range(B):
+            imp = t[b, :, p:].abs().mean(dim=(0, 2))
+            top = set(imp.topk(k).indices.tolist()) if masked else set()
+            w = [2.0 if i in top else 1.0 for i in range(n)]
+            ws = sum(w)
+            for h in range(H):
+                for c in range(d):
+                    xt = t[b, h, p:, c]
+                    xq = q[b, h, p:, c]
+                    mt = sum(w[i] * xt[i] for i in range(n)) / ws
+                    mq = sum(w[i] * xq[i] for i in range(n)) / ws
+                    vt = sum(w[i] * xt[i] ** 2 for i in range(n)) / ws - mt ** 2
+                    vq = sum(w[i] * xq[i] ** 2 for i in range(n)) / ws - mq ** 2
+                    cv = sum(w[i] * xt[i] * xq[i] for i in range(n)) / ws - mt * mq
+                    vals.append((2 * cv + 0.03 ** 2) / (vt + vq + 0.03 ** 2 + 1e-6))
+    return 1 - torch.stack(vals).mean()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_head_distillation_matches_loop(masked):
+    g = torch.Generator().manual_seed(4)
+    outs_t = [torch.randn(2, 2, 12, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    outs_q = [torch.randn(2, 2, 12, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    got = head_distillation_loss(outs_t, outs_q, 1, masked=masked)
+    assert got.item() == pytest.approx(_hd_loop(outs_t, outs_q, 1, masked).item(), rel=1e-5)
+
+
+def test_head_distillation_shape_errors():
+    with pytest.raises(ValueError):
+        head_distillation_block(torch.randn(1, 2, 5, 3), torch.randn(1, 2, 6, 3))
+    with pytest.raises(ValueError):
+        head_distillation_loss([torch.randn(1, 2, 5, 3)], [])
+
+
+# ------------------------------------------------------------------------------- refreshing
+def test_refresh_schedule():
+    assert refresh_schedule(100, 30) == [0, 30, 60, 90]
+    assert refresh_schedule(10, 0) == [0] and refresh_schedule(10, None) == [0]
+    assert refresh_schedule(5, 1) == [0, 1, 2, 3, 4]
+
+
+def test_refreshing_happens_at_the_configured_epochs_with_the_current_student():
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    spec = describe_model(teacher)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    calls = []
+
+    def source(current, round_index):
+        calls.append({"student": current, "round": round_index,
+                      "state": {k: v.clone() for k, v in current.state_dict().items()}})
+        return gaussian_images(spec, 8, seed=round_index)
+
+    cfg = QATConfig(qat_epochs=5, qat_batch_size=4, refresh_every=2, qat_lr=0.05)
+    trainer = QATTrainer(teacher, student, cfg, source, seed=0, progress=False)
+    report = trainer.fit()
+    assert report["refresh_epochs"] == [0, 2, 4] and [c["round"] for c in calls] == [0, 1, 2]
+    assert report["steps"] == 5 * 2
+    assert all(c["student"] is student for c in calls)
+    changed = lambda state: any(not torch.equal(state[k], initial[k]) for k in initial)  # noqa: E731
+    assert not changed(calls[0]["state"])  # round 0: before any training
+    assert changed(calls[1]["state"]) and changed(calls[2]["state"])  # later rounds: the trained Q
+    assert any(not torch.equal(calls[1]["state"][k], calls[2]["state"][k]) for k in initial)
+    for k, v in teacher.state_dict().items():
+        assert torch.isfinite(v).all()
+
+
+def test_qat_without_refresh_generates_once_and_is_seeded():
+    teacher = tiny_vit()
+    spec = describe_model(teacher)
+    results = []
+    for _ in range(2):
+        student = tiny_student(teacher)
+        calls = []
+        cfg = QATConfig(qat_epochs=2, qat_batch_size=4, refresh_every=0, hd_weight=10.0)
+        trainer = QATTrainer(teacher, student, cfg,
+                             lambda s, r: calls.append(r) or gaussian_images(spec, 8, seed=r), progress=False)
+        rep = trainer.fit()
+        assert calls == [0] and rep["refresh_epochs"] == [0]
+        results.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_qat_config_validation():
+    with pytest.raises(ValueError):
+        QATConfig(qat_epochs=0).validate()
+    with pytest.raises(ValueError):
+        QATConfig(refresh_every=-1).validate()
+
+
+# -------------------------------------------------------------------------------- pipeline
+def test_build_config_presets_methods_and_unknown_keys():
+    from maskaq.pipeline import build_config
+    cfg = build_config("maskaq", "paper")
+    assert cfg.synthesis.synth_iters == 2000 and cfg.synthesis.num_images == 10000
+    assert cfg.qat.qat_epochs == 100 and cfg.qat.refresh_every == 30 and cfg.qat.kd_temperature == 20
+    assert cfg.synthesis.align_weight == 0.1 and cfg.synthesis.tv_weight == 2.5e-5
+    mimiq = build_config("mimiq", "quick")
+    assert not mimiq.synthesis.use_entropy and not mimiq.synthesis.use_alignment
+    assert mimiq.qat.refresh_every == 0 and not mimiq.qat.hd_mask
+    assert build_config("maskaq-no-refresh", "cpu").qat.refresh_every == 0
+    assert build_config("maskaq", "quick", synth_iters=7).synthesis.synth_iters == 7
+    with pytest.raises(TypeError, match="synth_iters"):
+        build_config("maskaq", "quick", synth_iter=7)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_config("maskq")
+    with pytest.raises(ValueError, match="preset"):
+        build_config("maskaq", "fast")
+
+
+def test_quantize_quick_uses_the_current_student_for_refresh(monkeypatch):
+    from maskaq import pipeline
+    from maskaq.synthesis.synthesizer import Synthesizer
+    teacher = tiny_vit()
+    seen = []
+    original = Synthesizer.synthesize
+
+    def spy(self, num_images=None, seed=0, student=None, desc=""):
+        seen.append(student)
+        return original(self, num_images, seed, student, desc)
+
+    monkeypatch.setattr(Synthesizer, "synthesize", spy)
+    qmodel = pipeline.quantize(teacher, 4, 4, method="maskaq", preset="quick", seed=0, qat_epochs=3,
+                               refresh_every=1, progress=False)
+    assert len(seen) == 3 and all(s is qmodel for s in seen)
+    report = qmodel.maskaq_report
+    assert report["qat"]["refresh_epochs"] == [0, 1, 2] and report["nan_retries"] == 0
+    x = torch.randn(2, 1, 28, 28)
+    assert qmodel(x).shape == (2, 10)
+    assert not any(type(m).__name__.startswith("Quant") for m in teacher.modules())  # teacher untouched
+
+
+@pytest.mark.parametrize("method", ["mimiq", "psaq", "gaussian", "maskaq-no-align"])
+def test_quantize_quick_baselines(method):
+    from maskaq import pipeline
+    qmodel = pipeline.quantize(tiny_vit(), 4, 4, method=method, preset="quick", seed=1, progress=False)
+    assert qmodel.maskaq_report["method"] == method
+    # only maskaq and its ablations (but maskaq-no-refresh) regenerate their images
+    expected = [0, 1] if method == "maskaq-no-align" else [0]
+    assert qmodel.maskaq_report["qat"]["refresh_epochs"] == expected
+
+
+def test_quantize_real_needs_data():
+    from maskaq import pipeline
+    with pytest.raises(ValueError, match="real_data"):
+        pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick")
+    data = [(torch.randn(1, 28, 28), i % 10) for i in range(16)]
+    qmodel = pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick", real_data=data, progress=False)
+    assert qmodel.maskaq_report["calibrated_on"] == "real images"

@@ -1,0 +1,365 @@
+"""Synthesis: losses (hand-checked and against plain formulations), augmentations, the
+synthesizer (loss goes down, seeds repeat, NaN recovery) and the baselines."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskaq import reference
+from maskaq.synthesis import losses as L
+from maskaq.synthesis.augment import QATAugment, SynthesisAugment, scaled_pixels
+from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
+from maskaq.synthesis.spec import describe_model
+from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
+
+
+def tiny_vit(seed=0, **overrides):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    args = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=24, depth=2, num_heads=3,
+                mlp_ratio=2.0)
+    args.update(overrides)
+    model = VisionTransformer(**args)
+    model.pretrained_cfg = dict(mean=(0.2860,), std=(0.3530,), input_size=(1, 28, 28), num_classes=10)
+    return model.eval()
+
+
+def tiny_student(teacher, bits=4, seed=0):
+    from maskaq.quant import calibrate, quantize_model
+    student = quantize_model(teacher, bits, bits)
+    g = torch.Generator().manual_seed(seed)
+    calibrate(student, torch.randn(8, 1, 28, 28, generator=g))
+    return student
+
+
+# ------------------------------------------------------------------------------------- L_tv
+def test_total_variation_hand_checked():
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    # Δw: (-1, -1) -> √2; Δh: (-2, -2) -> √8; diagonal 0-3 -> 3; anti-diagonal 2-1 -> 1.
+    expected = math.sqrt(2) + math.sqrt(8) + (3 + 1) / math.sqrt(2)
+    assert L.total_variation(x).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_total_variation_matches_loop():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for b in range(2):
+        for c in range(3):
+            for i in range(5):
+                for j in range(6):
+                    if j + 1 < 6:
+                        sums[0] += (x[b, c, i, j] - x[b, c, i, j + 1]) ** 2
+                    if i + 1 < 5:
+                        sums[1] += (x[b, c, i, j] - x[b, c, i + 1, j]) ** 2
+                    if i + 1 < 5 and j + 1 < 6:
+                        sums[2] += (x[b, c, i, j] - x[b, c, i + 1, j + 1]) ** 2
+                        sums[3] += (x[b, c, i + 1, j] - x[b, c, i, j + 1]) ** 2
+    expected = math.sqrt(sums[0]) + math.sqrt(sums[1]) + (math.sqrt(sums[2]) + math.sqrt(sums[3])) / math.sqrt(2)
+    assert L.total_variation(x).item() == pytest.approx(float(expected), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------- L_ssim
+def test_inter_head_ssim_hand_checked():
+    # One query patch (plus CLS), two heads whose key maps are [0, 1] and [1, 0]: means 0.5,
+    # variances 0.25, covariance −0.25, so SSIM = (−0.5 + C2)/(0.5 + C2) across heads, 1 with itself.
+    logits = torch.zeros(1, 2, 3, 3)
+    logits[0, 0, 1, 1:] = torch.tensor([0.0, 1.0])
+    logits[0, 1, 1, 1:] = torch.tensor([1.0, 0.0])
+    logits[0, 0, 2, 1:] = torch.tensor([0.0, 1.0])
+    logits[0, 1, 2, 1:] = torch.tensor([0.0, 1.0])  # second query: identical heads -> loss 0
+    block = L.inter_head_ssim_block(logits, num_prefix_tokens=1)
+    s = (-0.5 + L.SSIM_C2) / (0.5 + L.SSIM_C2)
+    assert block[0, 0].diagonal().abs().max().item() < 1e-6
+    assert block[0, 0, 0, 1].item() == pytest.approx(1 - s * s, abs=1e-5)
+    assert block[0, 1].abs().max().item() < 1e-5
+    assert L.inter_head_ssim_loss([logits], 1).item() == pytest.approx(2 * (1 - s * s) / 8, abs=1e-5)
+
+
+def _ssim_loop(blocks, p):
+    """Plain per-query, per-head-pair formulation (like MimiQ's public code)."""
+    total = []
+    for a in blocks:
+        B, H, N, _ = a.shape
+        vals = []
+        for b in range(B):
+            for n in range(p, N):
+                maps = a[b, :, n, p:]
+                maps = maps - maps.min(dim=-1, keepdim=True).values
+                maps = maps / (maps.max(dim=-1, keepdim=True).values + 1e-8)
+                for i in range(H):
+                    for j in range(H):
+                        x, y = maps[i], maps[j]
+                        mx, my = x.mean(), y.mean()
+                        vx, vy = (x * x).mean() - mx * mx, (y * y).mean() - my * my
+                        cxy = (x * y).mean() - mx * my
+                        s = ((2 * mx * my + L.SSIM_C1) * (2 * cxy + L.SSIM_C2)) / (
+                            (mx * mx + my * my + L.SSIM_C1) * (vx + vy + L.SSIM_C2))
+                        vals.append(1 - s * s)
+        total.append(torch.stack(vals).mean())
+    return torch.stack(total).mean()
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_inter_head_ssim_matches_loop(prefix):
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randn(2, 3, 6 + prefix, 6 + prefix, generator=g, dtype=torch.float64) for _ in range(2)]
+    assert L.inter_head_ssim_loss(blocks, prefix).item() == pytest.approx(_ssim_loop(blocks, prefix).item(), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------ L_ent
+def test_entropy_loss_hand_checked():
+    # Every patch row identical -> every cosine similarity is 1 -> variance 0 (+1e-8).
+    logits = torch.ones(2, 3, 5, 5)
+    expected = -0.5 * math.log(2 * math.pi * math.e * 1e-8)
+    assert L.entropy_loss([logits, logits], 1, 64).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_entropy_loss_matches_plain_formula():
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(3, 2, 10, 10, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    loss = L.entropy_loss(blocks, 1, num_rows=64)  # N' = 9 <= 64: all rows, no randomness
+    hs = []
+    for a in blocks:
+        for b in range(3):
+            m = a[b].mean(0)[1:, 1:]
+            rows = m / m.norm(dim=1, keepdim=True).clamp_min(1e-6)
+            gram = rows @ rows.T
+            hs.append(0.5 * torch.log(2 * math.pi * math.e * (gram.var(unbiased=False) + 1e-8)))
+    plain = -torch.stack(hs).mean()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-9)
+    g1 = torch.autograd.grad(loss, blocks)
+    g2 = torch.autograd.grad(plain, blocks)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_entropy_loss_row_sampling_is_seeded():
+    blocks = [torch.randn(2, 2, 80, 80)]
+    a = L.entropy_loss(blocks, 1, 16, generator=torch.Generator().manual_seed(5))
+    b = L.entropy_loss(blocks, 1, 16, generator=torch.Generator().manual_seed(5))
+    assert a.item() == b.item()
+
+
+# ---------------------------------------------------------------------------------- L_align
+def test_mask_ratio_schedule():
+    assert L.mask_ratio(0, 100) == pytest.approx(0.5)
+    assert L.mask_ratio(50, 100) == pytest.approx(0.3)
+    assert L.mask_ratio(100, 100) == pytest.approx(0.1)
+
+
+def test_alignment_loss_hand_checked():
+    # Teacher and student CLS rows differ by exactly 0.5 everywhere: with all keys kept the
+    # masked mean |difference| per block is Σ 0.5·m / Σ m = 0.5 (over the batch as a whole).
+    t = [torch.randn(2, 3, 5, 5) for _ in range(3)]
+    q = [a + 0.5 for a in t]
+    loss, masks = L.alignment_loss(t, q, ratio=1.0, keep=1.0, num_prefix_tokens=1)
+    assert loss.item() == pytest.approx(0.5, rel=1e-5)
+    assert masks[0].shape == (2, 4) and masks[0].sum().item() == 8
+
+
+def test_alignment_loss_matches_plain_formula():
+    g = torch.Generator().manual_seed(7)
+    t = [torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    q = [torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    loss, masks = L.alignment_loss(t, q, ratio=0.5, keep=0.7, num_prefix_tokens=1,
+                                   generator=torch.Generator().manual_seed(11))
+    mask = masks[0]
+    # the mask: 2 of the top-4 keys of the block- and head-mean teacher CLS row, per sample
+    c = torch.stack([a[:, :, 0, 1:] for a in t]).mean(dim=(0, 2))
+    k = max(1, math.floor(8 * 0.5))
+    for b in range(2):
+        top = set(c[b].topk(k).indices.tolist())
+        kept = set(mask[b].nonzero().flatten().tolist())
+        assert kept <= top and len(kept) == max(1, math.floor(0.7 * k + 0.5))
+    per_block = [((a[:, :, 0, 1:].mean(1) - b[:, :, 0, 1:].mean(1)).abs() * mask).sum() / (mask.sum() + 1e-8)
+                 for a, b in zip(t, q)]
+    plain = torch.stack(per_block).mean()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-9)
+    g1 = torch.autograd.grad(loss, q)
+    g2 = torch.autograd.grad(plain, q)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_alignment_without_class_token_groups_blocks_by_shape():
+    # Swin-like: no CLS, blocks of two shapes (two stages): query-mean rows, mean over blocks.
+    t = [torch.randn(4, 2, 6, 6), torch.randn(4, 2, 6, 6), torch.randn(2, 4, 3, 3)]
+    q = [a + 0.25 for a in t]
+    loss, masks = L.alignment_loss(t, q, ratio=1.0, keep=1.0, num_prefix_tokens=0, has_class_token=False)
+    assert loss.item() == pytest.approx(0.25, rel=1e-5)
+    assert len(masks) == 2
+
+
+# -------------------------------------------------------------------------------- PSAQ parts
+def test_kde_entropy_matches_loop():
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(2, 30, generator=g, dtype=torch.float64)
+    got = L.kde_entropy(s, bandwidth=0.05, num_points=10)
+    lo, hi = s.min().item(), s.max().item()
+    xs = [lo + (hi - lo) * i / 9 for i in range(10)]
+    ents = []
+    for b in range(2):
+        f = []
+        for x in xs:
+            pdf = sum(math.exp(-(x - v) ** 2 / (2 * 0.05 ** 2)) for v in s[b].tolist()) / 30
+            pdf = pdf / math.sqrt(2 * math.pi * 0.05 ** 2) + 1e-4
+            f.append(-pdf * math.log(pdf))
+        ents.append(sum((f[i] + f[i + 1]) / 2 * (xs[i + 1] - xs[i]) for i in range(9)))
+    assert got.item() == pytest.approx(sum(ents) / 2, rel=1e-9)
+
+
+def test_psaq_total_variation_hand_checked():
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    assert L.psaq_total_variation(x).item() == pytest.approx(math.sqrt(2) + math.sqrt(8) + 3 + 1, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- augmentations
+def test_scaled_pixels():
+    assert scaled_pixels(8, 224) == 8 and scaled_pixels(16, 224) == 16
+    assert scaled_pixels(8, 28) == 1 and scaled_pixels(16, 28) == 2
+    assert scaled_pixels(8, 448) == 16
+
+
+def test_synthesis_augment_decays_noise_and_repeats():
+    aug = SynthesisAugment(iters=10, image_size=28, color_jitter=False, jitter=0.0)
+    x = torch.zeros(2, 1, 28, 28)
+    last = aug(x, 9, torch.Generator().manual_seed(0))  # decay factor 0 at the last step
+    assert torch.allclose(last, x)
+    aug = SynthesisAugment(iters=10, image_size=28)
+    a = aug(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0, torch.Generator().manual_seed(3))
+    b = aug(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert aug.jitter_at(0) == 1 and aug.jitter_at(9) == 2
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_qat_augment_shapes_and_seed(channels):
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    aug = QATAugment(mean, std)
+    x = torch.randn(6, channels, 28, 28)
+    a = aug(x, torch.Generator().manual_seed(0))
+    b = aug(x, torch.Generator().manual_seed(0))
+    c = aug(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_qat_augment_identity_when_everything_off():
+    aug = QATAugment((0.5,), (0.25,), crop=False, flip=False, jitter_p=0.0, grayscale_p=0.0, blur=False)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(aug(x, torch.Generator().manual_seed(0)), x)
+
+
+# ----------------------------------------------------------------------------- synthesizer
+def test_describe_model_reads_the_model():
+    spec = describe_model(tiny_vit())
+    assert spec.in_chans == 1 and spec.image_size == (28, 28) and spec.num_classes == 10
+    assert spec.num_prefix_tokens == 1 and spec.has_class_token and not spec.is_swin
+    spec = describe_model(tiny_vit(reg_tokens=2, num_classes=7))
+    assert spec.num_prefix_tokens == 3 and spec.num_classes == 7
+
+
+def test_quick_synthesis_lowers_the_total_loss():
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    cfg = SynthesisConfig(num_images=8, synth_batch_size=8, synth_iters=30)
+    x, y, info = Synthesizer(teacher, cfg, progress=False).synthesize_batch(seed=0, student=student)
+    history = info["loss_history"]
+    assert len(history) == 30
+    assert sum(history[-5:]) / 5 < sum(history[:5]) / 5
+    assert set(info["final_losses"]) == {"ce", "tv", "ssim", "entropy", "align", "total"}
+    spec = describe_model(teacher)
+    assert x.min() >= spec.pixel_min.min() - 1e-6 and x.max() <= spec.pixel_max.max() + 1e-6
+
+
+def test_same_seed_same_images_and_student_untouched():
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = SynthesisConfig(num_images=6, synth_batch_size=4, synth_iters=3)
+    synth = Synthesizer(teacher, cfg, progress=False)
+    a = synth.synthesize(seed=5, student=student)
+    b = synth.synthesize(seed=5, student=student)
+    c = synth.synthesize(seed=6, student=student)
+    assert a.images.shape == (6, 1, 28, 28) and a.labels.shape == (6,)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    for k, v in student.state_dict().items():  # Q is frozen during synthesis
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in student.parameters())  # and its flags are restored
+
+
+def test_nan_batch_is_reseeded_retried_and_reported():
+    teacher = tiny_vit()
+    poisoned = []
+
+    def inject(attempt, step, x):
+        if attempt == 0 and step == 1:
+            x.data.fill_(float("nan"))
+            poisoned.append((attempt, step))
+
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=3, use_alignment=False)
+    with pytest.warns(RuntimeWarning, match="re-seeding"):
+        out = Synthesizer(teacher, cfg, progress=False, on_step=inject).synthesize(seed=0)
+    assert poisoned == [(0, 1)]
+    assert out.report["nan_retries"] == 1 and out.report["failed_batches"] == []
+    assert torch.isfinite(out.images).all() and len(out) == 4
+    clean = Synthesizer(teacher, cfg, progress=False).synthesize(seed=0)
+    assert not torch.equal(clean.images, out.images)  # the retry ran with another seed
+
+
+def test_nan_retries_are_bounded():
+    teacher = tiny_vit()
+
+    def always(attempt, step, x):
+        x.data.fill_(float("nan"))
+
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=2, use_alignment=False, max_nan_retries=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        synth = Synthesizer(teacher, cfg, progress=False, on_step=always)
+        x, y, info = synth.synthesize_batch(seed=0)
+        assert x is None and info["failed"] and info["nan_retries"] == 3
+        with pytest.raises(RuntimeError, match="non-finite"):
+            synth.synthesize(seed=0)
+
+
+def test_mimiq_config_skips_the_student():
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=2, use_entropy=False, use_alignment=False)
+    x, y, info = Synthesizer(teacher, cfg, progress=False).synthesize_batch(seed=0, student=student)
+    assert set(info["final_losses"]) == {"ce", "tv", "ssim", "total"}
+
+
+def test_bad_synthesis_config_is_refused():
+    with pytest.raises(ValueError, match="synth_iters"):
+        SynthesisConfig(synth_iters=0).validate()
+    with pytest.raises(ValueError, match="mask_keep"):
+        SynthesisConfig(mask_keep=1.5).validate()
+
+
+# -------------------------------------------------------------------------------- baselines
+def test_gaussian_and_real_baselines():
+    spec = describe_model(tiny_vit())
+    a, b = gaussian_images(spec, 5, seed=1), gaussian_images(spec, 5, seed=1)
+    assert a.images.shape == (5, 1, 28, 28) and torch.equal(a.images, b.images)
+    assert int(a.labels.max()) < 10
+    data = [(torch.full((1, 28, 28), float(i)), i % 10) for i in range(20)]
+    r = real_images(data, 6, seed=0)
+    assert r.images.shape == (6, 1, 28, 28)
+    assert all(int(x[0, 0, 0]) % 10 == int(y) for x, y in zip(r.images, r.labels))
+    with pytest.raises(ValueError, match="real"):
+        real_images(None, 4)
+
+
+def test_psaq_synthesis_runs_and_repeats():
+    teacher = tiny_vit()
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4)
+    psaq = PsaqConfig(psaq_iters=3, psaq_rounds=2)
+    a = PsaqSynthesizer(teacher, cfg, psaq, progress=False).synthesize(seed=0)
+    b = PsaqSynthesizer(teacher, cfg, psaq, progress=False).synthesize(seed=0)
+    assert torch.equal(a.images, b.images) and torch.isfinite(a.images).all()
+    assert set(a.report["final_losses"]) == {"total", "ce", "entropy", "tv"}
