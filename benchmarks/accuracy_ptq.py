@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sources", default="real,noise", help="calibration sources: real, noise (default both)")
     parser.add_argument("--first-last-8bit", action="store_true", help="patch embedding and head at 8 bits")
     parser.add_argument("--weight-method", default="minmax", choices=("minmax", "lsq"))
+    parser.add_argument("--act-init", default="minmax", choices=("minmax", "lsq"),
+                        help="activation quantizer init: minmax (PTQ) or lsq (METHOD.md's QAT start point)")
     parser.add_argument("--seed", type=int, default=0, help="first calibration seed (subset / noise)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="calibrate with seeds seed..seed+R-1 and report mean ± std (default 1)")
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 qmodel = quantize_model(teacher, wbits, abits, first_last_8bit=args.first_last_8bit,
                                         weight_method=args.weight_method)
-                calibrate(qmodel, calib[source, seed].to(device))
+                calibrate(qmodel, calib[source, seed].to(device), init=args.act_init)
                 t1 = time.perf_counter()
                 result = evaluate(qmodel, loader, device=device, progress=progress)
                 calib_s, eval_s = calib_s + t1 - t0, eval_s + time.perf_counter() - t1

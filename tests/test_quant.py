@@ -334,10 +334,22 @@ def test_eight_bit_student_tracks_bundled_teacher():
     data = fashion_mnist("test")
     images = torch.stack([data[i][0] for i in range(0, 1024, 2)])
     calib, test = images[:64], images[64:]
-    qmodel = calibrate(quantize_model(teacher, 8, 8), calib)
+    qmodel = calibrate(quantize_model(teacher, 8, 8), calib, init="minmax")
     with torch.no_grad():
         agree = (qmodel(test).argmax(-1) == teacher(test).argmax(-1)).float().mean().item()
     assert agree >= 0.97, agree
+
+
+def test_minmax_init_spans_the_calibration_range():
+    quantizer = LsqActQuantizer(8)
+    quantizer.init_from(torch.tensor([-1.0, 0.0, 3.0]), method="minmax")
+    assert quantizer.signed
+    assert quantizer.step.item() == pytest.approx(4.0 / 255.0)
+    assert quantizer.zero_point.item() == pytest.approx(-128.0 + 255.0 / 4.0)
+    x = torch.tensor([-1.0, 3.0])
+    assert torch.allclose(quantizer(x), x, atol=quantizer.step.item())
+    with pytest.raises(ValueError, match="unknown activation init"):
+        quantizer.init_from(x, method="percentile")
 
 
 # -- calibration, save/load, bad input --------------------------------------------------------

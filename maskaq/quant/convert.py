@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from maskaq.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
-from maskaq.quant.quantizers import WEIGHT_METHODS, LsqActQuantizer, WeightQuantizer, check_bits
+from maskaq.quant.quantizers import INIT_METHODS, WEIGHT_METHODS, LsqActQuantizer, WeightQuantizer, check_bits
 
 __all__ = ["quantize_model", "calibrate", "is_quantized", "quant_config", "activation_quantizers"]
 
@@ -187,8 +187,11 @@ def _first_batch(batches) -> torch.Tensor:
     return first
 
 
-def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable]) -> nn.Module:
-    """Initialize every activation quantizer of ``qmodel`` (LSQ init, METHOD.md) under no_grad.
+def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: str = "lsq") -> nn.Module:
+    """Initialize every activation quantizer of ``qmodel`` under no_grad.
+
+    ``init``: "lsq" (METHOD.md; the start point of QAT) or "minmax" (the grid spans the observed
+    range; better for post-training quantization without QAT).
 
     ``batches``: one tensor of images (B, C, H, W), or an iterable of tensors or of
     (images, labels) pairs (a DataLoader). LSQ initializes from the first tensor each quantizer
@@ -205,7 +208,10 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable]) -> nn.M
     images = images.to(device=param.device)
     was_training = qmodel.training
     qmodel.eval()
+    if init not in INIT_METHODS:
+        raise ValueError(f"unknown activation init {init!r}; choose one of {', '.join(INIT_METHODS)}")
     for quantizer in quantizers:
+        quantizer.init_method = init
         quantizer._initialized = False
         quantizer.initialized_flag.fill_(False)
         quantizer.calibrating = True

@@ -49,6 +49,9 @@ SIGNED_THRESHOLD = 1e-5
 WEIGHT_METHODS = ("minmax", "lsq")
 
 
+INIT_METHODS = ("lsq", "minmax")
+
+
 def check_bits(bits, what: str = "bits") -> int:
     """Return ``bits`` as an int if it is an integer in [2, 8]; raise ValueError otherwise.
 
@@ -173,6 +176,7 @@ class LsqActQuantizer(nn.Module):
         self.step = nn.Parameter(torch.tensor(1.0))
         self.zero_point = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("signed_flag", torch.tensor(False))
+        self.init_method = "lsq"  # set by calibrate(); see init_from
         self.register_buffer("initialized_flag", torch.tensor(False))
         # Python mirrors of the two flags: forward needs qmin/qmax as ints and must not read a
         # CUDA buffer (a device sync) on every call.
@@ -203,8 +207,16 @@ class LsqActQuantizer(nn.Module):
         self._initialized = bool(self.initialized_flag.item())
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        """LSQ init from a calibration tensor: sign, α = 2·mean|x|/sqrt(qmax), z = 0.1·(min x − α·qmax)."""
+    def init_from(self, x: torch.Tensor, method: str = "lsq") -> None:
+        """Init from a calibration tensor. Sign: signed iff min x < 1e-5.
+
+        ``lsq`` (METHOD.md, the start of QAT): α = 2·mean|x|/sqrt(qmax), z = 0.1·(min x − α·qmax).
+        That grid clips large activations (e.g. softmax peaks above ~0.45 at 8 bits), which QAT
+        then learns away; ``minmax`` (for post-training quantization without QAT) spans
+        [min x, max x] instead: α = (max − min)/(qmax − qmin), z = qmin − min/α.
+        """
+        if method not in INIT_METHODS:
+            raise ValueError(f"unknown activation init {method!r}; choose one of {', '.join(INIT_METHODS)}")
         if x.numel() == 0:
             raise ValueError("cannot calibrate an activation quantizer on an empty tensor")
         x = x.detach().float()
@@ -214,8 +226,13 @@ class LsqActQuantizer(nn.Module):
         signed = bool(x_min < SIGNED_THRESHOLD)
         qmax = act_range(self.bits, signed)[1]
         # An all-zero tensor would give α = 0 and a division by zero; any small positive step works.
-        step = (2.0 * x.abs().mean() / math.sqrt(qmax)).clamp_min(1e-8)
-        zero_point = 0.1 * (x_min - step * qmax)
+        if method == "minmax":
+            qmin = act_range(self.bits, signed)[0]
+            step = ((x.max() - x_min) / (qmax - qmin)).clamp_min(1e-8)
+            zero_point = qmin - x_min / step
+        else:
+            step = (2.0 * x.abs().mean() / math.sqrt(qmax)).clamp_min(1e-8)
+            zero_point = 0.1 * (x_min - step * qmax)
         self.step.copy_(step)
         self.zero_point.copy_(zero_point)
         self.signed_flag.fill_(signed)
@@ -228,7 +245,7 @@ class LsqActQuantizer(nn.Module):
         if self._initialized:
             return
         if self.calibrating:
-            self.init_from(x)
+            self.init_from(x, self.init_method)
             return
         raise RuntimeError(
             "activation quantizer used before calibration: call maskaq.quant.calibrate(qmodel, images) "
