@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from maskaq._files import atomic_write, is_rank0
 
 from maskaq.integer.modules import DEFAULT_KERNEL, ActGrid, IntAttention, IntConv2d, IntLinear, IntMlp, set_kernel
 
@@ -167,23 +168,6 @@ def _module_specs(imodel: nn.Module) -> dict:
     return specs
 
 
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_integer(imodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write an integer model (from export_integer) to ``directory``; returns the directory."""
     from safetensors.torch import save_file
@@ -208,12 +192,12 @@ def save_integer(imodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
             "timm_name": pretrained.get("architecture"),
             "quant": imodel.maskaq_integer.get("quant", {}), "modules": specs}
     directory = Path(directory)
-    if not _is_rank0():
+    if not is_rank0():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 

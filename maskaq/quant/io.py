@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
-import torch
 from torch import nn
+
+from maskaq._files import atomic_write, is_rank0
 
 from maskaq.quant.convert import is_quantized, quant_config, quantize_model
 
@@ -45,23 +45,6 @@ def _fingerprint(class_name: str, shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_quantized(qmodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write ``qmodel`` (made by quantize_model, calibrated) to ``directory``; returns the directory."""
     from safetensors.torch import save_file
@@ -85,12 +68,12 @@ def save_quantized(qmodel: nn.Module, directory: Union[str, os.PathLike]) -> Pat
         },
     }
     directory = Path(directory)
-    if not _is_rank0():
+    if not is_rank0():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
