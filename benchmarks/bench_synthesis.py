@@ -64,7 +64,7 @@ def _sync(device):
 
 def time_synthesis(teacher, student, impl: str, batch: int, steps: int, warmup: int, device) -> float:
     """Seconds per step of `impl` (median of per-step times after `warmup` steps)."""
-    from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer, frozen
+    from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
     total = warmup + steps
     if impl == "model_only":
         return _time_model_only(teacher, student, batch, warmup, steps, device)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -158,7 +157,7 @@ def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
         return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
     if method == "psaq":
         synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress)
-        return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc=f"psaq synthesis")
+        return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc="psaq synthesis")
     synth = Synthesizer(teacher, s, progress=progress)
     in_loop = s.use_alignment and s.align_weight > 0
 

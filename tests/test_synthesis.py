@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskaq import reference
 from maskaq.synthesis import losses as L

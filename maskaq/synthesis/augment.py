@@ -10,7 +10,7 @@ Pixel sizes are given at 224 px in METHOD.md; `scaled_pixels` converts them to t
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

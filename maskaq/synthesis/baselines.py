@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq.synthesis import losses as L
-from maskaq.synthesis.augment import random_roll, scaled_pixels
-from maskaq.synthesis.spec import ModelSpec, describe_model
+from maskaq.synthesis.augment import scaled_pixels
+from maskaq.synthesis.spec import ModelSpec
 from maskaq.synthesis.synthesizer import (NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer,
                                           batch_seed)
 

@@ -16,10 +16,9 @@ batches r, r + W, ...; the images are gathered on every rank, rank 0 writes them
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
