@@ -24,3 +24,19 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_tensors_and_json(directory, state: dict, meta: dict, weights_name: str, config_name: str, fmt: str) -> Path:
+    """Write ``state`` (safetensors) and ``meta`` (JSON) into ``directory`` atomically, on rank 0 only."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if not is_rank0():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / weights_name, lambda tmp: save_file(state, tmp, metadata={"format": fmt}))
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write(directory / config_name, lambda tmp: Path(tmp).write_text(text))
+    return directory

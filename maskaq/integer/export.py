@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from maskaq._files import atomic_write, is_rank0
+from maskaq._files import save_tensors_and_json
 
 from maskaq.integer.modules import DEFAULT_KERNEL, ActGrid, IntAttention, IntConv2d, IntLinear, IntMlp, set_kernel
 
@@ -170,7 +170,6 @@ def _module_specs(imodel: nn.Module) -> dict:
 
 def save_integer(imodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write an integer model (from export_integer) to ``directory``; returns the directory."""
-    from safetensors.torch import save_file
 
     if not is_integer(imodel):
         raise ValueError("save_integer needs a model made by export_integer")
@@ -191,14 +190,7 @@ def save_integer(imodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
             "class": f"{type(imodel).__module__}.{type(imodel).__qualname__}",
             "timm_name": pretrained.get("architecture"),
             "quant": imodel.maskaq_integer.get("quant", {}), "modules": specs}
-    directory = Path(directory)
-    if not is_rank0():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return save_tensors_and_json(directory, state, meta, WEIGHTS_NAME, CONFIG_NAME, FORMAT)
 
 
 def _get(root: nn.Module, name: str) -> nn.Module:

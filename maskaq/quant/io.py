@@ -19,7 +19,7 @@ from typing import Union
 
 from torch import nn
 
-from maskaq._files import atomic_write, is_rank0
+from maskaq._files import save_tensors_and_json
 
 from maskaq.quant.convert import is_quantized, quant_config, quantize_model
 
@@ -47,7 +47,6 @@ def _fingerprint(class_name: str, shapes: dict[str, list[int]]) -> str:
 
 def save_quantized(qmodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write ``qmodel`` (made by quantize_model, calibrated) to ``directory``; returns the directory."""
-    from safetensors.torch import save_file
 
     config = quant_config(qmodel)
     state = {name: t.detach().cpu().contiguous() for name, t in qmodel.state_dict().items()}
@@ -67,14 +66,7 @@ def save_quantized(qmodel: nn.Module, directory: Union[str, os.PathLike]) -> Pat
             "num_tensors": len(shapes),
         },
     }
-    directory = Path(directory)
-    if not is_rank0():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return save_tensors_and_json(directory, state, meta, WEIGHTS_NAME, CONFIG_NAME, FORMAT)
 
 
 def _read_config(directory: Path) -> dict:
