@@ -10,23 +10,13 @@ from torch import nn
 from maskaq.integer import IntAttention, IntLinear, IntMlp, export_integer, load_integer, save_integer, set_kernel
 from maskaq.integer.export import pack_int4, unpack_int4
 from maskaq.quant import QuantLinear, calibrate, quantize_model
+from _models import small_vit
 
 KERNELS = ["onednn", "fbgemm"]
 
 
-def _small_vit(seed=0, **kwargs):
-    """A 3-block ViT shaped like the bundled teacher (28 px, patch 4, 50 tokens)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=3,
-                num_heads=3, mlp_ratio=2.0)
-    args.update(kwargs)
-    return VisionTransformer(**args).eval()
-
-
 def _student(wbits, abits, seed=0, **kwargs):
-    model = _small_vit(seed, **kwargs)
+    model = small_vit(seed, **kwargs)
     qmodel = quantize_model(model, wbits, abits).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -192,7 +182,7 @@ def test_save_load_round_trip_packs_4bit_weights(tmp_path):
     assert saved[packed[0]].dtype == torch.uint8
     meta = json.loads((tmp_path / "int" / "integer.json").read_text())
     assert meta["quant"]["wbits"] == 4
-    loaded = load_integer(tmp_path / "int", _small_vit(seed=99))  # weights of the FP model unused
+    loaded = load_integer(tmp_path / "int", small_vit(seed=99))  # weights of the FP model unused
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), imodel(x))
@@ -204,11 +194,11 @@ def test_load_rejects_other_architecture(tmp_path):
     _, qmodel = _student(8, 8, seed=6)
     save_integer(export_integer(qmodel), tmp_path / "int")
     with pytest.raises(ValueError, match="match"):
-        load_integer(tmp_path / "int", _small_vit(embed_dim=96))
+        load_integer(tmp_path / "int", small_vit(embed_dim=96))
     with pytest.raises(ValueError, match="match|no module"):
-        load_integer(tmp_path / "int", _small_vit(depth=2))
+        load_integer(tmp_path / "int", small_vit(depth=2))
     with pytest.raises(FileNotFoundError):
-        load_integer(tmp_path / "missing", _small_vit())
+        load_integer(tmp_path / "missing", small_vit())
 
 
 def test_pack_int4_round_trip():
@@ -235,7 +225,7 @@ def test_set_kernel_switches_and_keeps_results():
 
 # -- bad inputs --------------------------------------------------------------------------------------
 def test_export_rejects_uncalibrated_and_non_students():
-    model = _small_vit()
+    model = small_vit()
     qmodel = quantize_model(model, 8, 8)
     with pytest.raises(ValueError, match="calibrat"):
         export_integer(qmodel)
@@ -337,7 +327,7 @@ def test_bench_builds_and_runs_integer_impl():
 
     from maskaq.integer import bench
 
-    model = _small_vit()
+    model = small_vit()
     args = argparse.Namespace(seed=0, threads=1, kernel="onednn")
     impl = bench.build_impl("int_w8a8", model, "cpu", args, workdir=None)
     x = torch.randn(2, 1, 28, 28)

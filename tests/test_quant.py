@@ -21,6 +21,7 @@ from maskaq.quant import (
     save_quantized,
 )
 from maskaq.quant.modules import attention_with_bias
+from _models import small_vit
 
 BAD_BITS = [0, 1, 9, 33, 4.5, True, "4", None, -3]
 
@@ -30,17 +31,6 @@ def _vit(seed=0, **kwargs):
     args = dict(img_size=32, pretrained=False)
     args.update(kwargs)
     return timm.create_model(args.pop("name", "vit_tiny_patch16_224"), **args).eval()
-
-
-def _small_vit(seed=0, **kwargs):
-    """A 3-block ViT like the bundled teacher (28 px, patch 4, 50 tokens), for quick checks."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=3,
-                num_heads=3, mlp_ratio=2.0)
-    args.update(kwargs)
-    return VisionTransformer(**args).eval()
 
 
 # -- quantizer maths -------------------------------------------------------------------------
@@ -154,7 +144,7 @@ def test_bad_bits_raise_value_error(bits):
         LsqActQuantizer(bits)
     with pytest.raises(ValueError, match="bits"):
         WeightQuantizer(bits)
-    model = _small_vit(depth=1)
+    model = small_vit(depth=1)
     with pytest.raises(ValueError, match="wbits"):
         quantize_model(model, bits, 4)
     with pytest.raises(ValueError, match="abits"):
@@ -266,7 +256,7 @@ def test_teacher_capture_path_matches_timm(name, kwargs):
 
 
 def test_capture_restores_on_exception_and_refuses_nesting():
-    teacher = _small_vit()
+    teacher = small_vit()
     qmodel = calibrate(quantize_model(teacher, 8, 8), torch.randn(2, 1, 28, 28))
     for model in (teacher, qmodel):
         with pytest.raises(KeyError):
@@ -305,7 +295,7 @@ def test_first_last_layer_policy():
 
 
 def test_eight_bit_student_tracks_teacher_and_low_bits_degrade():
-    teacher = _small_vit(depth=4)
+    teacher = small_vit(depth=4)
     gen = torch.Generator().manual_seed(0)
     calib, test = torch.randn(32, 1, 28, 28, generator=gen), torch.randn(64, 1, 28, 28, generator=gen)
     with torch.no_grad():
@@ -354,7 +344,7 @@ def test_minmax_init_spans_the_calibration_range():
 
 # -- calibration, save/load, bad input --------------------------------------------------------
 def test_calibrate_accepts_loader_batches_and_rejects_bad_input():
-    teacher = _small_vit(depth=1)
+    teacher = small_vit(depth=1)
     qmodel = quantize_model(teacher, 8, 8)
     images = torch.randn(4, 1, 28, 28)
     loader = [(images, torch.zeros(4)), (images * 5, torch.zeros(4))]
@@ -379,15 +369,15 @@ def test_unsupported_models_name_the_module():
         quantize_model(timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1), 4, 4)
     with pytest.raises(ValueError, match="AttentionPoolLatent"):
         quantize_model(_vit(global_pool="map", depth=1), 4, 4)
-    qmodel = quantize_model(_small_vit(depth=1), 4, 4)
+    qmodel = quantize_model(small_vit(depth=1), 4, 4)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(qmodel, 4, 4)
     with pytest.raises(ValueError, match="weight_method"):
-        quantize_model(_small_vit(depth=1), 4, 4, weight_method="kmeans")
+        quantize_model(small_vit(depth=1), 4, 4, weight_method="kmeans")
 
 
 def test_save_load_round_trip_and_mismatch(tmp_path):
-    teacher = _small_vit(depth=2)
+    teacher = small_vit(depth=2)
     images = torch.randn(4, 1, 28, 28)
     qmodel = calibrate(quantize_model(teacher, 4, 6, first_last_8bit=True, weight_method="lsq"), images)
     with torch.no_grad():  # make the learnable parameters differ from a fresh conversion
@@ -396,7 +386,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
     save_quantized(qmodel, tmp_path / "w4a6")
     assert sorted(p.name for p in (tmp_path / "w4a6").iterdir()) == ["model.safetensors", "quant_config.json"]
 
-    loaded = load_quantized(tmp_path / "w4a6", _small_vit(depth=2, seed=5))
+    loaded = load_quantized(tmp_path / "w4a6", small_vit(depth=2, seed=5))
     assert loaded.maskaq_quant == qmodel.maskaq_quant
     for a, b in zip(qmodel.modules(), loaded.modules()):
         if isinstance(a, LsqActQuantizer):
@@ -405,9 +395,9 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
         torch.testing.assert_close(loaded(images), qmodel(images))
 
     with pytest.raises(ValueError, match="does not match"):
-        load_quantized(tmp_path / "w4a6", _small_vit(depth=3))
+        load_quantized(tmp_path / "w4a6", small_vit(depth=3))
     with pytest.raises(ValueError, match="shape"):
-        load_quantized(tmp_path / "w4a6", _small_vit(depth=2, num_classes=7))
+        load_quantized(tmp_path / "w4a6", small_vit(depth=2, num_classes=7))
     with pytest.raises(ValueError, match="config"):
         load_quantized(tmp_path / "w4a6", quantize_model(teacher, 8, 8))
     with pytest.raises(FileNotFoundError, match="save_quantized"):
