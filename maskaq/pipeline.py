@@ -39,6 +39,7 @@ class PipelineConfig:
     first_last_8bit: bool = False
     weight_method: str = "minmax"
     calib_images: int = 32  # LSQ init from this many images of the (first) synthetic set
+    act_init: str = "lsq"  # activation step init: "lsq" (METHOD.md) or "minmax" (grid spans the range)
     recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
     real_data: Any = None  # Dataset of (image, label) for method "real"
     progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
@@ -131,6 +132,9 @@ def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> Fu
     pipeline = PipelineConfig(**parts["pipeline"])
     if pipeline.calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
+    from maskaq.quant.convert import INIT_METHODS
+    if pipeline.act_init not in INIT_METHODS:
+        raise ValueError(f"act_init must be one of {', '.join(INIT_METHODS)}, got {pipeline.act_init!r}")
     return FullConfig(synthesis, psaq, qat, pipeline)
 
 
@@ -190,7 +194,8 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         # Q is in the synthesis loop from round 0, so it needs ranges before any image exists:
         # initialize LSQ on noise (what the public code's first forward does), then re-init on
         # the first synthetic images below.
-        calibrate(student, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev))
+        calibrate(student, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev),
+                  init=cfg.pipeline.act_init)
         calibrated_on = "gaussian noise"
     base_source = _data_source(method, teacher, cfg, seed)
 
@@ -198,7 +203,7 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         nonlocal calibrated_on
         data = base_source(current_student, r)
         if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
-            calibrate(current_student, data.images[:n_calib].to(dev))
+            calibrate(current_student, data.images[:n_calib].to(dev), init=cfg.pipeline.act_init)
             calibrated_on = f"{method} images"
         return data
 

@@ -175,6 +175,19 @@ def test_build_config_presets_methods_and_unknown_keys():
         build_config("maskq")
     with pytest.raises(ValueError, match="preset"):
         build_config("maskaq", "fast")
+    assert build_config("maskaq", "paper").pipeline.act_init == "lsq"  # METHOD.md's init
+    with pytest.raises(ValueError, match="act_init"):
+        build_config("gaussian", "quick", act_init="percentile")
+
+
+@pytest.mark.parametrize("act_init", ["lsq", "minmax"])
+def test_pipeline_calibrates_with_the_chosen_activation_init(act_init):
+    from maskaq.pipeline import run_pipeline
+    from maskaq.quant.convert import activation_quantizers
+    result = run_pipeline(tiny_vit(), 4, 4, method="gaussian", preset="quick", act_init=act_init, progress=False)
+    quantizers = activation_quantizers(result.model)
+    assert quantizers and all(q.init_method == act_init for q in quantizers)
+    assert result.report["config"]["pipeline"]["act_init"] == act_init
 
 
 def test_quantize_quick_uses_the_current_student_for_refresh(monkeypatch):
