@@ -40,10 +40,11 @@ clock = time.perf_counter
 
 
 def loop_ops():
-    """An `ops`-like namespace whose entropy and alignment are the per-sample loop formulations."""
+    """An `ops`-like namespace with the loop formulations of the entropy, alignment and SSIM losses."""
     import loop_baselines as lb
     return types.SimpleNamespace(patch_similarity_entropy=lb.patch_similarity_entropy_loop,
-                                 masked_attention_align=lb.masked_attention_align_loop)
+                                 masked_attention_align=lb.masked_attention_align_loop,
+                                 inter_head_ssim_loss=lb.inter_head_ssim_loss_loop)
 
 
 def build(model_name: str, batch: int, device: torch.device):
@@ -141,14 +142,22 @@ def main(argv=None) -> int:
             print(f"  {model_name:<24s} {device.type:<5s} b{batch:<4d} {impl:<11s} {s:8.4f} s/step", flush=True)
         del teacher, student
     print()
-    print("| model | device | batch | impl | s/step | images·steps/s | vs model_only | loop / fused |")
-    print("|---|---|---|---|---|---|---|---|")
+    # "losses: loop / fused" compares the time the losses add on top of the bare model passes,
+    # (loop − model_only) / (fused − model_only): what the fused ops change, without the model
+    # passes that both pay.
+    print("| model | device | batch | impl | s/step | images·steps/s | vs model_only | loop / fused "
+          "| losses: loop / fused |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         same = {q["impl"]: q["s_per_step"] for q in records if q["model"] == r["model"] and q["device"] == r["device"]}
         vs_model = f"{r['s_per_step'] / same['model_only']:.2f}x" if "model_only" in same else "—"
-        loop_fused = (f"{same['loop'] / same['fused']:.2f}x" if r["impl"] == "fused" and "loop" in same else "")
+        is_fused = r["impl"] == "fused" and "loop" in same
+        loop_fused = f"{same['loop'] / same['fused']:.2f}x" if is_fused else ""
+        losses = ""
+        if is_fused and "model_only" in same and same["fused"] > same["model_only"]:
+            losses = f"{(same['loop'] - same['model_only']) / (same['fused'] - same['model_only']):.2f}x"
         print(f"| {r['model']} | {r['device']} | {r['batch']} | {r['impl']} | {r['s_per_step']:.4f} | "
-              f"{r['batch'] / r['s_per_step']:.1f} | {vs_model} | {loop_fused} |")
+              f"{r['batch'] / r['s_per_step']:.1f} | {vs_model} | {loop_fused} | {losses} |")
     if args.json:
         from maskaq.synthesis.io import write_json
         print(f"wrote {write_json(args.json, records)}")

@@ -3,7 +3,9 @@
 They follow the structure of the public MaskAQ code (hfutqian/MaskAQ,
 hydra_image_gen_ssim_att_map.py: a Python loop over samples with one randperm, normalize,
 Gram and variance each for the entropy; a loop over samples for the top-k mask, another
-with a randperm for the stochastic drop, and a loop over blocks for the masked L1),
+with a randperm for the stochastic drop, and a loop over blocks for the masked L1; MimiQ's
+inter-head SSIM as a loop over blocks and head pairs on the materialized, min-max normalized
+key maps),
 written here from that description for benchmarks/bench_ops.py and bench_synthesis.py.
 Same inputs and outputs as maskaq.ops (the random draws differ: randperm per sample).
 """
@@ -33,6 +35,31 @@ def patch_similarity_entropy_loop(logits, *, num_prefix_tokens=1, num_rows=64, g
         var = torch.var(sims.reshape(-1), unbiased=False) + 1e-8
         values.append(0.5 * (LOG_TWO_PI_E + torch.log(var)))
     return torch.stack(values)
+
+
+def inter_head_ssim_loss_loop(blocks, num_prefix_tokens=1):
+    """L_ssim like maskaq.synthesis.losses.inter_head_ssim_loss, one block and head pair at a time."""
+    from maskaq.synthesis.losses import SSIM_C1, SSIM_C2
+    P = num_prefix_tokens
+    per_block = []
+    for logits in blocks:
+        maps = logits[:, :, P:, P:].transpose(1, 2)  # (B, N', H, N'): the H key maps of each query
+        lo = maps.amin(dim=-1, keepdim=True)
+        maps = (maps - lo) / (maps.amax(dim=-1, keepdim=True) - lo + 1e-8)
+        H = maps.shape[2]
+        terms = []
+        for i in range(H):
+            for j in range(H):
+                x, y = maps[:, :, i], maps[:, :, j]
+                mx, my = x.mean(dim=-1), y.mean(dim=-1)
+                vx = ((x - mx[..., None]) ** 2).mean(dim=-1)
+                vy = ((y - my[..., None]) ** 2).mean(dim=-1)
+                cov = ((x - mx[..., None]) * (y - my[..., None])).mean(dim=-1)
+                ssim = ((2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+                    (mx ** 2 + my ** 2 + SSIM_C1) * (vx + vy + SSIM_C2))
+                terms.append(1 - ssim ** 2)
+        per_block.append(torch.stack(terms).mean())
+    return torch.stack(per_block).mean()
 
 
 def masked_attention_align_loop(cls_t, cls_q, *, ratio, keep=0.7, generator=None):

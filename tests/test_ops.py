@@ -593,3 +593,11 @@ def test_loop_baselines_agree_where_no_draw_is_involved():
     torch.testing.assert_close(loss_loop, loss)
     _, mask_loop = loops.masked_attention_align_loop(cls_t, cls_q, ratio=0.3, keep=0.7, generator=gen(0))
     assert (mask_loop.sum(1) == 4).all() and (mask_loop <= mask).all()
+    from maskaq.synthesis.losses import inter_head_ssim_loss
+    blocks = [randn(2, 3, 17, 17, seed=4, requires_grad=True), randn(2, 3, 17, 17, seed=5)]
+    ssim_loop = loops.inter_head_ssim_loss_loop(blocks, num_prefix_tokens=1)
+    ssim = inter_head_ssim_loss(blocks, num_prefix_tokens=1)
+    torch.testing.assert_close(ssim_loop, ssim, rtol=1e-4, atol=1e-6)
+    g_loop, = torch.autograd.grad(ssim_loop, blocks[0])
+    g, = torch.autograd.grad(ssim, blocks[0])
+    torch.testing.assert_close(g_loop, g, rtol=1e-3, atol=1e-6)

@@ -150,7 +150,8 @@ class Synthesizer:
 
     `student` is the quantized model put in the loop for the masked attention alignment;
     pass the *current* student at every call (periodic refreshing). `ops` is the module that
-    provides patch_similarity_entropy and masked_attention_align (default maskaq.ops).
+    provides patch_similarity_entropy and masked_attention_align (default maskaq.ops), and
+    optionally inter_head_ssim_loss (default maskaq.synthesis.losses.inter_head_ssim_loss).
     `on_step(attempt, step, x)` is called after every update (monitoring; tests inject faults).
     """
 
@@ -187,7 +188,8 @@ class Synthesizer:
         out["ce"] = F.cross_entropy(logits_t, labels)
         out["tv"] = L.total_variation(x)
         if cfg.ssim_weight > 0:
-            out["ssim"] = L.inter_head_ssim_loss(cap_t.logits, spec.num_prefix_tokens)
+            ssim_loss = getattr(self.ops, "inter_head_ssim_loss", L.inter_head_ssim_loss)
+            out["ssim"] = ssim_loss(cap_t.logits, spec.num_prefix_tokens)
         if cfg.use_entropy and cfg.entropy_weight > 0:
             out["entropy"] = L.entropy_loss(cap_t.logits, spec.num_prefix_tokens, cfg.entropy_rows,
                                             generator=generator, ops=self.ops)
