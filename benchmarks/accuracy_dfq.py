@@ -107,8 +107,9 @@ def targets(agg):
 
 def markdown(agg, methods, bits_list, meta):
     head = "| method | " + " | ".join(bits_list) + " |"
-    lines = [f"Fashion-MNIST ViT teacher, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}; "
-             f"mean ± std over seeds (n)", "", head, "|" + "---|" * (len(bits_list) + 1)]
+    overrides = "".join(f", {k}={v}" for k, v in sorted(meta["overrides"].items()))
+    lines = [f"Fashion-MNIST ViT teacher, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}"
+             f"{overrides}; mean ± std over seeds (n)", "", head, "|" + "---|" * (len(bits_list) + 1)]
     for method in methods:
         cells = []
         for bits in bits_list:
