@@ -1,5 +1,6 @@
-"""Forward+backward time of the three maskaq ops: compiled extension vs plain-PyTorch
-reference (and, for the two losses, the per-sample loop of the public code).
+"""Forward+backward time of the three maskaq training ops and forward time of the two
+integer-inference ops: compiled extension vs plain-PyTorch reference (and, for the two losses,
+the per-sample loop of the public code).
 
 Shapes: DeiT-Tiny (B 32, H 3, N 197, d 64) and DeiT-Small (B 32, H 6, N 197, d 64);
 the alignment loss takes the CLS rows of L = 12 blocks, (12, 32, H, 196).
@@ -9,6 +10,8 @@ the alignment loss takes the CLS rows of L = 12 blocks, (12, 32, H, 196).
   fq_attention_fp  the teacher's full-precision mode, logits returned; backward to q, k, v.
   patch_similarity_entropy  64 random rows per sample; backward to the logits.
   masked_attention_align    ratio 0.5, keep 0.7; backward to the student rows.
+  int8_linear_epilogue      forward only: fc1's epilogue, int32 (B·N, 4·H·d) -> GELU -> uint8.
+  int8_attention            forward only: int8 q, k, v (B, H, N, d), 8-bit P, zero points.
 
 Prints a table and, with --json PATH, writes records
 {"op", "device", "shape", "impl", "ms", "speedup_vs_reference"} (impl: extension,
@@ -111,6 +114,23 @@ def align_step(impl, dims, device, gen):
     return step_fn
 
 
+def epilogue_step(impl, dims, device, gen):
+    B, H, N, d = dims
+    M, C = B * N, 4 * H * d  # fc1 of the block: (tokens, 4·embed)
+    acc = torch.randint(-(1 << 20), 1 << 20, (M, C), generator=gen, device=device, dtype=torch.int32)
+    scale = torch.rand(C, generator=gen, device=device) * 1e-5
+    bias = torch.randn(C, generator=gen, device=device)
+    fn = {"extension": ops.int8_linear_epilogue, "reference": reference.int8_linear_epilogue}[impl]
+    return lambda: fn(acc, scale, bias, "gelu", 0.05, 3, 0, 255)
+
+
+def int8_attention_step(impl, dims, device, gen):
+    q, k, v = (torch.randint(-128, 128, dims, generator=gen, device=device, dtype=torch.int8) for _ in range(3))
+    scale_qk = 2.0 / (math.sqrt(dims[3]) * 74.0 ** 2)
+    fn = {"extension": ops.int8_attention, "reference": reference.int8_attention}[impl]
+    return lambda: fn(q, k, v, scale_qk, 1.0 / 255, 0, 0, 255, 1, -2, 3)
+
+
 OPS = {
     # op name -> (builder(impl, dims, device, gen), impls, shape label of the op's input)
     "fq_attention": (lambda i, s, dev, g: fq_attention_step(i, s, dev, True, g), ("extension", "reference"),
@@ -121,6 +141,9 @@ OPS = {
                                  lambda s: "B{0}xH{1}xN{2}xN{2}".format(*s)),
     "masked_attention_align": (align_step, ("extension", "reference", "loop"),
                                lambda s: f"L{NUM_BLOCKS}xB{s[0]}xH{s[1]}xM{s[2] - 1}"),
+    "int8_linear_epilogue": (epilogue_step, ("extension", "reference"),
+                             lambda s: f"M{s[0] * s[2]}xN{4 * s[1] * s[3]}"),
+    "int8_attention": (int8_attention_step, ("extension", "reference"), lambda s: "B{}xH{}xN{}xd{}".format(*s)),
 }
 
 

@@ -5,7 +5,8 @@
 # and ninja, and nvcc; no internet. It
 #   1. builds maskaq._C in place with its CUDA kernels (MASKAQ_CUDA=1, TORCH_CUDA_ARCH_LIST
 #      default 9.0, MAX_JOBS default 16) — build_ext, not pip, so no dependency is resolved;
-#   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py);
+#   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py,
+#      tests/test_int_ops.py, the CUDA test of tests/test_integer.py);
 #   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON;
 #   4. prints a short table last: each step's status and time, then the benchmark rows.
 # Every step has its own time limit (about 7 minutes in all); a failed step does not stop the
@@ -65,6 +66,9 @@ assert info['loaded'] and info['with_cuda'], 'the CUDA kernels are not in maskaq
 # 2. Tests (only meaningful with a loaded extension; run anyway so the log says why they fail).
 TESTS=(tests/test_cuda.py)
 [[ -f tests/test_ops.py ]] && TESTS+=(tests/test_ops.py)
+# the integer-inference ops (int8 epilogue, int8 tensor-core attention) and the integer model on CUDA
+[[ -f tests/test_int_ops.py ]] && TESTS+=(tests/test_int_ops.py)
+[[ -f tests/test_integer.py ]] && TESTS+=(tests/test_integer.py::test_cuda_int_model_matches_cpu_int_model)
 run_step "pytest ${TESTS[*]}" 240 "$LOGS/gpu_check_pytest.log" \
   "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider
 

@@ -20,6 +20,19 @@
 // floor(M·ratio)) top keys of c = mean_{l,h} cls_t per sample; of those, the
 // max(1, floor(keep·k + 0.5)) with the smallest rand are kept (mask). Loss = mean_l
 // Σ_{b,i} |mean_h cls_t − mean_h cls_q|·m / (Σ m + 1e-8). Returns (loss 0-dim, mask (B, M)).
+//
+// Integer inference (maskaq.integer; no autograd):
+// int8_linear_epilogue — acc (M, N) int32 (an int8 GEMM's accumulators), scale / bias (N,)
+// float32: y = acc·scale + bias, then GELU (activation "gelu": erf GELU as nn.GELU(); "none").
+// out_step <= 0: returns y, float32 (M, N). out_step > 0: returns the requantized
+// u = clamp(round(y / out_step) + out_zero_point, out_qmin, out_qmax) (NaN -> out_qmin), uint8
+// when [out_qmin, out_qmax] lies in [0, 255], else int8 (must lie in [-128, 127]).
+//
+// int8_attention — q, k, v (B, H, N, d) int8; their integers are x − x_zero_point (the zero
+// points default to 0). S = q̃·k̃ᵀ (exact, int32), P = softmax(float(S)·scale_qk) in float32,
+// P̃ = clamp(round(P / p_step) + p_zero_point, p_qmin, p_qmax) − p_zero_point (at most 256 levels),
+// returns O = P̃·ṽ (exact integers, int32 range) as float32 (B, H, N, d). The steps of q, k, v and
+// P are the caller's to fold (O·α_p·α_v is the attention output).
 TORCH_LIBRARY(maskaq, m) {
   m.def("fq_attention(Tensor q, Tensor k, Tensor v, Tensor? step, Tensor? zero_point, "
         "int[] qmin, int[] qmax, float scale, bool return_logits) -> (Tensor, Tensor)");
@@ -32,6 +45,10 @@ TORCH_LIBRARY(maskaq, m) {
   m.def("masked_attention_align(Tensor cls_t, Tensor cls_q, Tensor rand, float ratio, float keep) "
         "-> (Tensor, Tensor)");
   m.def("masked_attention_align_backward(Tensor grad, Tensor cls_t, Tensor cls_q, Tensor mask) -> Tensor");
+  m.def("int8_linear_epilogue(Tensor acc, Tensor scale, Tensor bias, str activation, float out_step, "
+        "int out_zero_point, int out_qmin, int out_qmax) -> Tensor");
+  m.def("int8_attention(Tensor q, Tensor k, Tensor v, float scale_qk, float p_step, int p_zero_point, "
+        "int p_qmin, int p_qmax, int q_zero_point=0, int k_zero_point=0, int v_zero_point=0) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

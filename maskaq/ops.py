@@ -7,8 +7,9 @@ kernels take float32/float64, the CUDA kernels float32/float16/bfloat16) the pla
 reference in :mod:`maskaq.reference` computes the same result (the loader warns once when
 the extension is missing).
 
-Fake (meta) kernels are registered for all six ops, so they trace under torch.compile, and
-autograd for the three forward ops (their backward calls the ``*_backward`` ops).
+Fake (meta) kernels are registered for every op, so they trace under torch.compile, and
+autograd for the three training ops (their backward calls the ``*_backward`` ops). The two
+integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`) have no autograd.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ from maskaq.reference import (
     check_align_args,
     check_entropy_args,
     check_fq_attention_args,
+    check_int8_attention_args,
+    check_int8_linear_epilogue_args,
     draw_keep_rand,
     draw_row_index,
+    epilogue_out_dtype,
 )
 
-__all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "uses_extension"]
+__all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
+           "int8_attention", "uses_extension", "integer_kernels_available"]
 
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -39,6 +44,15 @@ def uses_extension(t: torch.Tensor) -> bool:
     if kind == "cuda" and not _extension.extension_info()["with_cuda"]:
         return False
     return t.dtype in _KERNEL_DTYPES.get(kind, ())
+
+
+def integer_kernels_available(device) -> bool:
+    """Whether int8_linear_epilogue / int8_attention run compiled kernels on ``device`` (CPU: the
+    extension is loaded; CUDA: it was also built with its CUDA kernels), else the reference."""
+    if not _extension.loaded():
+        return False
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and _extension.extension_info()["with_cuda"])
 
 
 # --------------------------------------------------------------------------------------
@@ -132,6 +146,56 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
                                                    rand.contiguous(), float(ratio), float(keep))
 
 
+def int8_linear_epilogue(acc, scale, bias, activation="none", out_step=0.0, out_zero_point=0, out_qmin=-128,
+                         out_qmax=127):
+    """The epilogue of an int8 GEMM in one pass: dequantize, bias, optional GELU, optional requantize.
+
+    Args:
+        acc: (M, N) int32 accumulators (e.g. ``torch._int_mm``'s output); made contiguous here.
+        scale, bias: (N,) float32, per output channel.
+        activation: "none" or "gelu" (erf GELU, as ``nn.GELU()``).
+        out_step: <= 0 returns float32 y = act(acc·scale + bias); > 0 requantizes y to
+            u = clamp(round(y / out_step) + out_zero_point, out_qmin, out_qmax) (exact division,
+            round half to even, NaN -> out_qmin).
+        out_zero_point, out_qmin, out_qmax: the output grid (with out_step > 0). The result is
+            uint8 when [out_qmin, out_qmax] lies in [0, 255], else int8 (it must lie in [-128, 127]).
+
+    Returns:
+        (M, N) float32, uint8 or int8.
+    """
+    activation, out_step, zp, qmin, qmax, _ = check_int8_linear_epilogue_args(
+        acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax)
+    if not integer_kernels_available(acc.device):
+        return reference.int8_linear_epilogue(acc, scale, bias, activation, out_step, zp, qmin, qmax)
+    return torch.ops.maskaq.int8_linear_epilogue(acc.contiguous(), scale.contiguous(), bias.contiguous(),
+                                                 activation, out_step, zp, qmin, qmax)
+
+
+def int8_attention(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point=0, k_zero_point=0,
+                   v_zero_point=0):
+    """Attention on integer operands, as maskaq.integer.IntAttention runs it (inference only).
+
+    Args:
+        q, k, v: (B, H, N, d) int8 (made contiguous here). The integers of the products are
+            q − q_zero_point, k − k_zero_point, v − v_zero_point (zero points default to 0), so
+            grids that do not fit int8 once centred (e.g. [-127, 128]) are passed shifted.
+        scale_qk: the softmax scale of the integer logits (α_q·α_k·d^-½ for IntAttention).
+        p_step, p_zero_point, p_qmin, p_qmax: P's grid (at most 256 levels).
+
+    S = q̃·k̃ᵀ exactly (int32; on CUDA on int8 tensor cores), P = softmax(float(S)·scale_qk) in
+    float32, P̃ = clamp(round(P / p_step) + p_zero_point, p_qmin, p_qmax) − p_zero_point,
+    O = P̃·ṽ exactly (int32).
+
+    Returns:
+        O as float32 (B, H, N, d); the caller folds the remaining scale α_p·α_v.
+    """
+    args = check_int8_attention_args(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point,
+                                     k_zero_point, v_zero_point)
+    if not integer_kernels_available(q.device):
+        return reference.int8_attention(q, k, v, *args)
+    return torch.ops.maskaq.int8_attention(q.contiguous(), k.contiguous(), v.contiguous(), *args)
+
+
 # --------------------------------------------------------------------------------------
 # Fake kernels and autograd (only when the compiled ops exist)
 
@@ -162,6 +226,15 @@ def _align_fake(cls_t, cls_q, rand, ratio, keep):
 
 def _align_backward_fake(grad, cls_t, cls_q, mask):
     return cls_q.new_empty(cls_q.shape)
+
+
+def _int8_linear_epilogue_fake(acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax):
+    return acc.new_empty(acc.shape, dtype=epilogue_out_dtype(out_step, out_qmin, out_qmax))
+
+
+def _int8_attention_fake(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point=0,
+                         k_zero_point=0, v_zero_point=0):
+    return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def _fq_attention_setup(ctx, inputs, output):
@@ -217,6 +290,8 @@ def _register():
         ("patch_similarity_entropy_backward", _entropy_backward_fake),
         ("masked_attention_align", _align_fake),
         ("masked_attention_align_backward", _align_backward_fake),
+        ("int8_linear_epilogue", _int8_linear_epilogue_fake),
+        ("int8_attention", _int8_attention_fake),
     ):
         torch.library.register_fake(lib + name, fake)
     torch.library.register_autograd(lib + "fq_attention", _fq_attention_backward, setup_context=_fq_attention_setup)

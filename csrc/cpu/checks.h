@@ -9,12 +9,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
 #include <string>
+
+#include <c10/util/string_view.h>
 
 namespace maskaq {
 namespace checks {
@@ -336,6 +339,159 @@ inline void check_align_backward_inputs(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK_VALUE(mask.size(0) == cls_t.size(1) && mask.size(1) == cls_t.size(3),
                     "mask must have shape (B, M) = (", cls_t.size(1), ", ", cls_t.size(3), "), got ",
                     shape_of(mask));
+}
+
+// ---------------------------------------------------------------------------------------
+// int8_linear_epilogue
+
+enum class Activation : int { kNone = 0, kGelu = 1 };
+
+// The epilogue's parameters, validated: activation, and the requantization (when out_step > 0).
+struct EpilogueSpec {
+  Activation activation = Activation::kNone;
+  bool requantize = false;
+  at::ScalarType out_dtype = at::kFloat;  // kFloat, kByte (uint8) or kChar (int8)
+  double step = 0;
+  int64_t zero_point = 0, qmin = 0, qmax = 0;
+};
+
+// The output grid of the epilogue as the kernels use it, in float. t_lo / t_hi clamp y/step one
+// level beyond the grid before rounding, so the rounding never sees values out of int range.
+struct Requant {
+  float step, zero_point, lo, hi, t_lo, t_hi;
+};
+
+inline Requant requant_grid(const EpilogueSpec& spec) {
+  if (!spec.requantize) return Requant{1.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  return Requant{static_cast<float>(spec.step),
+                 static_cast<float>(spec.zero_point),
+                 static_cast<float>(spec.qmin),
+                 static_cast<float>(spec.qmax),
+                 static_cast<float>(spec.qmin - spec.zero_point - 1),
+                 static_cast<float>(spec.qmax - spec.zero_point + 1)};
+}
+
+// acc (M, N) int32, scale / bias (N,) float32, one device. Returns the parsed parameters.
+inline EpilogueSpec check_int8_linear_epilogue(const at::Tensor& acc, const at::Tensor& scale,
+                                               const at::Tensor& bias, c10::string_view activation,
+                                               double out_step, int64_t out_zero_point,
+                                               int64_t out_qmin, int64_t out_qmax) {
+  check_defined(acc, "acc");
+  const auto device = acc.device();
+  check_dtype(acc, "acc", at::kInt);
+  check_dim(acc, "acc", 2, "(M, N) int32 GEMM accumulators");
+  check_contiguous(acc, "acc");
+  for (const auto* entry : {&scale, &bias}) {
+    const char* name = entry == &scale ? "scale" : "bias";
+    check_defined(*entry, name);
+    check_device(*entry, name, device);
+    check_dtype(*entry, name, at::kFloat);
+    check_dim(*entry, name, 1, "(N,) per output channel");
+    check_contiguous(*entry, name);
+    check_size(*entry, name, 0, acc.size(1), "N, the columns of acc");
+  }
+  EpilogueSpec spec;
+  if (activation == "none") {
+    spec.activation = Activation::kNone;
+  } else if (activation == "gelu") {
+    spec.activation = Activation::kGelu;
+  } else {
+    TORCH_CHECK_VALUE(false, "activation must be \"none\" or \"gelu\" (erf GELU, as nn.GELU()), got \"",
+                      std::string(activation.data(), activation.size()), "\"");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(out_step), "out_step must be finite (> 0 requantizes, <= 0 returns "
+                    "float32), got ", out_step);
+  if (!(out_step > 0)) return spec;
+  spec.requantize = true;
+  spec.step = out_step;
+  spec.zero_point = out_zero_point;
+  spec.qmin = out_qmin;
+  spec.qmax = out_qmax;
+  TORCH_CHECK_VALUE(out_qmin < out_qmax, "out_qmin = ", out_qmin, " must be below out_qmax = ", out_qmax);
+  TORCH_CHECK_VALUE(out_zero_point >= -kMaxQuantLevel && out_zero_point <= kMaxQuantLevel,
+                    "out_zero_point must lie in [", -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ",
+                    out_zero_point);
+  if (out_qmin >= 0 && out_qmax <= 255) {
+    spec.out_dtype = at::kByte;
+  } else if (out_qmin >= -128 && out_qmax <= 127) {
+    spec.out_dtype = at::kChar;
+  } else {
+    TORCH_CHECK_VALUE(false, "[out_qmin, out_qmax] = [", out_qmin, ", ", out_qmax, "] must fit uint8 "
+                      "[0, 255] or int8 [-128, 127] (the requantized output is one byte)");
+  }
+  return spec;
+}
+
+// ---------------------------------------------------------------------------------------
+// int8_attention
+
+// The parameters of one int8_attention call, validated.
+struct Int8AttentionSpec {
+  int64_t B = 0, H = 0, N = 0, d = 0;
+  int64_t p_lo = 0, p_hi = 0;  // range of the P integers P_q − p_zero_point
+  // Largest |integer| of the products' sums, bounded from the ranges: d·max|q̃|·max|k̃| and
+  // N·max|P̃|·max|ṽ|; both fit int32 (checked), and float32 arithmetic is exact below 2^24.
+  int64_t score_bound = 0, out_bound = 0;
+};
+
+// Largest |x − zero_point| over the int8 values x.
+inline int64_t int8_magnitude(int64_t zero_point) {
+  const int64_t a = -128 - zero_point, b = 127 - zero_point;
+  return std::max(a < 0 ? -a : a, b < 0 ? -b : b);
+}
+
+inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              double scale_qk, double p_step, int64_t p_zero_point,
+                                              int64_t p_qmin, int64_t p_qmax, int64_t q_zero_point,
+                                              int64_t k_zero_point, int64_t v_zero_point) {
+  check_defined(q, "q");
+  const auto device = q.device();
+  for (const auto* entry : {&q, &k, &v}) {
+    const char* name = entry == &q ? "q" : (entry == &k ? "k" : "v");
+    check_defined(*entry, name);
+    check_device(*entry, name, device);
+    check_dtype(*entry, name, at::kChar);
+    check_dim(*entry, name, 4, "(B, H, N, d) int8");
+    check_contiguous(*entry, name);
+  }
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+                    "q, k and v must have one shape (B, H, N, d), got ", shape_of(q), ", ",
+                    shape_of(k), ", ", shape_of(v));
+  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
+                    "channels, got shape ", shape_of(q));
+  TORCH_CHECK_VALUE(std::isfinite(scale_qk), "scale_qk must be finite, got ", scale_qk);
+  TORCH_CHECK_VALUE(std::isfinite(p_step) && p_step > 0, "p_step must be positive and finite, got ",
+                    p_step);
+  TORCH_CHECK_VALUE(p_qmin < p_qmax, "p_qmin = ", p_qmin, " must be below p_qmax = ", p_qmax);
+  // 8-bit probabilities at most: the CUDA kernel shifts them into int8 for the tensor cores.
+  TORCH_CHECK_VALUE(p_qmax - p_qmin <= 255, "the P grid [p_qmin, p_qmax] = [", p_qmin, ", ", p_qmax,
+                    "] is wider than 8 bits (at most 256 levels)");
+  const int64_t zps[4] = {p_zero_point, q_zero_point, k_zero_point, v_zero_point};
+  const int64_t ends[2] = {p_qmin, p_qmax};
+  for (int64_t z : zps) {
+    TORCH_CHECK_VALUE(z >= -kMaxQuantLevel && z <= kMaxQuantLevel, "zero points must lie in [",
+                      -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", z);
+  }
+  for (int64_t e : ends) {
+    TORCH_CHECK_VALUE(e >= -kMaxQuantLevel && e <= kMaxQuantLevel, "p_qmin/p_qmax must lie in [",
+                      -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", e);
+  }
+  Int8AttentionSpec spec;
+  spec.B = q.size(0), spec.H = q.size(1), spec.N = q.size(2), spec.d = q.size(3);
+  spec.p_lo = p_qmin - p_zero_point;
+  spec.p_hi = p_qmax - p_zero_point;
+  const int64_t p_mag = std::max(spec.p_lo < 0 ? -spec.p_lo : spec.p_lo, spec.p_hi < 0 ? -spec.p_hi : spec.p_hi);
+  // Bounds in double: the products of int64 factors below cannot overflow it meaningfully.
+  const double score_bound = static_cast<double>(spec.d) * int8_magnitude(q_zero_point) * int8_magnitude(k_zero_point);
+  const double out_bound = static_cast<double>(spec.N) * p_mag * int8_magnitude(v_zero_point);
+  TORCH_CHECK_VALUE(score_bound <= INT32_MAX, "q·kᵀ could overflow int32: d·max|q − z_q|·max|k − z_k| = ",
+                    score_bound, " > 2^31 − 1 (head dim ", spec.d, ", zero points ", q_zero_point, ", ",
+                    k_zero_point, ")");
+  TORCH_CHECK_VALUE(out_bound <= INT32_MAX, "P·v could overflow int32: N·max|P_q − z_p|·max|v − z_v| = ",
+                    out_bound, " > 2^31 − 1 (N = ", spec.N, " tokens)");
+  spec.score_bound = static_cast<int64_t>(score_bound);
+  spec.out_bound = static_cast<int64_t>(out_bound);
+  return spec;
 }
 
 }  // namespace checks
