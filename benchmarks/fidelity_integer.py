@@ -10,8 +10,6 @@ images instead (when the teacher checkpoint is not there).
     python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--json out.json]
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -116,10 +114,8 @@ def main(argv=None) -> int:
             line += f" {r['top1_fakequant']:>8.2f} {r['top1_integer']:>8.2f}"
         print(line)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
+        from maskaq._files import write_json
+        write_json(args.json, records, indent=1)
         print(f"wrote {args.json}")
     return 0 if all(r["agreement_pct"] >= 99.5 for r in records) else 1
 

@@ -12,9 +12,13 @@ def is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result over ``path``, so a crash never leaves half a file."""
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` and move the result over ``path``, so a crash never leaves half a file.
+
+    The parent directory is created if needed. Returns ``path``.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -24,6 +28,34 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return repr(obj)
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+    """``obj`` as JSON (tensors, numpy scalars and paths converted), written atomically."""
+    import json
+
+    text = json.dumps(obj, indent=indent, default=_json_default) + "\n"
+    return atomic_write_bytes(path, text.encode())
 
 
 def save_tensors_and_json(directory, state: dict, meta: dict, weights_name: str, config_name: str, fmt: str) -> Path:

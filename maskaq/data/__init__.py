@@ -6,13 +6,14 @@ full pass over the 60k training images costs almost nothing next to the model.
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from maskaq._files import atomic_write
 
 __all__ = ["FMNIST_MEAN", "FMNIST_STD", "FMNIST_CLASSES", "DEBIAN_FMNIST_ROOT", "BUNDLED_TEST_NPZ",
            "FashionMNIST", "fashion_mnist", "read_idx", "ImageFolder", "image_folder"]
@@ -123,10 +124,12 @@ def write_bundled_test_split(root=DEBIAN_FMNIST_ROOT, out=BUNDLED_TEST_NPZ) -> P
     """(Re)create the bundled test split npz from the idx files (maintainer tool)."""
     images, labels = _load_split_from_dir(Path(root), "test")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=images, labels=labels)
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez_compressed(f, images=images, labels=labels)
+
+    return atomic_write(out, write)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

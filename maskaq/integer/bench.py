@@ -421,10 +421,8 @@ def format_table(records: list[dict]) -> str:
 
 
 def write_json(records: list[dict], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    from maskaq._files import write_json as write_json_file
+    write_json_file(path, records, indent=1)
 
 
 def plot_speedups(records: list[dict], path: str) -> None:
@@ -450,10 +448,9 @@ def plot_speedups(records: list[dict], path: str) -> None:
     ax.set_ylabel("speedup vs FP (fp32 on CPU, fp16 on CUDA)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    from maskaq._files import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _needs_child(args) -> bool:

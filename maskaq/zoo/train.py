@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from maskaq._files import atomic_write, atomic_write_bytes
+
 DEFAULT_MODEL_ARGS = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
                           depth=6, num_heads=3, mlp_ratio=2.0, global_pool="token")
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -131,15 +133,11 @@ def test_accuracy(model, images, labels, device, batch_size=1000) -> float:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _plain_args(args) -> dict:
@@ -187,10 +185,12 @@ def export_teacher(model, model_args: dict, summary: dict, directory, name: str 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.safetensors"
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; the file ships in the package
-    os.replace(tmp, weights)
+
+    def write_weights(tmp):
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # the temporary file is 0600; the weights ship in the package
+
+    atomic_write(weights, write_weights)
     config = {
         "architecture": "vit_fmnist",
         "model_class": "timm.models.vision_transformer.VisionTransformer",
