@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskaq.distill.losses import head_distillation_block, head_distillation_loss, kd_loss, token_weights
 from maskaq.distill.trainer import QATConfig, QATTrainer, refresh_schedule

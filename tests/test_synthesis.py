@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from maskaq import reference
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import QATAugment, SynthesisAugment, scaled_pixels
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
