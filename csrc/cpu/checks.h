@@ -276,10 +276,10 @@ inline void check_entropy_grad(const at::Tensor& grad, const at::Tensor& logits)
 // ---------------------------------------------------------------------------------------
 // masked_attention_align
 
-// cls_t, cls_q (L, B, H, M), rand (B, M); returns (L, B, H, M).
-inline std::array<int64_t, 4> check_align_inputs(const at::Tensor& cls_t, const at::Tensor& cls_q,
-                                                 const at::Tensor& rand, double ratio, double keep,
-                                                 std::initializer_list<at::ScalarType> dtypes) {
+// cls_t and cls_q: the CLS rows (L, B, H, M) of T and Q, one device, dtype and shape.
+// Returns their device.
+inline c10::Device check_cls_pair(const at::Tensor& cls_t, const at::Tensor& cls_q,
+                                  std::initializer_list<at::ScalarType> dtypes) {
   check_defined(cls_t, "cls_t");
   const auto device = cls_t.device();
   check_input(cls_t, "cls_t", device, 4, "(L, B, H, M)", dtypes);
@@ -290,6 +290,14 @@ inline std::array<int64_t, 4> check_align_inputs(const at::Tensor& cls_t, const 
   TORCH_CHECK_VALUE(cls_t.size(0) >= 1 && cls_t.size(2) >= 1 && cls_t.size(3) >= 1,
                     "cls_t needs L >= 1 blocks, H >= 1 heads and M >= 1 keys, got shape ",
                     shape_of(cls_t));
+  return device;
+}
+
+// cls_t, cls_q (L, B, H, M), rand (B, M); returns (L, B, H, M).
+inline std::array<int64_t, 4> check_align_inputs(const at::Tensor& cls_t, const at::Tensor& cls_q,
+                                                 const at::Tensor& rand, double ratio, double keep,
+                                                 std::initializer_list<at::ScalarType> dtypes) {
+  const auto device = check_cls_pair(cls_t, cls_q, dtypes);
   check_defined(rand, "rand");
   check_device(rand, "rand", device);
   TORCH_CHECK_TYPE(at::isFloatingType(rand.scalar_type()), "rand must be a floating tensor of "
@@ -320,16 +328,7 @@ inline int64_t align_keep_k(int64_t top_k, double keep) {
 inline void check_align_backward_inputs(const at::Tensor& grad, const at::Tensor& cls_t,
                                         const at::Tensor& cls_q, const at::Tensor& mask,
                                         std::initializer_list<at::ScalarType> dtypes) {
-  check_defined(cls_t, "cls_t");
-  const auto device = cls_t.device();
-  check_input(cls_t, "cls_t", device, 4, "(L, B, H, M)", dtypes);
-  check_input(cls_q, "cls_q", device, 4, "(L, B, H, M)", dtypes);
-  check_same_dtype(cls_q, "cls_q", cls_t, "cls_t");
-  TORCH_CHECK_VALUE(cls_q.sizes() == cls_t.sizes(), "cls_t and cls_q must have one shape "
-                    "(L, B, H, M), got ", shape_of(cls_t), " and ", shape_of(cls_q));
-  TORCH_CHECK_VALUE(cls_t.size(0) >= 1 && cls_t.size(2) >= 1 && cls_t.size(3) >= 1,
-                    "cls_t needs L >= 1 blocks, H >= 1 heads and M >= 1 keys, got shape ",
-                    shape_of(cls_t));
+  const auto device = check_cls_pair(cls_t, cls_q, dtypes);
   check_defined(grad, "grad");
   check_device(grad, "grad", device);
   check_same_dtype(grad, "grad", cls_t, "cls_t");
