@@ -59,6 +59,16 @@ def assert_levels_close(got, expected, max_share=2e-3):
     assert diff.bool().float().mean().item() <= max_share
 
 
+def assert_epilogue_close(got, expected, activation):
+    """Exact without GELU; with it, float outputs to 1e-6 and quantized ones within assert_levels_close."""
+    if activation == "none":
+        assert torch.equal(got, expected)
+    elif got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert_levels_close(got, expected)
+
+
 @needs_ext
 @pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
 @pytest.mark.parametrize("requant", REQUANTS)
@@ -68,12 +78,7 @@ def test_epilogue_matches_reference(shape, requant, activation):
     got = torch.ops.maskaq.int8_linear_epilogue(acc, scale, bias, activation, *requant)
     expected = ref.int8_linear_epilogue(acc, scale, bias, activation, *requant)
     assert got.dtype == expected.dtype == ref.epilogue_out_dtype(*[requant[i] for i in (0, 2, 3)])
-    if activation == "none":
-        assert torch.equal(got, expected)
-    elif got.dtype == torch.float32:
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    else:
-        assert_levels_close(got, expected)
+    assert_epilogue_close(got, expected, activation)
     if requant[0] > 0 and got.numel() >= 100:  # the grid is really exercised: clamping and interior levels
         lo, hi = requant[2], requant[3]
         assert got.max().item() == hi and ((got > lo) & (got < hi)).any()
@@ -441,12 +446,7 @@ def test_cuda_epilogue_matches_reference(shape, requant, activation):
     offset = torch.cat([torch.zeros(1), scale]).cuda()[1:], torch.cat([torch.zeros(1), bias]).cuda()[1:]
     for s, b in ((scale.cuda(), bias.cuda()), offset):
         got = torch.ops.maskaq.int8_linear_epilogue(acc.cuda(), s, b, activation, *requant).cpu()
-        if activation == "none":
-            assert torch.equal(got, expected)
-        elif got.dtype == torch.float32:
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-        else:
-            assert_levels_close(got, expected)
+        assert_epilogue_close(got, expected, activation)
 
 
 def assert_attention_close(got, expected, v, zv, max_rows_share=0.02, max_flips=3):
