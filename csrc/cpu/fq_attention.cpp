@@ -10,6 +10,7 @@
 // zero-point gradients do not depend on the thread count.
 // float32 and float64 (float64 serves gradcheck).
 #include "checks.h"
+#include "vec8.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -159,70 +160,13 @@ inline void softmax_backward_row(const T* p, T* g, const T* grad_logits, int64_t
 }
 
 // ---------------------------------------------------------------------------------------
-// float32 row kernels with explicit 8-lane vectors (GCC/Clang vector extensions), built for
-// AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones), so the
-// compiled extension runs on any x86-64 and uses what the CPU has. Auto-vectorization of
-// the templates above proved fragile (the exp loop stayed scalar once inlined), so the hot
-// loops say what they mean. Other compilers/architectures use the scalar templates.
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
-#define MASKAQ_SIMD 1
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define MASKAQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MASKAQ_CLONES
-#endif
+// float32 row kernels with explicit 8-lane vectors (vec8.h: built for AVX-512, AVX2 and
+// baseline x86-64, picked at load time). Other compilers/architectures use the scalar
+// templates above.
+#if defined(MASKAQ_SIMD)
 
-#if defined(__GNUC__) && !defined(__clang__)
-// The 32-byte vectors never cross a non-inlined boundary outside this file, so the note
-// that their ABI differs with and without AVX does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-inline vf8 vload(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void vstore(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf8 vsplat(float x) { return vf8{} + x; }
-inline vf8 vselect(vi8 m, vf8 a, vf8 b) { return (vf8)((m & (vi8)a) | (~m & (vi8)b)); }
-// std::max(t, lo) / std::min(t, hi) lane by lane (a NaN t stays NaN, like torch.clamp)
-inline vf8 vmax_keep(vf8 t, vf8 lo) { return vselect(t < lo, lo, t); }
-inline vf8 vmin_keep(vf8 t, vf8 hi) { return vselect(hi < t, hi, t); }
-inline vf8 vround_small(vf8 x) {
-  const vf8 magic = vsplat(RoundMagic<float>::value);
-  return (x + magic) - magic;
-}
-inline float hsum(vf8 v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-inline float hmax(vf8 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-// Lane-wise exp_nonpositive (same polynomial as the scalar one).
-inline vf8 vexp_nonpositive(vf8 x) {
-  x = vmax_keep(x, vsplat(-87.33654f));
-  const vf8 n = vround_small(x * 1.44269504088896341f);
-  vf8 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf8 y = vsplat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  return y * (vf8)bits;
-}
+// Lane-wise exp_nonpositive (same polynomial and clamp as the scalar one).
+MASKAQ_VINLINE vf8 vexp_nonpositive(vf8 x) { return vexp_bounded(vmax_keep(x, vsplat(-87.33654f))); }
 
 MASKAQ_CLONES void softmax_row_f32(const float* a, float* p, int64_t n, float scale) {
   const int64_t nv = n - n % kLanes;

@@ -33,6 +33,7 @@
 #endif
 
 #include "float_math.h"
+#include "vec8.h"
 
 namespace maskaq {
 namespace {
@@ -71,59 +72,10 @@ inline void store_scalar(void* out, int64_t j, float y, OutKind kind, const chec
   }
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
-#define MASKAQ_EPILOGUE_SIMD 1
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define MASKAQ_EPILOGUE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MASKAQ_EPILOGUE_CLONES
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-// The 32-byte vectors never cross a non-inlined boundary outside this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#if defined(MASKAQ_SIMD)
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef uint8_t vu8 __attribute__((vector_size(8)));
-typedef int8_t vs8 __attribute__((vector_size(8)));
-constexpr int64_t kLanes = 8;
-
-// The vector helpers are always inlined: called across the target clones, a 32-byte vector argument
-// would be passed differently by an AVX caller and a baseline callee.
-#define MASKAQ_VINLINE inline __attribute__((always_inline))
-
-template <typename V, typename T>
-MASKAQ_VINLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename V, typename T>
-MASKAQ_VINLINE void vstore(T* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-MASKAQ_VINLINE vf8 vsplat(float x) { return vf8{} + x; }
-MASKAQ_VINLINE vf8 vselect(vi8 m, vf8 a, vf8 b) { return (vf8)((m & (vi8)a) | (~m & (vi8)b)); }
-MASKAQ_VINLINE vf8 vround_small(vf8 x) { return (x + fmath::kRoundMagic) - fmath::kRoundMagic; }
-
-// The lane-wise twins of float_math.h's exp_bounded / erf_float / gelu: same operations, same order.
-MASKAQ_VINLINE vf8 vexp_bounded(vf8 x) {
-  using namespace fmath::exp_coef;
-  const vf8 n = vround_small(x * kLog2e);
-  vf8 r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  vf8 y = vsplat(c0);
-  y = y * r + c1;
-  y = y * r + c2;
-  y = y * r + c3;
-  y = y * r + c4;
-  y = y * r + c5;
-  y = y * (r * r) + r + 1.0f;
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  return y * (vf8)bits;
-}
-
+// The lane-wise twins of float_math.h's erf_float / gelu (exp_bounded's is in vec8.h): same
+// operations, same order.
 MASKAQ_VINLINE vf8 verf(vf8 x) {
   using namespace fmath::erf_coef;
   const vi8 sign = (vi8)x & static_cast<int32_t>(0x80000000u);
@@ -173,7 +125,7 @@ MASKAQ_VINLINE vi8 vrequantize(vf8 y, const checks::Requant& rq) {
 }
 
 // One row of `cols` columns; `gelu` and `kind` are loop-invariant (the branches predict perfectly).
-MASKAQ_EPILOGUE_CLONES void epilogue_row(const int32_t* acc, const float* scale, const float* bias, void* out,
+MASKAQ_CLONES void epilogue_row(const int32_t* acc, const float* scale, const float* bias, void* out,
                                          int64_t cols, bool gelu, OutKind kind, const checks::Requant& rq) {
   const int64_t nv = cols - cols % kLanes;
   for (int64_t j = 0; j < nv; j += kLanes) {
@@ -199,7 +151,7 @@ void epilogue_row(const int32_t* acc, const float* scale, const float* bias, voi
                   OutKind kind, const checks::Requant& rq) {
   for (int64_t j = 0; j < cols; ++j) store_scalar(out, j, epilogue_value(acc[j], scale[j], bias[j], gelu), kind, rq);
 }
-#endif  // MASKAQ_EPILOGUE_SIMD
+#endif  // MASKAQ_SIMD
 
 }  // namespace
 }  // namespace maskaq

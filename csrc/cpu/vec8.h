@@ -1,0 +1,96 @@
+// 8-lane float32 vectors (GCC/Clang vector extensions) shared by the CPU kernels' hot loops.
+//
+// Kernels that use them are built for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (MASKAQ_CLONES = target_clones), so the extension runs on any x86-64 and uses what the CPU has.
+// Auto-vectorization proved fragile for these loops (an exp loop stayed scalar once inlined), so
+// they say what they mean. Without MASKAQ_SIMD (other compilers/architectures) the kernels keep
+// their scalar loops.
+//
+// Everything here has internal linkage and is always inlined: called across target clones, a
+// 32-byte vector argument would be passed differently by an AVX caller and a baseline callee, and
+// a file may compile these helpers with its own floating-point options (int_epilogue.cpp turns
+// FMA contraction off).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
+#define MASKAQ_SIMD 1
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define MASKAQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MASKAQ_CLONES
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+// The vectors never cross a non-inlined call (see above), so GCC's note that their ABI differs
+// with and without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#define MASKAQ_VINLINE inline __attribute__((always_inline))
+
+namespace maskaq {
+namespace {
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint8_t vu8 __attribute__((vector_size(8)));
+typedef int8_t vs8 __attribute__((vector_size(8)));
+constexpr int64_t kLanes = 8;
+
+// Unaligned loads and stores: vload(p) reads 8 floats, vload<vi8>(p) 8 int32.
+template <typename V = vf8, typename T>
+MASKAQ_VINLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+MASKAQ_VINLINE void vstore(T* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+MASKAQ_VINLINE vf8 vsplat(float x) { return vf8{} + x; }
+MASKAQ_VINLINE vf8 vselect(vi8 m, vf8 a, vf8 b) { return (vf8)((m & (vi8)a) | (~m & (vi8)b)); }
+// std::max(t, lo) / std::min(t, hi) lane by lane (a NaN t stays NaN, like torch.clamp)
+MASKAQ_VINLINE vf8 vmax_keep(vf8 t, vf8 lo) { return vselect(t < lo, lo, t); }
+MASKAQ_VINLINE vf8 vmin_keep(vf8 t, vf8 hi) { return vselect(hi < t, hi, t); }
+
+// Round half to even for |x| <= 2^22: adding 1.5·2^23 pushes the fraction out of the mantissa
+// under the default rounding mode (the same trick as the scalar kernels, bit for bit).
+MASKAQ_VINLINE vf8 vround_small(vf8 x) {
+  const float magic = 12582912.0f;
+  return (x + magic) - magic;
+}
+
+MASKAQ_VINLINE float hsum(vf8 v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+MASKAQ_VINLINE float hmax(vf8 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = m < v[i] ? v[i] : m;
+  return m;
+}
+
+// exp(x) for x in [-87, 0] without a range clamp (callers bound or clamp x): Cephes' expf
+// polynomial, about 1 ulp, the lane-wise twin of the scalar exp of the CPU kernels.
+MASKAQ_VINLINE vf8 vexp_bounded(vf8 x) {
+  const vf8 n = vround_small(x * 1.44269504088896341f);
+  vf8 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf8 y = vsplat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
+  return y * (vf8)bits;
+}
+
+}  // namespace
+}  // namespace maskaq
+
+#endif  // SIMD-capable compiler and architecture
