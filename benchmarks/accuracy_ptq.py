@@ -17,8 +17,6 @@ Target: W8A8 with real calibration within 0.5 pt of FP top-1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
@@ -206,12 +204,8 @@ def main(argv=None) -> int:
             "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "extension": maskaq.extension_info(), "rows": rows, "target": target,
         }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        from maskaq._files import write_json
+        print(f"wrote {write_json(args.json, report)}")
     return 0
 
 

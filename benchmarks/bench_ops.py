@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -209,12 +207,8 @@ def run(args):
                 })
             print_rows(records[-len(row):])
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        from maskaq._files import write_json
+        print(f"wrote {write_json(args.json, records, indent=1)}")
     return 0
 
 

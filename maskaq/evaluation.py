@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -158,11 +157,8 @@ def run(args) -> int:
     if args.json == "-":
         print(json.dumps(report))
     elif args.json is not None:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+        from maskaq._files import write_json
+        write_json(args.json, report)
     return 0
 
 
