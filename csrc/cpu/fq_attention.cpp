@@ -298,6 +298,46 @@ struct Problem {
   int64_t B, H, N, d;
   double scale;
   checks::QuantSpec spec;
+
+  // Elements seen by quantizer i (q, k, P, v): P is (B, H, N, N), the others (B, H, N, d).
+  int64_t operand_numel(int i) const { return B * H * N * (i == 2 ? N : d); }
+};
+
+// The four quantizers (q, k, P, v) of a quantized problem; left default without quantization.
+template <typename T>
+void make_quantizers(const Problem& pb, Quantizer<T> (&fq)[4]) {
+  if (!pb.spec.enabled) return;
+  for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i, pb.operand_numel(i));
+}
+
+// The q, k, v operands of one (batch, head) slice as 2-D (N, d) tensors: fake-quantized copies in
+// per-thread buffers when quantizing, else views of the inputs.
+template <typename T>
+class SliceOperands {
+ public:
+  SliceOperands(bool quant, int64_t N, int64_t d, const at::TensorOptions& opts)
+      : quant_(quant), N_(N), d_(d), opts_(opts) {
+    if (quant_) qh_ = at::empty({N, d}, opts), kh_ = at::empty({N, d}, opts), vh_ = at::empty({N, d}, opts);
+  }
+
+  void load(const T* qs, const T* ks, const T* vs, const Quantizer<T> (&fq)[4]) {
+    if (quant_) {
+      fake_quant(qs, qh_.data_ptr<T>(), N_ * d_, fq[0]);
+      fake_quant(ks, kh_.data_ptr<T>(), N_ * d_, fq[1]);
+      fake_quant(vs, vh_.data_ptr<T>(), N_ * d_, fq[3]);
+      q = qh_, k = kh_, v = vh_;
+    } else {
+      q = wrap(qs, N_, d_, opts_), k = wrap(ks, N_, d_, opts_), v = wrap(vs, N_, d_, opts_);
+    }
+  }
+
+  at::Tensor q, k, v;
+
+ private:
+  bool quant_;
+  int64_t N_, d_;
+  at::TensorOptions opts_;
+  at::Tensor qh_, kh_, vh_;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -311,10 +351,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto opts = q.options();
   const T scale = static_cast<T>(pb.scale);
   Quantizer<T> fq[4];
-  if (quant) {
-    const int64_t numel[4] = {q.numel(), k.numel(), slices * N * N, v.numel()};
-    for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i, numel[i]);
-  }
+  make_quantizers(pb, fq);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -323,34 +360,22 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     // Per-thread workspace: quantized operands and one N x N block (logits, then P).
-    at::Tensor qh = quant ? at::empty({N, d}, opts) : at::Tensor();
-    at::Tensor kh = quant ? at::empty({N, d}, opts) : at::Tensor();
-    at::Tensor vh = quant ? at::empty({N, d}, opts) : at::Tensor();
+    SliceOperands<T> x(quant, N, d, opts);
     at::Tensor pbuf = at::empty({N, N}, opts);
     at::Tensor abuf = lp != nullptr ? at::Tensor() : pbuf;  // without returned logits, P overwrites A
     T* pptr = pbuf.data_ptr<T>();
     for (int64_t s = begin; s < end; ++s) {
-      const T* qs = qp + s * N * d;
-      const T* ks = kp + s * N * d;
-      const T* vs = vp + s * N * d;
-      at::Tensor q2, k2, v2;
-      if (quant) {
-        fake_quant(qs, qh.data_ptr<T>(), N * d, fq[0]);
-        fake_quant(ks, kh.data_ptr<T>(), N * d, fq[1]);
-        fake_quant(vs, vh.data_ptr<T>(), N * d, fq[3]);
-        q2 = qh, k2 = kh, v2 = vh;
-      } else {
-        q2 = wrap(qs, N, d, opts), k2 = wrap(ks, N, d, opts), v2 = wrap(vs, N, d, opts);
-      }
+      const int64_t off = s * N * d;
+      x.load(qp + off, kp + off, vp + off, fq);
       at::Tensor a2 = lp != nullptr ? wrap(lp + s * N * N, N, N, opts) : abuf;
-      at::mm_out(a2, q2, k2.t());
+      at::mm_out(a2, x.q, x.k.t());
       const T* ap = a2.data_ptr<T>();
       for (int64_t i = 0; i < N; ++i) {
         softmax_row(ap + i * N, pptr + i * N, N, scale);
         if (quant) fake_quant(pptr + i * N, pptr + i * N, N, fq[2]);
       }
-      at::Tensor o2 = wrap(op + s * N * d, N, d, opts);
-      at::mm_out(o2, pbuf, v2);
+      at::Tensor o2 = wrap(op + off, N, d, opts);
+      at::mm_out(o2, pbuf, x.v);
     }
   });
 }
@@ -388,10 +413,7 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
   const auto opts = q.options();
   const T scale = static_cast<T>(pb.scale);
   Quantizer<T> fq[4];
-  if (quant) {
-    const int64_t numel[4] = {q.numel(), k.numel(), slices * N * N, v.numel()};
-    for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i, numel[i]);
-  }
+  make_quantizers(pb, fq);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -401,9 +423,7 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
   T* gvp = gv.data_ptr<T>();
 
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor qh = quant ? at::empty({N, d}, opts) : at::Tensor();
-    at::Tensor kh = quant ? at::empty({N, d}, opts) : at::Tensor();
-    at::Tensor vh = quant ? at::empty({N, d}, opts) : at::Tensor();
+    SliceOperands<T> x(quant, N, d, opts);
     at::Tensor pbuf = at::empty({N, N}, opts);                          // A, then P
     at::Tensor phbuf = quant ? at::empty({N, N}, opts) : pbuf;          // P̂
     at::Tensor gbuf = at::empty({N, N}, opts);                          // dP̂ -> dP -> dA
@@ -413,23 +433,15 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
     for (int64_t s = begin; s < end; ++s) {
       const int64_t off = s * N * d;
       double* acc = &sums[s * 8];  // (α, z) sums of the q, k, p, v quantizers
-      at::Tensor q2, k2, v2;
-      if (quant) {
-        fake_quant(qp + off, qh.data_ptr<T>(), N * d, fq[0]);
-        fake_quant(kp + off, kh.data_ptr<T>(), N * d, fq[1]);
-        fake_quant(vp + off, vh.data_ptr<T>(), N * d, fq[3]);
-        q2 = qh, k2 = kh, v2 = vh;
-      } else {
-        q2 = wrap(qp + off, N, d, opts), k2 = wrap(kp + off, N, d, opts), v2 = wrap(vp + off, N, d, opts);
-      }
-      at::mm_out(pbuf, q2, k2.t());
+      x.load(qp + off, kp + off, vp + off, fq);
+      at::mm_out(pbuf, x.q, x.k.t());
       for (int64_t i = 0; i < N; ++i) {
         softmax_row(pptr + i * N, pptr + i * N, N, scale);
         if (quant) fake_quant(pptr + i * N, phptr + i * N, N, fq[2]);
       }
       at::Tensor go2 = wrap(gop + off, N, d, opts);
       at::Tensor gv2 = wrap(gvp + off, N, d, opts);
-      at::mm_out(gbuf, go2, v2.t());     // dP̂
+      at::mm_out(gbuf, go2, x.v.t());     // dP̂
       at::mm_out(gv2, phbuf.t(), go2);   // dv̂
       const T* gl = grad_logits != nullptr ? grad_logits + s * N * N : nullptr;
       for (int64_t i = 0; i < N; ++i) {
@@ -439,8 +451,8 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
       }
       at::Tensor gq2 = wrap(gqp + off, N, d, opts);
       at::Tensor gk2 = wrap(gkp + off, N, d, opts);
-      at::mm_out(gq2, gbuf, k2);        // dq̂
-      at::mm_out(gk2, gbuf.t(), q2);    // dk̂
+      at::mm_out(gq2, gbuf, x.k);        // dq̂
+      at::mm_out(gk2, gbuf.t(), x.q);    // dk̂
       if (quant) {
         fake_quant_backward_rows(qp + off, gqp + off, N, d, fq[0], &acc[0]);
         fake_quant_backward_rows(kp + off, gkp + off, N, d, fq[1], &acc[2]);
@@ -478,11 +490,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
     double total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t s = 0; s < slices; ++s)
       for (int j = 0; j < 8; ++j) total[j] += sums[s * 8 + j];
-    const int64_t numel[4] = {q.numel(), k.numel(), slices * pb.N * pb.N, v.numel()};
     auto ga = at::empty({4}, at::TensorOptions().dtype(at::kDouble));
     auto gz = at::empty({4}, at::TensorOptions().dtype(at::kDouble));
     for (int i = 0; i < 4; ++i) {
-      const double g = checks::lsq_grad_scale(numel[i], pb.spec.qmax[i]);
+      const double g = checks::lsq_grad_scale(pb.operand_numel(i), pb.spec.qmax[i]);
       ga.data_ptr<double>()[i] = total[2 * i] * g;
       gz.data_ptr<double>()[i] = total[2 * i + 1] * g;
     }
