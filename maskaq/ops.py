@@ -127,7 +127,9 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
 
     Args:
         cls_t, cls_q: (L, B, H, M) CLS-row logits A_l[:, :, 0, P:] of every block, stacked,
-            of the teacher and the student. The gradient flows to ``cls_q`` only.
+            of the teacher and the student. The gradient flows to both (METHOD.md: the public
+            code detaches neither side; only the mask is a constant). The two are exact
+            negatives of each other, so the backward kernel computes the student's once.
         ratio: the top-k fraction r in (0, 1] (MaskAQ anneals 0.5 -> 0.1).
         keep: the kept fraction of the top-k (0.7).
         generator / seed: randomness of the drop (a seed makes a generator on the inputs' device).
@@ -142,7 +144,7 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
                               device=cls_t.device)
     if not uses_extension(cls_t):
         return reference.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, rand=rand)
-    return torch.ops.maskaq.masked_attention_align(cls_t.detach().contiguous(), cls_q.contiguous(),
+    return torch.ops.maskaq.masked_attention_align(cls_t.contiguous(), cls_q.contiguous(),
                                                    rand.contiguous(), float(ratio), float(keep))
 
 
@@ -277,8 +279,13 @@ def _align_setup(ctx, inputs, output):
 
 def _align_backward(ctx, grad_loss, grad_mask):
     cls_t, cls_q, mask = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None
     grad_q = torch.ops.maskaq.masked_attention_align_backward(grad_loss.contiguous(), cls_t, cls_q, mask)
-    return None, grad_q, None, None, None
+    # |mean_h t − mean_h q| is odd in (t − q) and the mask is piecewise constant in t, so the
+    # teacher's gradient is exactly the negative of the student's.
+    grad_t = -grad_q if ctx.needs_input_grad[0] else None
+    return grad_t, grad_q if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def _register():

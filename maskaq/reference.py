@@ -287,14 +287,14 @@ def check_align_args(cls_t, cls_q, ratio, keep, rand):
 
 def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, seed=None, rand=None):
     """Masked attention alignment loss; see :func:`maskaq.ops.masked_attention_align`.
-    Returns ``(loss, mask)``; the gradient flows to ``cls_q`` only."""
+    Returns ``(loss, mask)``; the gradient flows to both ``cls_t`` and ``cls_q`` (the mask is a
+    constant), as in the public code."""
     check_align_args(cls_t, cls_q, ratio, keep, rand)
     L, B, H, M = cls_t.shape
     if rand is None:
         rand = draw_keep_rand(B, M, generator=generator, seed=seed, device=cls_t.device)
-    cls_t = cls_t.detach()
     with torch.no_grad():
-        mask = alignment_mask(cls_t.mean(dim=(0, 2)), rand, float(ratio), float(keep))
+        mask = alignment_mask(cls_t.detach().mean(dim=(0, 2)), rand, float(ratio), float(keep))
     diff = cls_t.mean(dim=2) - cls_q.mean(dim=2)  # (L, B, M)
     per_block = (diff.abs() * mask).sum(dim=(1, 2)) / (mask.sum() + MASK_EPS)
     return per_block.mean(), mask

@@ -379,9 +379,11 @@ def _align_inputs(L, B, H, M, seed):
 
 
 def _run_align(cls_t, cls_q, rand, grad, ratio, keep, impl):
+    t = cls_t.detach().clone().requires_grad_()
     x = cls_q.detach().clone().requires_grad_()
-    loss, mask = impl(cls_t, x, ratio=ratio, keep=keep, rand=rand)
+    loss, mask = impl(t, x, ratio=ratio, keep=keep, rand=rand)
     (loss * grad).backward()
+    torch.testing.assert_close(t.grad, -x.grad, rtol=0, atol=0)  # both sides, exact negatives
     return loss, mask, x.grad
 
 

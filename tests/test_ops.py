@@ -306,16 +306,46 @@ def test_masked_attention_align_mask_follows_the_teacher():
     assert torch.equal(part, same)  # seed s and a CPU generator seeded with s draw alike
 
 
+def align_gradients_by_hand(cls_t, cls_q, mask):
+    """∂loss/∂cls_t[l, b, h, i] = sign(mean_h t − mean_h q)·m[b, i] / (L·H·(Σ m + 1e-8)), and
+    ∂loss/∂cls_q is its negative (the mask is piecewise constant in cls_t)."""
+    L, _, H, _ = cls_t.shape
+    diff = cls_t.detach().mean(dim=2, keepdim=True) - cls_q.detach().mean(dim=2, keepdim=True)
+    g_t = (diff.sign() * mask[None, :, None, :] / (L * H * (mask.sum() + 1e-8))).expand_as(cls_t)
+    return g_t, -g_t
+
+
+ALIGN_IMPLS = [pytest.param(ops.masked_attention_align, marks=needs_ext, id="op"),
+               pytest.param(ref.masked_attention_align, id="reference")]
+
+
+@pytest.mark.parametrize("impl", ALIGN_IMPLS)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 6), (4, 2, 3, 17), (1, 5, 1, 9)])
+def test_masked_attention_align_gradient_reaches_teacher_and_student(impl, shape):
+    """The public code's L_align detaches neither side: both get the hand-derived gradient."""
+    cls_t = randn(*shape, seed=4, requires_grad=True)
+    cls_q = randn(*shape, seed=5, requires_grad=True)
+    rand = torch.rand(shape[1], shape[3], generator=gen(0), dtype=F64)
+    loss, mask = impl(cls_t, cls_q, ratio=0.5, rand=rand)
+    g_t, g_q = torch.autograd.grad(2.5 * loss, (cls_t, cls_q))
+    want_t, want_q = align_gradients_by_hand(cls_t, cls_q, mask)
+    torch.testing.assert_close(g_t, 2.5 * want_t)
+    torch.testing.assert_close(g_q, 2.5 * want_q)
+    assert g_t.abs().sum() > 0 and not mask.requires_grad
+    # gradcheck on each side and on both at once (the mask is fixed by rand and the teacher)
+    assert torch.autograd.gradcheck(lambda t: impl(t, cls_q.detach(), ratio=0.5, rand=rand)[0], (cls_t,))
+    assert torch.autograd.gradcheck(lambda q: impl(cls_t.detach(), q, ratio=0.5, rand=rand)[0], (cls_q,))
+    assert torch.autograd.gradcheck(lambda t, q: impl(t, q, ratio=0.5, rand=rand)[0], (cls_t, cls_q))
+
+
 @needs_ext
-def test_masked_attention_align_gradcheck_and_teacher_gets_no_gradient():
-    cls_t = randn(2, 3, 2, 6, seed=4, requires_grad=True)
-    cls_q = randn(2, 3, 2, 6, seed=5, requires_grad=True)
-    rand = torch.rand(3, 6, generator=gen(0))
-    assert torch.autograd.gradcheck(
-        lambda x: ops.masked_attention_align(cls_t, x, ratio=0.5, rand=rand)[0], (cls_q,))
-    loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=rand)
-    loss.backward()
-    assert cls_t.grad is None and cls_q.grad is not None and not mask.requires_grad
+def test_masked_attention_align_teacher_gradient_matches_reference():
+    cls_t = randn(3, 4, 2, 20, seed=6, dtype=torch.float32, requires_grad=True)
+    cls_q = randn(3, 4, 2, 20, seed=7, dtype=torch.float32, requires_grad=True)
+    loss, _ = ops.masked_attention_align(cls_t, cls_q, ratio=0.4, seed=2)
+    loss_r, _ = ref.masked_attention_align(cls_t, cls_q, ratio=0.4, seed=2)
+    for a, b in zip(torch.autograd.grad(loss, (cls_t, cls_q)), torch.autograd.grad(loss_r, (cls_t, cls_q))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------

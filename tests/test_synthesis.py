@@ -159,7 +159,7 @@ def test_alignment_loss_hand_checked():
 
 def test_alignment_loss_matches_plain_formula():
     g = torch.Generator().manual_seed(7)
-    t = [torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    t = [torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     q = [torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     loss, masks = L.alignment_loss(t, q, ratio=0.5, keep=0.7, num_prefix_tokens=1,
                                    generator=torch.Generator().manual_seed(11))
@@ -175,10 +175,11 @@ def test_alignment_loss_matches_plain_formula():
                  for a, b in zip(t, q)]
     plain = torch.stack(per_block).mean()
     assert loss.item() == pytest.approx(plain.item(), rel=1e-9)
-    g1 = torch.autograd.grad(loss, q)
-    g2 = torch.autograd.grad(plain, q)
+    g1 = torch.autograd.grad(loss, q + t)
+    g2 = torch.autograd.grad(plain, q + t)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+    assert all(a.abs().sum() > 0 for a in g1[3:])  # the teacher's side gets its gradient too
 
 
 def test_alignment_without_class_token_groups_blocks_by_shape():

@@ -123,7 +123,10 @@ def alignment_loss(teacher_blocks: Sequence[torch.Tensor], student_blocks: Seque
                    ratio: float, keep: float = 0.7, num_prefix_tokens: int = 1,
                    has_class_token: bool = True, generator: Optional[torch.Generator] = None,
                    ops=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Masked attention alignment of T's and Q's CLS-row logits (gradient to Q only).
+    """Masked attention alignment of T's and Q's CLS-row logits.
+
+    The gradient flows through both sides to the image, as in the public code (METHOD.md);
+    detach the teacher's blocks before the call to align Q to a fixed T instead.
 
     Blocks of equal shape share one mask (all of a ViT; each Swin stage); groups are weighted
     by their number of blocks so the result is the mean over blocks. Returns (loss, masks).
@@ -142,7 +145,7 @@ def alignment_loss(teacher_blocks: Sequence[torch.Tensor], student_blocks: Seque
         groups.setdefault(tuple(t.shape), []).append((t, q))
     total, masks, count = 0.0, [], 0
     for pairs in groups.values():
-        cls_t = torch.stack([cls_rows(t.detach(), num_prefix_tokens, has_class_token) for t, _ in pairs])
+        cls_t = torch.stack([cls_rows(t, num_prefix_tokens, has_class_token) for t, _ in pairs])
         cls_q = torch.stack([cls_rows(q, num_prefix_tokens, has_class_token) for _, q in pairs])
         loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, generator=generator)
         total = total + loss * len(pairs)
