@@ -66,8 +66,9 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     Args:
         q, k, v: (B, H, N, d) tensors of one dtype (made contiguous here).
         step: None for full precision (the teacher), else a 1-D tensor of 4 LSQ steps α in
-            the order (q, k, p, v); receives LSQ gradients scaled by 0.01/sqrt(numel·qmax).
-        zero_point: optional 1-D tensor of 4 LSQ zero points z (same order), learnable.
+            the order (q, k, p, v); receives LSQ gradients scaled by 1/sqrt(numel·qmax).
+        zero_point: optional 1-D tensor of 4 LSQ zero points z (same order), learnable
+            (gradient not scaled, as the public code runs).
         qmin, qmax: sequences of 4 ints, the integer range of each quantizer (needed with step).
         scale: softmax scale, default d ** -0.5.
         return_logits: also return the unscaled logits q̂·k̂ᵀ, (B, H, N, N).

@@ -4,7 +4,7 @@ and the two integer-inference ops (int8 GEMM epilogue, integer attention).
 These are the ground truth the compiled kernels (``maskaq._C``, used through
 :mod:`maskaq.ops`) are tested against, and the fallback when the extension is missing.
 Autograd provides the backward; the fake-quant rounding uses straight-through estimators
-and the LSQ step / zero-point gradients are scaled by ``g = 0.01 / sqrt(numel(x) * qmax)``.
+and the LSQ step gradients are scaled by ``g = 1 / sqrt(numel(x) * qmax)`` (zero points: unscaled).
 
 The random draws (rows of the entropy, the stochastic drop of the alignment mask) are made
 by :func:`draw_row_index` and :func:`draw_keep_rand`, shared with :mod:`maskaq.ops`, so the
@@ -44,8 +44,9 @@ MAX_QUANT_LEVEL = 1 << 16
 
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
-    """LSQ gradient scale of the step and zero point: 0.01 / sqrt(numel(x) * qmax)."""
-    return 0.01 / math.sqrt(numel * qmax) if numel > 0 else 0.0
+    """LSQ gradient scale of the step: 1 / sqrt(numel(x) * qmax), as the public code runs
+    (METHOD.md); the zero point's gradient is not scaled."""
+    return 1.0 / math.sqrt(numel * qmax) if numel > 0 else 0.0
 
 
 def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -54,22 +55,28 @@ def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) in the forward (half to even, as torch.round), identity in the backward."""
-    return x + (torch.round(x) - x).detach()
+    """round(x) in the forward (half to even, as torch.round; bit-exact, since x − x.detach() is
+    exactly 0), identity in the backward."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def fake_quantize(x, step, zero_point, qmin: int, qmax: int, grad_scale: float | None = None):
     """LSQ fake quantization x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α.
 
-    Straight-through estimators on both roundings; ``step`` (α) and ``zero_point`` (z, or
-    None for 0) get gradients scaled by ``grad_scale`` (default: :func:`lsq_grad_scale`).
+    Straight-through estimators on both roundings; the gradient of ``step`` (α) is scaled by
+    ``grad_scale`` (default: :func:`lsq_grad_scale`), that of ``zero_point`` (z, or None for
+    0) is not.
     """
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel(), qmax)
     alpha = _scale_grad(step, grad_scale)
-    z = _round_ste(_scale_grad(zero_point, grad_scale)) if zero_point is not None else 0.0
+    z = _round_ste(zero_point) if zero_point is not None else 0.0
     t = x / alpha + z
-    return (_round_ste(t.clamp(qmin, qmax)) - z) * alpha
+    # Clamp with the gradient passed on the closed range [qmin, qmax], as the kernels and the
+    # module quantizer do (torch.clamp passes none at the bounds themselves).
+    inside = (t >= qmin) & (t <= qmax)
+    t = torch.where(inside, t, t.detach().clamp(qmin, qmax))
+    return (_round_ste(t) - z) * alpha
 
 
 # --------------------------------------------------------------------------------------

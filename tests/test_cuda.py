@@ -240,7 +240,7 @@ def _flip_slack(v, step, zero_point, qmin, qmax, grad_out):
             "dv": FLIPS_ALLOWED * alpha_p * grad_out.norm(dim=-1).max().item(),
             "dv_elem": alpha_p * grad_out.abs().max().item(),
             "step": FLIPS_ALLOWED * g_p * dp_hat.abs().max().item(),
-            "zero_point": FLIPS_ALLOWED * g_p * alpha_p * dp_hat.abs().max().item(),
+            "zero_point": FLIPS_ALLOWED * alpha_p * dp_hat.abs().max().item(),  # not scaled
         }
 
 

@@ -113,6 +113,39 @@ def test_fq_attention_quantized_matches_reference(case):
     assert not torch.allclose(out, ref.fq_attention(q, k, v)[0])
 
 
+def hand_fq_attention(q, k, v, step, zero_point, qmin, qmax):
+    """fq_attention written out with STE tricks and METHOD.md's LSQ scaling as the public code
+    runs: the step's gradient times 1/sqrt(numel·qmax), the zero point's unscaled."""
+    def fq(x, i):
+        g = 1.0 / math.sqrt(x.numel() * qmax[i])
+        alpha = step[i] * g + (step[i] - step[i] * g).detach()
+        z = zero_point[i] + (zero_point[i].round() - zero_point[i]).detach()
+        u = torch.clamp(x / alpha + z, qmin[i], qmax[i])
+        return (u + (u.round() - u).detach() - z) * alpha
+
+    logits = fq(q, 0) @ fq(k, 1).transpose(-2, -1)
+    p = torch.softmax(logits * q.shape[-1] ** -0.5, dim=-1)
+    return fq(p, 2) @ fq(v, 3), logits
+
+
+@pytest.mark.parametrize("impl", [pytest.param(ops.fq_attention, marks=needs_ext, id="op"),
+                                  pytest.param(ref.fq_attention, id="reference")])
+def test_fq_attention_lsq_gradients_are_scaled_as_the_public_code_runs(impl):
+    shape = (2, 3, 17, 8)
+    q, k, v = (randn(*shape, seed=20 + i, requires_grad=True) for i in range(3))
+    kw = quant_params(q, k, v, 3, True, 5)
+    with torch.no_grad():
+        kw["step"].mul_(0.3)  # clamp a share of every operand: all four zero points get gradients
+        kw["step"][2] = 0.01
+    step64, zp64 = kw["step"].double(), kw["zero_point"].double()
+    _, _, grads = fq_grads(impl, q, k, v, kw, 2)
+    _, _, want = fq_grads(lambda q, k, v, return_logits, **_: hand_fq_attention(
+        q, k, v, step64, zp64, kw["qmin"], kw["qmax"]), q, k, v, dict(kw, step=step64, zero_point=zp64), 2)
+    assert (grads[4] != 0).all()
+    torch.testing.assert_close(grads[3].double(), want[3], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[4].double(), want[4], rtol=1e-4, atol=1e-6)
+
+
 @needs_ext
 def test_fq_attention_quantized_clamps_and_zero_point_gradient():
     """Small steps clamp many values: the zero-point gradient is nonzero and matches."""

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 
+from maskaq import reference
 from maskaq.quant import (
     LsqActQuantizer,
     QuantAttention,
@@ -42,28 +43,29 @@ def _composed_lsq(x, step, zero_point, qmin, qmax, g):
     def scale_grad(t):
         return (t - t * g).detach() + t * g
 
-    step, zero_point = scale_grad(step), scale_grad(zero_point)
+    step = scale_grad(step)  # the zero point's gradient is not scaled (METHOD.md)
     z = round_ste(zero_point)
     return (round_ste(torch.clamp(x / step + z, qmin, qmax)) - z) * step
 
 
-def test_lsq_fake_quant_forward_and_gradients_by_hand():
+@pytest.mark.parametrize("fake_quant", [lsq_fake_quant, reference.fake_quantize], ids=["module", "reference"])
+def test_lsq_fake_quant_forward_and_gradients_by_hand(fake_quant):
     # 3-bit signed range [-4, 3], step 0.25, zero point 0.6 (rounds to 1).
     x = torch.tensor([-1.0, -0.26, 0.0, 0.24, 0.5, 3.0, -2.0], requires_grad=True)
     step = torch.tensor(0.25, requires_grad=True)
     zero = torch.tensor(0.6, requires_grad=True)
-    y = lsq_fake_quant(x, step, zero, -4, 3)
+    y = fake_quant(x, step, zero, -4, 3)
     # u = x/0.25 + 1 = [-3, -0.04, 1, 1.96, 3, 13, -7] -> clamp, round, -1, *0.25
     expected = torch.tensor([-1.0, -0.25, 0.0, 0.25, 0.5, 0.5, -1.25])
     torch.testing.assert_close(y, expected)
     y.sum().backward()
     # STE: gradient to x only where qmin <= u <= qmax (both ends inclusive).
     torch.testing.assert_close(x.grad, torch.tensor([1.0, 1, 1, 1, 1, 0, 0]))
-    g = 0.01 / math.sqrt(7 * 3)
+    g = 1.0 / math.sqrt(7 * 3)  # the step's gradient scale, as the public code runs
     # d/dstep: round(u) - u inside (0, .04, 0, .04, 0), clamp bound - round(z) outside (3-1, -4-1).
     torch.testing.assert_close(step.grad, torch.tensor((0.04 + 0.04 + 2.0 - 5.0) * g), atol=1e-7, rtol=1e-5)
-    # d/dz: 0 inside, -step outside (two elements).
-    torch.testing.assert_close(zero.grad, torch.tensor(-0.5 * g))
+    # d/dz: 0 inside, -step outside (two elements), not scaled.
+    torch.testing.assert_close(zero.grad, torch.tensor(-0.5))
 
 
 @pytest.mark.parametrize("shape,step_shape", [((3, 5, 7), ()), ((6, 4, 3, 3), (6, 1, 1, 1))])

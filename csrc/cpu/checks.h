@@ -195,9 +195,10 @@ inline QuantSpec read_quant_spec(const c10::optional<at::Tensor>& step,
   return spec;
 }
 
-// LSQ gradient scale of METHOD.md: g = 0.01 / sqrt(numel(x) * qmax).
+// LSQ step-gradient scale of METHOD.md, as the public code runs: g = 1 / sqrt(numel(x) * qmax).
+// The zero point's gradient is not scaled.
 inline double lsq_grad_scale(int64_t numel, int64_t qmax) {
-  return numel > 0 ? 0.01 / std::sqrt(static_cast<double>(numel) * static_cast<double>(qmax)) : 0.0;
+  return numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * static_cast<double>(qmax)) : 0.0;
 }
 
 // grad_out (B, H, N, d) and the optional grad_logits (B, H, N, N) of fq_attention_backward.

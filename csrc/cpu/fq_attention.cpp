@@ -76,17 +76,15 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 template <typename T>
 struct Quantizer {
   T alpha, zr, lo, hi;
-  double grad_scale;  // g = 0.01 / sqrt(numel(x)·qmax), applied to the α and z gradients
 };
 
 template <typename T>
-Quantizer<T> make_quantizer(const checks::QuantSpec& spec, int which, int64_t numel) {
+Quantizer<T> make_quantizer(const checks::QuantSpec& spec, int which) {
   Quantizer<T> f;
   f.alpha = static_cast<T>(spec.step[which]);
   f.zr = static_cast<T>(std::nearbyint(spec.zero_point[which]));
   f.lo = static_cast<T>(spec.qmin[which]);
   f.hi = static_cast<T>(spec.qmax[which]);
-  f.grad_scale = checks::lsq_grad_scale(numel, spec.qmax[which]);
   return f;
 }
 
@@ -307,7 +305,7 @@ struct Problem {
 template <typename T>
 void make_quantizers(const Problem& pb, Quantizer<T> (&fq)[4]) {
   if (!pb.spec.enabled) return;
-  for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i, pb.operand_numel(i));
+  for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i);
 }
 
 // The q, k, v operands of one (batch, head) slice as 2-D (N, d) tensors: fake-quantized copies in
@@ -494,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
     auto gz = at::empty({4}, at::TensorOptions().dtype(at::kDouble));
     for (int i = 0; i < 4; ++i) {
       const double g = checks::lsq_grad_scale(pb.operand_numel(i), pb.spec.qmax[i]);
-      ga.data_ptr<double>()[i] = total[2 * i] * g;
-      gz.data_ptr<double>()[i] = total[2 * i + 1] * g;
+      ga.data_ptr<double>()[i] = total[2 * i] * g;  // the zero point's gradient is not scaled
+      gz.data_ptr<double>()[i] = total[2 * i + 1];
     }
     gstep = ga.to(step->scalar_type());
     if (pb.spec.has_zero_point) gzp = gz.to(zero_point->scalar_type());

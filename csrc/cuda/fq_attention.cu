@@ -162,11 +162,12 @@ __global__ void fake_quant_qkv_backward_kernel(const scalar_t* __restrict__ q, c
   }
 }
 
-struct GradScales {  // g = 0.01 / sqrt(numel(x)·qmax) of each quantizer, order (q, k, p, v)
+struct GradScales {  // g = 1 / sqrt(numel(x)·qmax) of each quantizer's step, order (q, k, p, v)
   float g[4];
 };
 
-// grad_step[i] = g_i·Σ ∂α partials, grad_zero_point[i] = g_i·Σ ∂z partials; one block, fixed order.
+// grad_step[i] = g_i·Σ ∂α partials, grad_zero_point[i] = Σ ∂z partials (unscaled, as the public
+// code runs); one block, fixed order.
 __global__ void finalize_lsq_grads_kernel(const float* __restrict__ qkv_partials, int qkv_blocks,
                                           const float* __restrict__ p_partials, int p_blocks, GradScales scales,
                                           float* __restrict__ grad_step, float* __restrict__ grad_zero_point) {
@@ -188,7 +189,7 @@ __global__ void finalize_lsq_grads_kernel(const float* __restrict__ qkv_partials
     z = block_sum(z, scratch);
     if (threadIdx.x == 0) {
       grad_step[which] = scales.g[which] * a;
-      grad_zero_point[which] = scales.g[which] * z;
+      grad_zero_point[which] = z;
     }
   }
 }

@@ -7,12 +7,15 @@ Two kinds:
   calibration tensor has min < 1e-5, else unsigned [0, 2^a-1]. Init α = 2·mean|x|/sqrt(qmax),
   z = 0.1·(min x − α·qmax). Forward
   x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α, straight-through on both
-  roundings; the gradients of α and z are scaled by g = 0.01/sqrt(numel(x)·qmax).
+  roundings; the gradient of α is scaled by g = 1/sqrt(numel(x)·qmax), that of z is not (the
+  public code as it runs: its 0.01 factor reaches only the classifier head's input, and the
+  zero point's scaled copy is overwritten before use; METHOD.md).
 * ``WeightQuantizer`` — per-output-channel symmetric quantizer of a weight tensor:
-  ``"minmax"`` (step = max|w|/qmax of each output channel, recomputed every forward, no
+  ``"minmax"`` (step = 2·max|w|/(2^w − 1) of each output channel, recomputed every forward, no
   parameters) or ``"lsq"`` (a learnable per-channel step initialized to the same min/max value).
-  Integers lie in [-qmax, qmax] with qmax = 2^(w-1)-1 (restricted symmetric range, so the zero
-  point is exactly 0 for integer kernels).
+  Integers lie in [-2^(w-1), 2^(w-1)-1]: all 2^w levels, as the public code (a grid of
+  ±(2^(w-1)-1) wastes one level: 7 instead of 8 at 3 bits). The zero point is exactly 0, and
+  the integers fit int8 for the integer kernels.
 
 An activation quantizer that was never calibrated raises a RuntimeError in forward: running a
 student whose steps still hold placeholder values would give silently wrong numbers.
@@ -42,9 +45,10 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 8
-# The constant of METHOD.md's gradient scale g = 0.01 / sqrt(numel(x)·qmax); maskaq::fq_attention
-# uses the same value, so linear inputs and attention operands learn at the same rate.
-LSQ_GRAD_SCALE = 0.01
+# The constant of METHOD.md's step-gradient scale g = 1 / sqrt(numel(x)·qmax), as the public code
+# runs; maskaq::fq_attention uses the same value, so linear inputs and attention operands learn at
+# the same rate. (With the 0.01 its flags read, the steps barely move in a short QAT.)
+LSQ_GRAD_SCALE = 1.0
 SIGNED_THRESHOLD = 1e-5
 WEIGHT_METHODS = ("minmax", "lsq")
 
@@ -102,7 +106,7 @@ class _LsqFakeQuant(torch.autograd.Function):
     x, α and z (the chained version keeps four x-sized intermediates per quantizer).
     Gradients (STE on both roundings, u = x/α + round(z), inside = qmin ≤ u ≤ qmax):
       dx̂/dx = inside;  dx̂/dα = round(clamp(u)) − round(z) − inside·x/α;  dx̂/dz = −α·(1 − inside);
-    the α and z gradients are multiplied by g.
+    the α gradient is multiplied by g, the z gradient is not.
     """
 
     @staticmethod
@@ -130,7 +134,7 @@ class _LsqFakeQuant(torch.autograd.Function):
             grad_y = _sum_to_shape(grad_out * d_step, step.shape) * ctx.grad_scale
         if ctx.needs_input_grad[2]:
             d_zero = torch.where(inside, 0.0, -step)
-            grad_z = _sum_to_shape(grad_out * d_zero, zero_point.shape) * ctx.grad_scale
+            grad_z = _sum_to_shape(grad_out * d_zero, zero_point.shape)
         return grad_x, grad_y, grad_z, None, None, None
 
 
@@ -144,7 +148,8 @@ def lsq_fake_quant(
 ) -> torch.Tensor:
     """LSQ fake quantization of ``x`` (step and zero_point broadcast against x).
 
-    ``grad_scale`` defaults to METHOD.md's g = 0.01/sqrt(numel(x)·qmax).
+    ``grad_scale`` (of the step's gradient) defaults to METHOD.md's g = 1/sqrt(numel(x)·qmax);
+    the zero point's gradient is not scaled.
     """
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel(), qmax)
