@@ -32,7 +32,10 @@ def _exact_linear(wbits, abits, signed, zero_point, bias, seed=0):
     layer = QuantLinear(n_in, n_out, bias=bias, wbits=wbits, abits=abits)
     qmax_w = 2 ** (wbits - 1) - 1
     w_int = torch.randint(-qmax_w, qmax_w + 1, (n_out, n_in), generator=g).float()
-    w_int[:, 0] = qmax_w  # max|w| = qmax·2^-k, so the min/max step is exactly 2^-k
+    # max|w| = (2^w − 1)/2 · 2^-k, so the min/max step 2·max|w|/(2^w − 1) is exactly 2^-k; that
+    # weight itself rounds (half to even) to -2^(w-1) on odd rows, the level only the full grid
+    # has, and to 2^(w-1), clamped to qmax, on even rows
+    w_int[:, 0] = (qmax_w + 0.5) * (1 - 2 * (torch.arange(n_out) % 2))
     shifts = torch.randint(4, 8, (n_out, 1), generator=g).float()
     with torch.no_grad():
         layer.weight.copy_(w_int * 2.0 ** -shifts)
@@ -74,14 +77,15 @@ def test_int_linear_equals_fake_quant_exactly(kernel, wbits, abits, signed, zero
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int_linear_accumulates_exact_integers(kernel):
-    """Full 8-bit ranges on both operands (u8 up to 255 times s8 ±127): no int16 saturation."""
+    """Full 8-bit ranges on both operands (u8 up to 255 times s8 -128 and 127): no int16 saturation."""
     layer = _exact_linear(8, 8, False, 0, False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.where(torch.rand(layer.weight.shape) < 0.5, -1.0, 1.0) * 127 * 2.0 ** -7)
+    negative = torch.rand(layer.weight.shape) < 0.5
+    with torch.no_grad():  # ±127.5·2^-7: step exactly 2^-7, integers -128 and 127
+        layer.weight.copy_(torch.where(negative, -1.0, 1.0) * 127.5 * 2.0 ** -7)
     integer = IntLinear.from_quant(layer, kernel)
     x = torch.full((5, layer.in_features), 255 * 2.0 ** -3)  # u = 255 everywhere
     x[1] = 0.0
-    w_int = torch.round(layer.weight.detach() * 2 ** 7)
+    w_int = torch.where(negative, -128.0, 127.0)
     expected = (torch.round(x / 2.0 ** -3).double() @ w_int.double().T) * 2.0 ** -3 * 2.0 ** -7
     with torch.no_grad():
         got = integer(x)

@@ -118,16 +118,32 @@ def test_uncalibrated_quantizer_refuses_to_run():
 
 def test_weight_quantizer_minmax_by_hand_and_ste():
     w = torch.tensor([[0.5, -1.0, 0.26], [2.0, 0.1, -0.7]], requires_grad=True)
-    wq = WeightQuantizer(3, "minmax")  # qmax 3: steps 1/3 and 2/3 per output channel
+    # All 2^3 levels [-4, 3], as the public code: steps 2·max|w|/7 = 2/7 and 4/7 per output channel.
+    wq = WeightQuantizer(3, "minmax")
+    assert (wq.qmin, wq.qmax) == (-4, 3)
     y = wq(w)
-    expected = torch.tensor([[2 / 3, -1.0, 1 / 3], [2.0, 0.0, -2 / 3]])  # round(1.5) = 2 (half to even)
+    # -1.0/(2/7) = -3.5 rounds (half to even) to -4, a level a ±3 grid lacks; 2.0/(4/7) = 3.5 -> 4 clamps to 3
+    expected = torch.tensor([[4 / 7, -8 / 7, 2 / 7], [12 / 7, 0.0, -4 / 7]])
     torch.testing.assert_close(y, expected)
     grad = torch.randn(2, 3)
     y.backward(grad)
     torch.testing.assert_close(w.grad, grad)  # straight-through
     ints, steps = wq.integer_weight(w)
-    assert ints.dtype == torch.int8 and ints.abs().max() <= 3
-    torch.testing.assert_close(steps, torch.tensor([1 / 3, 2 / 3]))
+    assert ints.dtype == torch.int8 and ints.tolist() == [[2, -4, 1], [3, 0, -1]]
+    torch.testing.assert_close(steps, torch.tensor([2 / 7, 4 / 7]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_quantizer_uses_all_levels(bits):
+    """2^bits distinct integers on a weight that spans its range (the restricted ±(2^(b-1)-1)
+    grid would give 2^bits - 1), and less error than that grid."""
+    w = torch.linspace(-1, 1, 1001).reshape(1, -1)
+    ints, step = WeightQuantizer(bits).integer_weight(w)
+    assert len(ints.unique()) == 2 ** bits
+    assert ints.min() == -(2 ** (bits - 1)) and ints.max() == 2 ** (bits - 1) - 1
+    restricted = 2 ** (bits - 1) - 1
+    w_restricted = torch.clamp(torch.round(w / (1 / restricted)), -restricted, restricted) / restricted
+    assert (WeightQuantizer(bits)(w) - w).pow(2).sum() < (w_restricted - w).pow(2).sum()
 
 
 def test_weight_quantizer_lsq_learns_per_channel_step():
@@ -135,7 +151,8 @@ def test_weight_quantizer_lsq_learns_per_channel_step():
     w = torch.randn(4, 6, generator=gen, requires_grad=True)
     wq = WeightQuantizer(4, "lsq", out_channels=4)
     y = wq(w)
-    torch.testing.assert_close(y, WeightQuantizer(4, "minmax")(w))  # min/max init
+    step = WeightQuantizer(4, "minmax").scale(w)  # min/max init, all 16 levels
+    torch.testing.assert_close(y, torch.clamp(torch.round(w / step), -8, 7) * step)
     y.pow(2).sum().backward()
     assert wq.step.grad.shape == (4,) and wq.step.grad.abs().sum() > 0
 

@@ -39,6 +39,7 @@ __all__ = [
     "lsq_grad_scale",
     "lsq_fake_quant",
     "symmetric_weight_step",
+    "symmetric_weight_integers",
     "LsqActQuantizer",
     "WeightQuantizer",
 ]
@@ -158,13 +159,30 @@ def lsq_fake_quant(
     return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
 
 
-def symmetric_weight_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel step max|w|/qmax, shaped to broadcast against ``weight``."""
-    qmax = 2 ** (bits - 1) - 1
+def _weight_absmax(weight: torch.Tensor) -> torch.Tensor:
     reduce_dims = tuple(range(1, weight.dim()))
     absmax = weight.detach().abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else weight.detach().abs()
     # A channel of zeros would give step 0 and a division by zero; any positive step maps it to 0.
-    return (absmax / qmax).clamp_min(1e-12)
+    return absmax.clamp_min(1e-12)
+
+
+def symmetric_weight_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel step 2·max|w|/(2^bits − 1) (the public code's full grid), shaped to
+    broadcast against ``weight``."""
+    return 2.0 * _weight_absmax(weight) / (2 ** bits - 1)
+
+
+def symmetric_weight_integers(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers in [-2^(bits-1), 2^(bits-1)-1] as floats, per-channel step) of a min/max weight grid.
+
+    The integers are round(w·(2^bits − 1)/(2·max|w|)), multiplied by the inverse step as the public
+    code does: the extreme weights sit at ±(2^(bits-1) − ½), so the most negative rounds (half to
+    even) to −2^(bits-1) and the most positive clamps to 2^(bits-1) − 1, bit-exactly.
+    """
+    absmax = _weight_absmax(weight)
+    levels = 2 ** bits - 1
+    w_int = torch.clamp(torch.round(weight.detach() * (levels / (2.0 * absmax))), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return w_int, 2.0 * absmax / levels
 
 
 class LsqActQuantizer(nn.Module):
@@ -273,7 +291,7 @@ class LsqActQuantizer(nn.Module):
 class WeightQuantizer(nn.Module):
     """Per-output-channel symmetric weight fake quantizer (dim 0 of the weight is the channel).
 
-    ``method="minmax"``: step = max|w|/qmax per channel, recomputed from the current weight in
+    ``method="minmax"``: step = 2·max|w|/(2^w − 1) per channel, recomputed from the current weight in
     every forward (it follows the weights during QAT); gradient to w is straight-through.
     ``method="lsq"``: a learnable per-channel step, initialized with the min/max step on the
     first forward (or by ``init_from``), LSQ gradient scale 1/sqrt(numel(w)·qmax).
@@ -298,7 +316,7 @@ class WeightQuantizer(nn.Module):
 
     @property
     def qmin(self) -> int:
-        return -self.qmax
+        return -(2 ** (self.bits - 1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -320,14 +338,17 @@ class WeightQuantizer(nn.Module):
 
     def integer_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(integers as int8, per-channel step (C_out,)) of the quantized weight (for export)."""
-        step = self.scale(weight)
-        w_int = torch.clamp(torch.round(weight.detach() / step), self.qmin, self.qmax)
+        if self.method == "minmax":
+            w_int, step = symmetric_weight_integers(weight, self.bits)
+        else:
+            step = self.scale(weight)
+            w_int = torch.clamp(torch.round(weight.detach() / step), self.qmin, self.qmax)
         return w_int.to(torch.int8), step.reshape(-1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.method == "minmax":
-            step = symmetric_weight_step(weight, self.bits)
-            w_q = torch.clamp(torch.round(weight / step), self.qmin, self.qmax) * step
+            w_int, step = symmetric_weight_integers(weight, self.bits)
+            w_q = w_int * step
             # Straight-through: forward the quantized value, backward the identity (the step
             # depends on max|w| but is treated as a constant, as min/max quantizers do).
             return weight + (w_q - weight).detach()
