@@ -67,7 +67,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": dict(num_images=64, synth_batch_size=64, synth_iters=150, psaq_iters=100,
                 qat_epochs=60, qat_batch_size=32, refresh_every=30, calib_images=32),
     "quick": dict(num_images=8, synth_batch_size=4, synth_iters=3, psaq_iters=2, psaq_rounds=2,
-                  qat_epochs=2, qat_batch_size=4, refresh_every=1, calib_images=4),
+                  qat_epochs=2, qat_batch_size=4, qat_warmup_epochs=0, refresh_every=1, calib_images=4),
 }
 
 # What each method changes (applied before the user's overrides, which win).

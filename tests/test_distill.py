@@ -119,7 +119,7 @@ def test_refreshing_happens_at_the_configured_epochs_with_the_current_student():
                       "state": {k: v.clone() for k, v in current.state_dict().items()}})
         return gaussian_images(spec, 8, seed=round_index)
 
-    cfg = QATConfig(qat_epochs=5, qat_batch_size=4, refresh_every=2, qat_lr=0.05)
+    cfg = QATConfig(qat_epochs=5, qat_batch_size=4, refresh_every=2, qat_lr=0.05, qat_warmup_epochs=0)
     trainer = QATTrainer(teacher, student, cfg, source, seed=0, progress=False)
     report = trainer.fit()
     assert report["refresh_epochs"] == [0, 2, 4] and [c["round"] for c in calls] == [0, 1, 2]
@@ -140,7 +140,7 @@ def test_qat_without_refresh_generates_once_and_is_seeded():
     for _ in range(2):
         student = tiny_student(teacher)
         calls = []
-        cfg = QATConfig(qat_epochs=2, qat_batch_size=4, refresh_every=0, hd_weight=10.0)
+        cfg = QATConfig(qat_epochs=2, qat_batch_size=4, refresh_every=0, hd_weight=10.0, qat_warmup_epochs=0)
         trainer = QATTrainer(teacher, student, cfg,
                              lambda s, r: calls.append(r) or gaussian_images(spec, 8, seed=r), progress=False)
         rep = trainer.fit()
@@ -149,11 +149,37 @@ def test_qat_without_refresh_generates_once_and_is_seeded():
     assert torch.equal(results[0], results[1])
 
 
+def test_qat_warmup_epochs_take_no_optimizer_step():
+    """The public code steps the optimizer only from epoch 2 on; the schedule runs from epoch 0."""
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    spec = describe_model(teacher)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    states = []
+
+    def source(current, round_index):
+        states.append({k: v.clone() for k, v in current.state_dict().items()})
+        return gaussian_images(spec, 8, seed=round_index)
+
+    cfg = QATConfig(qat_epochs=4, qat_batch_size=4, refresh_every=1, qat_warmup_epochs=2)
+    trainer = QATTrainer(teacher, student, cfg, source, seed=0, progress=False)
+    report = trainer.fit()
+    unchanged = lambda state: all(torch.equal(state[k], initial[k]) for k in initial)  # noqa: E731
+    assert unchanged(states[0]) and unchanged(states[1]) and unchanged(states[2])  # epochs 0-2 start untrained
+    assert not unchanged(states[3]) and not unchanged(student.state_dict())
+    assert report["steps"] == 4 * 2 and report["optimizer_steps"] == 2 * 2
+    assert len(report["epoch_losses"]) == 2
+
+
 def test_qat_config_validation():
     with pytest.raises(ValueError):
         QATConfig(qat_epochs=0).validate()
     with pytest.raises(ValueError):
         QATConfig(refresh_every=-1).validate()
+    with pytest.raises(ValueError, match="qat_warmup_epochs"):
+        QATConfig(qat_epochs=2, qat_warmup_epochs=2).validate()
+    with pytest.raises(ValueError, match="kd_temperature"):
+        QATConfig(kd_temperature=0).validate()
 
 
 # -------------------------------------------------------------------------------- pipeline
@@ -161,7 +187,11 @@ def test_build_config_presets_methods_and_unknown_keys():
     from maskaq.pipeline import build_config
     cfg = build_config("maskaq", "paper")
     assert cfg.synthesis.synth_iters == 2000 and cfg.synthesis.num_images == 10000
-    assert cfg.qat.qat_epochs == 100 and cfg.qat.refresh_every == 30 and cfg.qat.kd_temperature == 20
+    # the public code as it runs: 200 epochs on synthetic data (7 refresh rounds), τ = 5, no weight
+    # decay, no optimizer step in the first 2 epochs
+    assert cfg.qat.qat_epochs == 200 and cfg.qat.refresh_every == 30 and cfg.qat.kd_temperature == 5
+    assert cfg.qat.qat_weight_decay == 0 and cfg.qat.qat_warmup_epochs == 2
+    assert len(refresh_schedule(cfg.qat.qat_epochs, cfg.qat.refresh_every)) == 7
     assert cfg.synthesis.align_weight == 0.1 and cfg.synthesis.tv_weight == 2.5e-5
     mimiq = build_config("mimiq", "quick")
     assert not mimiq.synthesis.use_entropy and not mimiq.synthesis.use_alignment

@@ -1,6 +1,6 @@
 """Losses of QAT by distillation (METHOD.md, "Training Q on the synthetic set").
 
-    loss = KD(τ = 20) + λ·L_hd,   λ = 10
+    loss = KD(τ = 5) + λ·L_hd,   λ = 10
 
 KD is the temperature-scaled KL divergence of the student's from the teacher's softmax.
 L_hd (masked head distillation) compares the attention outputs O_l of T and Q with a
@@ -19,7 +19,7 @@ HD_EPS = 1e-6
 __all__ = ["kd_loss", "token_weights", "head_distillation_block", "head_distillation_loss"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
     """KL(softmax(T/τ) ‖ softmax(Q/τ))·τ², averaged over the batch."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kd_loss: student logits {tuple(student_logits.shape)} vs teacher "

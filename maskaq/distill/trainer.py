@@ -1,7 +1,9 @@
 """QAT of the student Q by distillation from the teacher T on synthetic images.
 
 Loss = KD(τ) + λ·L_hd on augmented synthetic images; SGD (Nesterov, momentum 0.9, weight
-decay 1e-4) with a cosine schedule to 1% of the learning rate over all steps.
+decay 0) with a cosine schedule to 1% of the learning rate over all steps, and no optimizer
+step in the first `qat_warmup_epochs` epochs (the public code's warm-up: those epochs only
+advance the schedule, so they are skipped without computing anything).
 
 Periodic sample refreshing: the synthetic set is (re)generated at epochs 0, R, 2R, ... by
 `data_source(student, round)`, which receives the *current* student, so MaskAQ synthesis
@@ -31,13 +33,14 @@ __all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]
 @dataclass
 class QATConfig:
     """Every knob of QAT; defaults follow METHOD.md (the public code's config and example)."""
-    qat_epochs: int = 100
+    qat_epochs: int = 200  # on synthetic data (the public code: 100 on real data)
     qat_batch_size: int = 32
     qat_lr: float = 1e-3
     qat_momentum: float = 0.9
-    qat_weight_decay: float = 1e-4
+    qat_weight_decay: float = 0.0  # the public code's --wd default overrides its config's 1e-4
     qat_lr_min_factor: float = 0.01
-    kd_temperature: float = 20.0
+    qat_warmup_epochs: int = 2  # epochs without an optimizer step (the schedule still advances)
+    kd_temperature: float = 5.0  # --kl_temp as the public code runs (its config's 20 is never read)
     hd_weight: float = 10.0
     hd_top_fraction: float = 0.1
     hd_weight_high: float = 2.0
@@ -55,6 +58,10 @@ class QATConfig:
             raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
         if self.qat_steps_per_epoch is not None and self.qat_steps_per_epoch < 1:
             raise ValueError("qat_steps_per_epoch must be >= 1")
+        if not 0 <= self.qat_warmup_epochs < self.qat_epochs:
+            raise ValueError(f"qat_warmup_epochs must be in [0, qat_epochs), got {self.qat_warmup_epochs}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         return self
 
 
@@ -149,7 +156,7 @@ class QATTrainer:
         refresh_at = set(self.refresh_epochs())
         started, cpu_started = time.perf_counter(), time.process_time()
         epoch_losses, total_steps, sched = [], None, None
-        step_no = 0
+        step_no = optimizer_steps = 0
         g_aug = torch.Generator(device=dev)
         for epoch in range(cfg.qat_epochs):
             if epoch in refresh_at:
@@ -161,7 +168,15 @@ class QATTrainer:
             if sched is None:
                 # One cosine over the whole run (steps per epoch fixed by the first set's size).
                 total_steps = math.ceil(steps / world) * cfg.qat_epochs
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total_steps, cfg.qat_lr_min_factor))
+                # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
+                offset = math.ceil(steps / world) * cfg.qat_warmup_epochs
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
+            if epoch < cfg.qat_warmup_epochs:
+                # No optimizer step in the warm-up (public code): only the step counter (which
+                # seeds the augmentation and places the schedule) moves on.
+                step_no += math.ceil(steps / world)
+                continue
             self.student.train()
             running, count = 0.0, 0
             with progress_bar(math.ceil(steps / world), f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
@@ -176,6 +191,7 @@ class QATTrainer:
                     opt.step()
                     sched.step()
                     step_no += 1
+                    optimizer_steps += 1
                     running += float(terms["total"].detach())
                     count += 1
                     bar.update(1)
@@ -184,7 +200,9 @@ class QATTrainer:
         self.student.eval()
         return {
             "epochs": cfg.qat_epochs,
+            "warmup_epochs": cfg.qat_warmup_epochs,  # epoch_losses starts after them
             "steps": step_no,
+            "optimizer_steps": optimizer_steps,
             "refresh_epochs": [r["epoch"] for r in self.refresh_log],
             "epoch_losses": epoch_losses,
             "seconds": time.perf_counter() - started,
