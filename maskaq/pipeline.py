@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from maskaq.distill.trainer import QATConfig, QATTrainer
-from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
+from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.synthesis.spec import describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer, batch_seed, dist_info
 
@@ -79,8 +79,9 @@ _METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
     "maskaq-no-hdmask": dict(hd_mask=False),
     "mimiq": dict(use_entropy=False, use_alignment=False, refresh_every=0, hd_mask=False),
     "psaq": dict(refresh_every=0),
-    "gaussian": dict(refresh_every=0),
+    "gaussian": dict(refresh_every=0, hd_mask=False),  # the public code: unmasked L_hd on noise
     "real": dict(refresh_every=0),
+    "ptq": dict(refresh_every=0, act_init="minmax"),  # the floor: min-max calibration on noise, no QAT
 }
 
 
@@ -157,7 +158,7 @@ def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
     dev = next(teacher.parameters()).device
     s, progress = cfg.synthesis, cfg.pipeline.progress
     if method == "gaussian":
-        return lambda student, r: gaussian_images(spec, s.num_images, _round_seed(seed, r), device=dev)
+        return lambda student, r: gaussian_stream(spec, s.num_images, _round_seed(seed, r), device=dev)
     if method == "real":
         return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
     if method == "psaq":

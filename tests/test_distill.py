@@ -258,3 +258,29 @@ def test_quantize_real_needs_data():
     data = [(torch.randn(1, 28, 28), i % 10) for i in range(16)]
     qmodel = pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick", real_data=data, progress=False)
     assert qmodel.maskaq_report["calibrated_on"] == "real images"
+
+
+def test_gaussian_baseline_is_an_endless_stream_of_fresh_noise(monkeypatch):
+    """The public code draws new noise for every QAT batch, not a fixed set of num_images."""
+    from maskaq.pipeline import build_config, run_pipeline
+    from maskaq.synthesis.baselines import gaussian_stream
+    seen = []
+    original = QATTrainer.step_loss
+
+    def spy(self, images, model):
+        seen.append(images.detach().clone())
+        return original(self, images, model)
+
+    monkeypatch.setattr(QATTrainer, "step_loss", spy)
+    result = run_pipeline(tiny_vit(), 4, 4, method="gaussian", preset="quick", qat_epochs=3, qat_augment=False,
+                          progress=False)
+    nominal = result.images.images  # the first draw: 8 images = 2 batches per epoch
+    assert len(seen) == 3 * 2 and all(x.shape[0] == 4 for x in seen)
+    flat = torch.cat(seen)
+    assert len({tuple(x.flatten()[:8].tolist()) for x in flat}) == flat.shape[0]  # no image twice
+    assert not any(torch.equal(x, y) for x in flat for y in nominal)
+    assert not build_config("gaussian", "cpu").qat.hd_mask  # unmasked head distillation on noise
+    # seeded: the same (seed, step) gives the same noise
+    spec = describe_model(tiny_vit())
+    a, b = gaussian_stream(spec, 8, seed=3), gaussian_stream(spec, 8, seed=3)
+    assert torch.equal(a.draw(4, 5), b.draw(4, 5)) and not torch.equal(a.draw(4, 5), a.draw(4, 6))

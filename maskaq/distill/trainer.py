@@ -182,7 +182,10 @@ class QATTrainer:
             with progress_bar(math.ceil(steps / world), f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
                 for index in self._batches(epoch, steps, rank, world):
                     g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=11))
-                    images = self.data.images[index].to(dev)
+                    if self.data.draw is not None:  # an endless stream: fresh images every batch
+                        images = self.data.draw(len(index), step_no).to(dev)
+                    else:
+                        images = self.data.images[index].to(dev)
                     if self.augment is not None:
                         images = self.augment(images, g_aug)
                     terms = self.step_loss(images, model)

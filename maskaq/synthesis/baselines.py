@@ -1,7 +1,8 @@
 """The data sources MaskAQ is compared with, behind the same interface as MaskAQ synthesis.
 
 - `real`: real training images (the upper bound).
-- `gaussian`: x ~ N(0, 1), no optimization.
+- `gaussian`: x ~ N(0, 1), no optimization; QAT draws fresh noise for every batch (an endless
+  stream, as the public code), `gaussian_stream`.
 - `psaq`: PSAQ-ViT (ECCV 2022): maximize the KDE-estimated entropy of patch similarity on
   the head-mean attention outputs of T; Adam(0.2, (0.5, 0.9)), 2 × 500 steps with warm-up +
   cosine, jitter 15 then 30 px at 224 (scaled), random flips, CE + 0.05·|TV − v|.
@@ -23,7 +24,7 @@ from maskaq.synthesis.spec import ModelSpec
 from maskaq.synthesis.synthesizer import (NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer,
                                           batch_seed)
 
-__all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "real_images", "mimiq_config"]
+__all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images", "mimiq_config"]
 
 
 def gaussian_images(spec: ModelSpec, num_images: int, seed: int = 0, device=None) -> SyntheticSet:
@@ -33,6 +34,23 @@ def gaussian_images(spec: ModelSpec, num_images: int, seed: int = 0, device=None
     x = torch.randn(spec.image_shape(num_images), generator=g, device=device)
     y = torch.randint(0, spec.num_classes, (num_images,), generator=g, device=device)
     return SyntheticSet(x.cpu(), y.cpu(), {"num_images": num_images, "nan_retries": 0, "failed_batches": []})
+
+
+def gaussian_stream(spec: ModelSpec, num_images: int, seed: int = 0, device=None) -> SyntheticSet:
+    """Endless N(0, 1) noise: fresh images for every QAT batch, seeded by (seed, step).
+
+    `images` holds a first draw of `num_images` (calibration, previews, the epoch size).
+    """
+    first = gaussian_images(spec, num_images, seed, device)
+
+    def draw(batch_size: int, step: int) -> torch.Tensor:
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(batch_seed(seed, step, stream=13))
+        return torch.randn(spec.image_shape(batch_size), generator=g, device=device)
+
+    first.draw = draw
+    first.report["stream"] = True
+    return first
 
 
 def real_images(dataset, num_images: int, seed: int = 0) -> SyntheticSet:

@@ -77,10 +77,16 @@ class SynthesisConfig:
 
 @dataclass
 class SyntheticSet:
-    """Images (N, C, H, W) normalized like the model's input, labels (N,), and a report."""
+    """Images (N, C, H, W) normalized like the model's input, labels (N,), and a report.
+
+    `draw`, when set, makes the set an endless stream: QAT asks it for fresh images for every
+    training batch, `draw(batch_size, step) -> images`, and `images` is only the set's first
+    draw (what calibration and previews see, and what sizes an epoch).
+    """
     images: torch.Tensor
     labels: torch.Tensor
     report: Dict = field(default_factory=dict)
+    draw: Optional[Callable[[int, int], torch.Tensor]] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
