@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskaq.synthesis import losses as L
-from maskaq.synthesis.augment import QATAugment, SynthesisAugment, scaled_pixels
+from maskaq.synthesis.augment import QATAugment, SynthesisAugment, patch_scaled_pixels, scaled_pixels
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
 from maskaq.synthesis.spec import describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
@@ -221,12 +221,24 @@ def test_scaled_pixels():
     assert scaled_pixels(8, 448) == 16
 
 
+def test_patch_scaled_jitter_is_half_a_patch_then_one():
+    """The public code rolls by 8 then 16 px at 224 px with patch 16: half a patch, then one.
+    At 28 px with patch 4 that is 2 then 4 px (scaling with the image would give 1 then 2)."""
+    assert patch_scaled_pixels(8, 16) == 8 and patch_scaled_pixels(16, 16) == 16
+    assert patch_scaled_pixels(8, 4) == 2 and patch_scaled_pixels(16, 4) == 4
+    assert patch_scaled_pixels(8, 7) == 4 and patch_scaled_pixels(0, 4) == 0
+    aug = SynthesisAugment(iters=10, patch_size=4)
+    assert aug.jitter_at(0) == 2 and aug.jitter_at(9) == 4
+    synth = Synthesizer(tiny_vit(), SynthesisConfig(synth_iters=2))
+    assert synth.spec.patch_size == (7, 7)
+
+
 def test_synthesis_augment_decays_noise_and_repeats():
-    aug = SynthesisAugment(iters=10, image_size=28, color_jitter=False, jitter=0.0)
+    aug = SynthesisAugment(iters=10, patch_size=4, color_jitter=False, jitter=0.0)
     x = torch.zeros(2, 1, 28, 28)
     last = aug(x, 9, torch.Generator().manual_seed(0))  # decay factor 0 at the last step
     assert torch.allclose(last, x)
-    aug = SynthesisAugment(iters=10, image_size=28)
+    aug = SynthesisAugment(iters=10, patch_size=2)
     a = aug(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0, torch.Generator().manual_seed(3))
     b = aug(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)

@@ -5,7 +5,9 @@
 - `QATAugment`: what QAT applies to synthetic images (random resized crop, horizontal flip,
   colour jitter in pixel space, random grayscale, Gaussian blur), every image drawn on its own.
 
-Pixel sizes are given at 224 px in METHOD.md; `scaled_pixels` converts them to the model's size.
+Pixel sizes are given at 224 px with patch 16 in METHOD.md. MaskAQ's roll is a share of a patch
+(half a patch, then one), so `patch_scaled_pixels` scales it with the patch size; PSAQ's
+jitter scales with the image size (`scaled_pixels`).
 """
 from __future__ import annotations
 
@@ -15,12 +17,19 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scaled_pixels", "random_roll", "SynthesisAugment", "QATAugment"]
+__all__ = ["scaled_pixels", "patch_scaled_pixels", "random_roll", "SynthesisAugment", "QATAugment"]
 
 
 def scaled_pixels(pixels_at_224: float, image_size: int) -> int:
     """A pixel distance given at 224 px, at `image_size` px (at least 1)."""
     return max(1, int(round(pixels_at_224 * image_size / 224.0)))
+
+
+def patch_scaled_pixels(pixels_at_patch16: float, patch_size: int) -> int:
+    """A pixel distance given for patch 16 (e.g. 8 px = half a patch), for `patch_size` (0 stays 0)."""
+    if pixels_at_patch16 <= 0:
+        return 0
+    return max(1, int(round(pixels_at_patch16 * patch_size / 16.0)))
 
 
 def _uniform(shape, low, high, generator, device, dtype=torch.float32):
@@ -41,15 +50,16 @@ def random_roll(x: torch.Tensor, limit: int, generator: torch.Generator) -> torc
 class SynthesisAugment:
     """Roll + decaying Gaussian offset + colour jitter, redrawn every step (MaskAQ synthesis).
 
-    The offset is N(0, noise_std) per sample and channel, times (iters − 1 − step)/iters so it
+    The roll limit is `jitter` px at patch 16 (8: half a patch) for the first half of the steps
+    and twice that after, scaled to `patch_size` (the public code's 8 and 16 px at 224/16). The offset is N(0, noise_std) per sample and channel, times (iters − 1 − step)/iters so it
     fades out over the run; the colour jitter shifts by U(−1, 1) and scales by exp(U(−1, 1)).
     """
 
-    def __init__(self, iters: int, image_size: int, *, jitter: float = 8.0, noise_std: float = 0.5,
+    def __init__(self, iters: int, patch_size: int, *, jitter: float = 8.0, noise_std: float = 0.5,
                  color_jitter: bool = True):
         self.iters = int(iters)
-        self.jitter_first = scaled_pixels(jitter, image_size)
-        self.jitter_second = scaled_pixels(2 * jitter, image_size)
+        self.jitter_first = patch_scaled_pixels(jitter, patch_size)
+        self.jitter_second = patch_scaled_pixels(2 * jitter, patch_size)
         self.noise_std = float(noise_std)
         self.color_jitter = bool(color_jitter)
 
@@ -58,7 +68,7 @@ class SynthesisAugment:
 
     def __call__(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         b, c = x.shape[:2]
-        out = random_roll(x, self.jitter_at(step), generator)
+        out = random_roll(x, self.jitter_at(step), generator) if self.jitter_at(step) > 0 else x
         if self.noise_std > 0:
             decay = max(self.iters - 1 - step, 0) / self.iters
             offset = torch.randn((b, c, 1, 1), generator=generator, device=x.device, dtype=x.dtype)

@@ -20,6 +20,7 @@ class ModelSpec:
     is_swin: bool
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    patch_size: Tuple[int, int] = (16, 16)
 
     @property
     def pixel_min(self) -> torch.Tensor:
@@ -51,7 +52,7 @@ def _is_swin(model: nn.Module) -> bool:
 
 
 def describe_model(model: nn.Module) -> ModelSpec:
-    """Channels, image size, classes, prefix tokens and normalization of a timm ViT/DeiT/Swin."""
+    """Channels, image and patch size, classes, prefix tokens and normalization of a timm ViT/DeiT/Swin."""
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None:
         raise TypeError(f"{type(model).__name__} has no patch_embed: maskaq supports timm "
@@ -83,5 +84,9 @@ def describe_model(model: nn.Module) -> ModelSpec:
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
         else:
             raise ValueError(f"pretrained_cfg mean has {len(mean)} entries for {in_chans} input channels")
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None and proj is not None and hasattr(proj, "kernel_size"):
+        patch = proj.kernel_size
     return ModelSpec(in_chans=in_chans, image_size=image_size, num_classes=num_classes,
-                     num_prefix_tokens=prefix, has_class_token=has_cls, is_swin=swin, mean=mean, std=std)
+                     num_prefix_tokens=prefix, has_class_token=has_cls, is_swin=swin, mean=mean, std=std,
+                     patch_size=_pair(patch) if patch is not None else (16, 16))

@@ -44,7 +44,7 @@ class SynthesisConfig:
     synth_betas: Tuple[float, float] = (0.9, 0.999)
     synth_weight_decay: float = 1e-6
     synth_lr_min: float = 1e-3
-    jitter: float = 8.0  # roll limit in px at 224 px for the first half (doubled after); scaled
+    jitter: float = 8.0  # roll limit in px at patch 16 for the first half (doubled after): half a patch, then one
     noise_std: float = 0.5  # per-sample per-channel offset, decays to 0 over the steps
     color_jitter: bool = True
     ce_weight: float = 1.0
@@ -224,7 +224,7 @@ class Synthesizer:
         opt = torch.optim.AdamW([x], lr=cfg.synth_lr, betas=tuple(cfg.synth_betas), eps=1e-8,
                                 weight_decay=cfg.synth_weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.synth_iters, eta_min=cfg.synth_lr_min)
-        aug = SynthesisAugment(cfg.synth_iters, min(spec.image_size), jitter=cfg.jitter,
+        aug = SynthesisAugment(cfg.synth_iters, min(spec.patch_size), jitter=cfg.jitter,
                                noise_std=cfg.noise_std, color_jitter=cfg.color_jitter)
         lo = spec.pixel_min.to(dev).view(1, -1, 1, 1)
         hi = spec.pixel_max.to(dev).view(1, -1, 1, 1)
