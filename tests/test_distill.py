@@ -284,3 +284,28 @@ def test_gaussian_baseline_is_an_endless_stream_of_fresh_noise(monkeypatch):
     spec = describe_model(tiny_vit())
     a, b = gaussian_stream(spec, 8, seed=3), gaussian_stream(spec, 8, seed=3)
     assert torch.equal(a.draw(4, 5), b.draw(4, 5)) and not torch.equal(a.draw(4, 5), a.draw(4, 6))
+
+
+def test_ptq_method_calibrates_min_max_on_noise_without_qat():
+    from maskaq.pipeline import run_pipeline
+    from maskaq.quant.convert import activation_quantizers
+    teacher = tiny_vit()
+    result = run_pipeline(teacher, 4, 4, method="ptq", preset="quick", seed=0, progress=False)
+    report = result.report
+    assert report["method"] == "ptq" and report["calibrated_on"] == "gaussian noise"
+    assert report["qat"]["steps"] == 0 and report["qat"]["optimizer_steps"] == 0
+    quantizers = activation_quantizers(result.model)
+    assert quantizers and all(q.initialized and q.init_method == "minmax" for q in quantizers)
+    # the student's weights are the teacher's (no QAT moved them)
+    student_fc = dict(result.model.named_parameters())["head.weight"]
+    torch.testing.assert_close(student_fc, teacher.head.weight)
+
+
+def test_calibrate_lsq_pminmax_uses_min_max_for_softmax_outputs_only():
+    from maskaq.quant import calibrate, quantize_model
+    qmodel = quantize_model(tiny_vit(), 4, 4)
+    calibrate(qmodel, torch.randn(4, 1, 28, 28), init="lsq_pminmax")
+    inits = {name: m.init_method for name, m in qmodel.named_modules() if hasattr(m, "init_method")}
+    assert inits and all((v == "minmax") == k.endswith("p_quantizer") for k, v in inits.items())
+    with pytest.raises(ValueError, match="lsq_pminmax"):
+        calibrate(qmodel, torch.randn(4, 1, 28, 28), init="percentile")

@@ -70,7 +70,8 @@ def run(args) -> int:
         if s.use_alignment and s.align_weight > 0:
             from maskaq.quant import calibrate, quantize_model
             student = quantize_model(teacher, args.wbits, args.abits).to(device)
-            calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed, device=device).images)
+            calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed, device=device).images,
+                      init=cfg.pipeline.act_init)
         images = Synthesizer(teacher, s).synthesize(s.num_images, args.seed, student=student,
                                                     desc=f"{args.method} synthesis")
     rank, _ = dist_info()
