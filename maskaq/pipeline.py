@@ -4,7 +4,8 @@
 
 From Python: `maskaq.pipeline.quantize(model, wbits=4, abits=4, method="maskaq", preset="cpu")`.
 Methods: maskaq, its ablations (maskaq-no-entropy, maskaq-no-align, maskaq-no-refresh,
-maskaq-no-hdmask) and the baselines mimiq, psaq, gaussian, real — same quantizer, same QAT.
+maskaq-no-hdmask) and the baselines mimiq, psaq, gaussian, real — same quantizer, same QAT —
+and ptq, the floor: min-max calibration on noise and no QAT.
 Presets: quick (seconds, for tests), cpu (the bundled teacher on 2 CPU cores in minutes),
 paper (the public code's settings). Every knob is an override (`--set key=value`).
 """
@@ -29,7 +30,7 @@ from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesi
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "add_arguments", "run"]
 
-METHODS = ("maskaq", "mimiq", "psaq", "gaussian", "real",
+METHODS = ("maskaq", "mimiq", "psaq", "gaussian", "real", "ptq",
            "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask")
 
 
@@ -134,9 +135,9 @@ def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> Fu
     pipeline = PipelineConfig(**parts["pipeline"])
     if pipeline.calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
-    from maskaq.quant.convert import INIT_METHODS
-    if pipeline.act_init not in INIT_METHODS:
-        raise ValueError(f"act_init must be one of {', '.join(INIT_METHODS)}, got {pipeline.act_init!r}")
+    from maskaq.quant.convert import CALIBRATION_INITS
+    if pipeline.act_init not in CALIBRATION_INITS:
+        raise ValueError(f"act_init must be one of {', '.join(CALIBRATION_INITS)}, got {pipeline.act_init!r}")
     return FullConfig(synthesis, psaq, qat, pipeline)
 
 
@@ -209,8 +210,14 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
             calibrated_on = f"{method} images"
         return data
 
-    trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress)
-    qat_report = trainer.fit()
+    if method == "ptq":
+        data = gaussian_images(spec, n_calib, seed, device=dev)
+        calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
+        calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
+    else:
+        trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress)
+        qat_report = trainer.fit()
+        last_images = trainer.data
     rank, world = dist_info()
     synth_reports = qat_report.get("synthesis", [])
     report = {
@@ -228,7 +235,12 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
     }
     report["qat_seconds"] = qat_report["seconds"] - report["synthesis_seconds"]
     student.maskaq_report = report
-    return PipelineResult(student, report, trainer.data, cfg)
+    return PipelineResult(student, report, last_images, cfg)
+
+
+def _no_qat_report() -> Dict[str, Any]:
+    return {"epochs": 0, "warmup_epochs": 0, "steps": 0, "optimizer_steps": 0, "refresh_epochs": [],
+            "epoch_losses": [], "seconds": 0.0, "cpu_seconds": 0.0, "synthesis": []}
 
 
 def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", preset: str = "cpu",
