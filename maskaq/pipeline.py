@@ -7,7 +7,7 @@ Methods: maskaq, its ablations (maskaq-no-entropy, maskaq-no-align, maskaq-no-re
 maskaq-no-hdmask) and the baselines mimiq, psaq, gaussian, real — same quantizer, same QAT —
 and ptq, the floor: min-max calibration on noise and no QAT.
 Presets: quick (seconds, for tests), cpu (the bundled teacher on 2 CPU cores in minutes),
-paper (the public code's settings). Every knob is an override (`--set key=value`).
+cpu-long (about 3× cpu), paper (the public code's settings as it runs). Every knob is an override (`--set key=value`).
 """
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {},
     "cpu": dict(num_images=64, synth_batch_size=64, synth_iters=150, psaq_iters=100,
                 qat_epochs=60, qat_batch_size=32, refresh_every=30, calib_images=32),
+    # cpu-long: about 15 minutes for one W3A3 maskaq run on one core: 2 batches of 64 images,
+    # 300 synthesis steps, 2 rounds, 240 QAT steps.
+    "cpu-long": dict(num_images=128, synth_batch_size=64, synth_iters=300, psaq_iters=200,
+                     qat_epochs=60, qat_batch_size=32, refresh_every=30, calib_images=32),
     "quick": dict(num_images=8, synth_batch_size=4, synth_iters=3, psaq_iters=2, psaq_rounds=2,
                   qat_epochs=2, qat_batch_size=4, qat_warmup_epochs=0, refresh_every=1, calib_images=4),
 }
@@ -291,7 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", default=None,
                         help="real training images for --method real: ImageFolder or 'fashion-mnist'")
     parser.add_argument("--out", required=True, help="output directory (model, report.json, synthetic.png)")
-    parser.add_argument("--preset", default="cpu", help="quick, cpu or paper")
+    parser.add_argument("--preset", default="cpu", help="quick, cpu, cpu-long or paper")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. --set synth_iters=500 (repeatable)")

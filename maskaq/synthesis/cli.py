@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=None, help="number of images (none given: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="images optimized together (none given: the preset's)")
     parser.add_argument("--iters", type=int, default=None, help="optimization steps per batch (none given: the preset's)")
-    parser.add_argument("--preset", default="cpu", help="quick, cpu or paper (the public code's sizes and steps)")
+    parser.add_argument("--preset", default="cpu", help="quick, cpu, cpu-long or paper (the public code's sizes and steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any synthesis setting, e.g. --set entropy_weight=0.5 (repeatable)")
