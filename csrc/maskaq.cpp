@@ -18,7 +18,7 @@
 // masked_attention_align — cls_t, cls_q: (L, B, H, M) CLS-row logits of every block over the
 // M patch keys; rand: (B, M) uniform [0, 1) used for the stochastic drop. k = max(1,
 // floor(M·ratio)) top keys of c = mean_{l,h} cls_t per sample; of those, the
-// max(1, floor(keep·k + 0.5)) with the smallest rand are kept (mask). Loss = mean_l
+// max(1, round(keep·k)) (half to even) with the smallest rand are kept (mask). Loss = mean_l
 // Σ_{b,i} |mean_h cls_t − mean_h cls_q|·m / (Σ m + 1e-8). Returns (loss 0-dim, mask (B, M)).
 //
 // Integer inference (maskaq.integer; no autograd):

@@ -123,7 +123,7 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
 
     The mask comes from the teacher: c = mean over blocks and heads of ``cls_t`` (B, M);
     the k = max(1, floor(M·ratio)) top keys of c per sample, of which the
-    max(1, floor(keep·k + 0.5)) with the smallest uniform draw survive (stochastic drop).
+    max(1, round(keep·k)) (half to even) with the smallest uniform draw survive (stochastic drop).
     loss = mean over blocks l of Σ_{b,i} |mean_h cls_t[l] − mean_h cls_q[l]|·m / (Σ m + 1e-8).
 
     Args:

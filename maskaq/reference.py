@@ -251,9 +251,10 @@ def draw_keep_rand(batch: int, num_keys: int, *, generator=None, seed=None, devi
 
 
 def alignment_counts(num_keys: int, ratio: float, keep: float) -> tuple[int, int]:
-    """(k, kept): k = max(1, floor(M·ratio)) top keys, of which max(1, floor(keep·k + 0.5)) are kept."""
+    """(k, kept): k = max(1, floor(M·ratio)) top keys, of which max(1, round(keep·k)) are kept
+    (round half to even, as Python's round() in the public code: 10 of 15 at keep 0.7)."""
     k = min(num_keys, max(1, math.floor(num_keys * ratio)))
-    return k, min(k, max(1, math.floor(keep * k + 0.5)))
+    return k, min(k, max(1, round(keep * k)))
 
 
 def alignment_mask(score, rand, ratio: float, keep: float):

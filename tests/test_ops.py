@@ -322,6 +322,16 @@ def test_masked_attention_align_matches_reference(case, dtype):
     torch.testing.assert_close(g, g_r, **tol)
 
 
+@pytest.mark.parametrize("impl", [pytest.param(ops.masked_attention_align, marks=needs_ext, id="op"),
+                                  pytest.param(ref.masked_attention_align, id="reference")])
+def test_masked_attention_align_keeps_round_half_to_even_of_the_top_k(impl):
+    """The public code keeps round(0.7·k) keys with Python's round: 10 of 15, 24 of 35 (half to even)."""
+    for M, ratio, kept in ((30, 0.5, 10), (70, 0.5, 24), (40, 0.5, 14), (49, 0.5, 17)):
+        cls_t = randn(2, 3, 2, M, seed=M)
+        _, mask = impl(cls_t, randn(2, 3, 2, M, seed=M + 1), ratio=ratio, keep=0.7, seed=0)
+        assert (mask.sum(dim=1) == kept).all(), (M, mask.sum(dim=1))
+
+
 @needs_ext
 def test_masked_attention_align_mask_follows_the_teacher():
     """Kept keys are among the teacher's top-k; keep=1 keeps the whole top-k."""

@@ -170,7 +170,7 @@ def test_alignment_loss_matches_plain_formula():
     for b in range(2):
         top = set(c[b].topk(k).indices.tolist())
         kept = set(mask[b].nonzero().flatten().tolist())
-        assert kept <= top and len(kept) == max(1, math.floor(0.7 * k + 0.5))
+        assert kept <= top and len(kept) == max(1, round(0.7 * k))
     per_block = [((a[:, :, 0, 1:].mean(1) - b[:, :, 0, 1:].mean(1)).abs() * mask).sum() / (mask.sum() + 1e-8)
                  for a, b in zip(t, q)]
     plain = torch.stack(per_block).mean()

@@ -315,14 +315,16 @@ inline std::array<int64_t, 4> check_align_inputs(const at::Tensor& cls_t, const 
   return {cls_t.size(0), cls_t.size(1), cls_t.size(2), cls_t.size(3)};
 }
 
-// k = max(1, floor(M * ratio)) top keys, of which max(1, floor(keep * k + 0.5)) are kept.
+// k = max(1, floor(M * ratio)) top keys, of which max(1, round(keep * k)) are kept.
 inline int64_t align_top_k(int64_t num_keys, double ratio) {
   const auto k = static_cast<int64_t>(std::floor(static_cast<double>(num_keys) * ratio));
   return k < 1 ? 1 : (k > num_keys ? num_keys : k);
 }
 
+// round(keep·k) half to even (std::nearbyint in the default rounding mode), as Python's round()
+// in the public code: 10 of k = 15 at keep 0.7, not 11.
 inline int64_t align_keep_k(int64_t top_k, double keep) {
-  const auto k = static_cast<int64_t>(std::floor(keep * static_cast<double>(top_k) + 0.5));
+  const auto k = static_cast<int64_t>(std::nearbyint(keep * static_cast<double>(top_k)));
   return k < 1 ? 1 : (k > top_k ? top_k : k);
 }
 
