@@ -204,7 +204,8 @@ def test_build_config_presets_methods_and_unknown_keys():
         build_config("maskq")
     with pytest.raises(ValueError, match="preset"):
         build_config("maskaq", "fast")
-    assert build_config("maskaq", "paper").pipeline.act_init == "lsq"  # METHOD.md's init
+    assert build_config("maskaq", "paper").pipeline.act_init == "minmax"  # chosen by measurement
+    assert build_config("maskaq", "cpu").qat.qat_lr == 1e-4 and build_config("maskaq", "paper").qat.qat_lr == 1e-3
     with pytest.raises(ValueError, match="act_init"):
         build_config("gaussian", "quick", act_init="percentile")
 
