@@ -45,6 +45,9 @@ class PipelineConfig:
     # "lsq" and "lsq_pminmax" (LSQ with min-max for P).
     act_init: str = "minmax"
     recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
+    # What the round-0 calibration sees: "images" (the method's own, as the public code's first QAT
+    # batch), "noise" (Gaussian noise) or "mixed" (both in one batch: min-max spans the union).
+    calib_data: str = "images"
     real_data: Any = None  # Dataset of (image, label) for method "real"
     progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
 
@@ -142,6 +145,8 @@ def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> Fu
     psaq = PsaqConfig(**parts["psaq"]).validate()
     qat = QATConfig(**parts["qat"]).validate()
     pipeline = PipelineConfig(**parts["pipeline"])
+    if pipeline.calib_data not in ("images", "noise", "mixed"):
+        raise ValueError(f"calib_data must be images, noise or mixed, got {pipeline.calib_data!r}")
     if pipeline.calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
     from maskaq.quant.convert import CALIBRATION_INITS
@@ -183,6 +188,16 @@ def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
     return source
 
 
+def _calibration_batch(kind: str, data: SyntheticSet, spec, n: int, seed: int, method: str):
+    """(images, description) the round-0 calibration sees (PipelineConfig.calib_data)."""
+    noise = gaussian_images(spec, n, seed).images
+    if kind == "noise":
+        return noise, "gaussian noise"
+    if kind == "mixed":
+        return torch.cat([noise, data.images[:n].cpu()]), f"gaussian noise + {method} images"
+    return data.images[:n], f"{method} images"
+
+
 def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", preset: str = "cpu",
                  seed: int = 0, config: Optional[FullConfig] = None, **overrides) -> PipelineResult:
     """Quantize `model` data-free; returns the model, a JSON-able report and the last image set."""
@@ -215,8 +230,8 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         nonlocal calibrated_on
         data = base_source(current_student, r)
         if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
-            calibrate(current_student, data.images[:n_calib].to(dev), init=cfg.pipeline.act_init)
-            calibrated_on = f"{method} images"
+            batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, data, spec, n_calib, seed, method)
+            calibrate(current_student, batch.to(dev), init=cfg.pipeline.act_init)
         return data
 
     if method == "ptq":

@@ -310,3 +310,13 @@ def test_calibrate_lsq_pminmax_uses_min_max_for_softmax_outputs_only():
     assert inits and all((v == "minmax") == k.endswith("p_quantizer") for k, v in inits.items())
     with pytest.raises(ValueError, match="lsq_pminmax"):
         calibrate(qmodel, torch.randn(4, 1, 28, 28), init="percentile")
+
+
+@pytest.mark.parametrize("calib_data,described", [("noise", "gaussian noise"), ("mixed", "gaussian noise + psaq images"),
+                                                  ("images", "psaq images")])
+def test_pipeline_calibration_data_option(calib_data, described):
+    from maskaq.pipeline import build_config, run_pipeline
+    result = run_pipeline(tiny_vit(), 3, 3, method="psaq", preset="quick", calib_data=calib_data, progress=False)
+    assert result.report["calibrated_on"] == described
+    with pytest.raises(ValueError, match="calib_data"):
+        build_config("psaq", "quick", calib_data="real")
