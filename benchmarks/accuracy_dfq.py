@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--md", default=None, help="markdown table (default: next to the JSON)")
     p.add_argument("--runs-dir", default=None, help="per-run checkpoints (default: <json stem>_runs/)")
     p.add_argument("--fresh", action="store_true", help="ignore existing per-run checkpoints")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="run nothing: rebuild the JSON and markdown from the checkpointed runs (e.g. after "
+                        "several processes each ran some methods)")
     return p.parse_args(argv)
 
 
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
         return agg
 
     # seed-major, then method, then bits: the first hours give every method at both bit widths
-    todo = [(seed, bits, method) for seed in seeds for method in methods for bits in bits_list]
+    todo = [] if args.aggregate_only else [(seed, bits, method) for seed in seeds for method in methods
+                                           for bits in bits_list]
     for i, (seed, bits, method) in enumerate(todo):
         run_file = runs_dir / f"{method}__{bits}__seed{seed}.json"
         if run_file.is_file() and not args.fresh and matches(json.loads(run_file.read_text())):

@@ -374,3 +374,20 @@ def test_psaq_synthesis_runs_and_repeats():
     b = PsaqSynthesizer(teacher, cfg, psaq, progress=False).synthesize(seed=0)
     assert torch.equal(a.images, b.images) and torch.isfinite(a.images).all()
     assert set(a.report["final_losses"]) == {"total", "ce", "entropy", "tv"}
+
+
+def test_tv_target_option_adds_psaq_image_prior():
+    """tv_target_weight > 0 adds w·|TV_psaq(x) − v·sqrt(numel / (32·3·224²))| to the synthesis loss."""
+    teacher = tiny_vit()
+    cfg = SynthesisConfig(synth_iters=2, tv_target_weight=0.05, tv_target=100.0, use_alignment=False)
+    synth = Synthesizer(teacher, cfg)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    terms = synth.losses(x, x, labels, None, 0, torch.Generator().manual_seed(1))
+    target = 100.0 * (x.numel() / (32 * 3 * 224 * 224)) ** 0.5
+    expected = (L.psaq_total_variation(x) - target).abs()
+    torch.testing.assert_close(terms["tv_target"], expected)
+    without = Synthesizer(teacher, SynthesisConfig(synth_iters=2, use_alignment=False)).losses(
+        x, x, labels, None, 0, torch.Generator().manual_seed(1))
+    assert "tv_target" not in without
+    torch.testing.assert_close(terms["total"] - without["total"], 0.05 * expected)

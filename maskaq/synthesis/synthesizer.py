@@ -49,6 +49,10 @@ class SynthesisConfig:
     color_jitter: bool = True
     ce_weight: float = 1.0
     tv_weight: float = 2.5e-5
+    # maskaq+ (this package's variant, not the paper's): PSAQ's image prior w·|TV(x) − v|, v the
+    # PSAQ target 2750 for 32 × 3 × 224 × 224 scaled by sqrt(numel). 0 = off (MaskAQ).
+    tv_target_weight: float = 0.0
+    tv_target: float = 2750.0
     ssim_weight: float = 1.0
     entropy_weight: float = 1.0
     align_weight: float = 0.1
@@ -193,6 +197,9 @@ class Synthesizer:
                 student(x_aug)
         out["ce"] = F.cross_entropy(logits_t, labels)
         out["tv"] = L.total_variation(x)
+        if cfg.tv_target_weight > 0:
+            target = cfg.tv_target * (x.numel() / (32 * 3 * 224 * 224)) ** 0.5
+            out["tv_target"] = torch.abs(L.psaq_total_variation(x) - target)
         if cfg.ssim_weight > 0:
             ssim_loss = getattr(self.ops, "inter_head_ssim_loss", L.inter_head_ssim_loss)
             out["ssim"] = ssim_loss(cap_t.logits, spec.num_prefix_tokens)
@@ -206,7 +213,7 @@ class Synthesizer:
                                                has_class_token=spec.has_class_token,
                                                generator=generator, ops=self.ops)
         weights = {"ce": cfg.ce_weight, "tv": cfg.tv_weight, "ssim": cfg.ssim_weight,
-                   "entropy": cfg.entropy_weight, "align": cfg.align_weight}
+                   "entropy": cfg.entropy_weight, "align": cfg.align_weight, "tv_target": cfg.tv_target_weight}
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out
 
