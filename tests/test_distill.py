@@ -107,17 +107,23 @@ def test_refresh_schedule():
     assert refresh_schedule(5, 1) == [0, 1, 2, 3, 4]
 
 
-def test_refreshing_happens_at_the_configured_epochs_with_the_current_student():
-    teacher = tiny_vit()
-    student = tiny_student(teacher)
+def recording_source(teacher, calls):
+    """A data source of 8 noise images per round that records the student it was given and its state."""
     spec = describe_model(teacher)
-    initial = {k: v.clone() for k, v in student.state_dict().items()}
-    calls = []
 
     def source(current, round_index):
         calls.append({"student": current, "round": round_index,
                       "state": {k: v.clone() for k, v in current.state_dict().items()}})
         return gaussian_images(spec, 8, seed=round_index)
+    return source
+
+
+def test_refreshing_happens_at_the_configured_epochs_with_the_current_student():
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    calls = []
+    source = recording_source(teacher, calls)
 
     cfg = QATConfig(qat_epochs=5, qat_batch_size=4, refresh_every=2, qat_lr=0.05, qat_warmup_epochs=0)
     trainer = QATTrainer(teacher, student, cfg, source, seed=0, progress=False)
@@ -153,17 +159,12 @@ def test_qat_warmup_epochs_take_no_optimizer_step():
     """The public code steps the optimizer only from epoch 2 on; the schedule runs from epoch 0."""
     teacher = tiny_vit()
     student = tiny_student(teacher)
-    spec = describe_model(teacher)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    states = []
-
-    def source(current, round_index):
-        states.append({k: v.clone() for k, v in current.state_dict().items()})
-        return gaussian_images(spec, 8, seed=round_index)
-
+    calls = []
     cfg = QATConfig(qat_epochs=4, qat_batch_size=4, refresh_every=1, qat_warmup_epochs=2)
-    trainer = QATTrainer(teacher, student, cfg, source, seed=0, progress=False)
+    trainer = QATTrainer(teacher, student, cfg, recording_source(teacher, calls), seed=0, progress=False)
     report = trainer.fit()
+    states = [c["state"] for c in calls]
     unchanged = lambda state: all(torch.equal(state[k], initial[k]) for k in initial)  # noqa: E731
     assert unchanged(states[0]) and unchanged(states[1]) and unchanged(states[2])  # epochs 0-2 start untrained
     assert not unchanged(states[3]) and not unchanged(student.state_dict())
