@@ -75,9 +75,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # (W3A3 seed 0: gaussian 71.88% -> 78.94%, maskaq 71.38% -> 75.83% at 1e-4).
     "cpu": dict(num_images=64, synth_batch_size=64, synth_iters=150, psaq_iters=100,
                 qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32),
-    # cpu-long: meant for about 15 minutes per W3A3 maskaq run on one core (estimated from cpu's
-    # 3-5 minutes: 4x its synthesis, 2x its QAT; not timed yet): 2 batches of 64 images, 300
-    # synthesis steps, 2 rounds, 240 QAT steps.
+    # cpu-long: 4x cpu's synthesis and 2x its QAT (2 batches of 64 images, 300 synthesis steps,
+    # 2 rounds, 240 QAT steps): one W3A3 maskaq run takes 14 minutes on one core.
     "cpu-long": dict(num_images=128, synth_batch_size=64, synth_iters=300, psaq_iters=200,
                      qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32),
     "quick": dict(num_images=8, synth_batch_size=4, synth_iters=3, psaq_iters=2, psaq_rounds=2,
