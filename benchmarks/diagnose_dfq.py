@@ -137,7 +137,9 @@ def main(argv=None) -> int:
             overrides["real_data"] = train
         cfg = build_config(source, preset, **overrides)
         student = quantize_model(teacher, wbits, abits)
-        calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed).images, init=cfg.pipeline.act_init)
+        if source == "maskaq":  # Q is in the synthesis loop: it needs ranges before any image exists
+            calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed).images,
+                      init=cfg.pipeline.act_init)
         entry = {}
         if source in ("maskaq", "mimiq"):
             from maskaq.synthesis.synthesizer import Synthesizer

@@ -224,21 +224,21 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         calibrate(student, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev),
                   init=cfg.pipeline.act_init)
         calibrated_on = "gaussian noise"
-    base_source = _data_source(method, teacher, cfg, seed)
-
-    def source(current_student, r):
-        nonlocal calibrated_on
-        data = base_source(current_student, r)
-        if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
-            batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, data, spec, n_calib, seed, method)
-            calibrate(current_student, batch.to(dev), init=cfg.pipeline.act_init)
-        return data
-
     if method == "ptq":
         data = gaussian_images(spec, n_calib, seed, device=dev)
         calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
         calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
     else:
+        base_source = _data_source(method, teacher, cfg, seed)
+
+        def source(current_student, r):
+            nonlocal calibrated_on
+            data = base_source(current_student, r)
+            if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
+                batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, data, spec, n_calib, seed, method)
+                calibrate(current_student, batch.to(dev), init=cfg.pipeline.act_init)
+            return data
+
         trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress)
         qat_report = trainer.fit()
         last_images = trainer.data

@@ -165,21 +165,22 @@ class QATTrainer:
                 self.refresh_log.append({"epoch": epoch, "round": round_index, "num_images": len(self.data),
                                          "report": self.data.report})
             steps = self._steps_per_epoch(len(self.data))
+            local_steps = math.ceil(steps / world)  # this rank's batches in the epoch
             if sched is None:
                 # One cosine over the whole run (steps per epoch fixed by the first set's size).
-                total_steps = math.ceil(steps / world) * cfg.qat_epochs
+                total_steps = local_steps * cfg.qat_epochs
                 # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
-                offset = math.ceil(steps / world) * cfg.qat_warmup_epochs
+                offset = local_steps * cfg.qat_warmup_epochs
                 sched = torch.optim.lr_scheduler.LambdaLR(
                     opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
             if epoch < cfg.qat_warmup_epochs:
                 # No optimizer step in the warm-up (public code): only the step counter (which
                 # seeds the augmentation and places the schedule) moves on.
-                step_no += math.ceil(steps / world)
+                step_no += local_steps
                 continue
             self.student.train()
             running, count = 0.0, 0
-            with progress_bar(math.ceil(steps / world), f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
+            with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
                 for index in self._batches(epoch, steps, rank, world):
                     g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=11))
                     if self.data.draw is not None:  # an endless stream: fresh images every batch

@@ -68,7 +68,8 @@ class SynthesisAugment:
 
     def __call__(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         b, c = x.shape[:2]
-        out = random_roll(x, self.jitter_at(step), generator) if self.jitter_at(step) > 0 else x
+        limit = self.jitter_at(step)
+        out = random_roll(x, limit, generator) if limit > 0 else x
         if self.noise_std > 0:
             decay = max(self.iters - 1 - step, 0) / self.iters
             offset = torch.randn((b, c, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
