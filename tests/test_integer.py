@@ -92,6 +92,75 @@ def test_int_linear_accumulates_exact_integers(kernel):
     assert torch.equal(got.double(), expected)
 
 
+@pytest.fixture
+def saturating_cpu(monkeypatch):
+    """Pretend this CPU's int8 GEMMs clip pair sums to int16 (as without VNNI): the split-weight
+    path then runs on any machine, and its exactness is checked on the real kernels."""
+    from maskaq.integer import modules
+
+    monkeypatch.setattr(modules, "cpu_int8_pairs_saturate", lambda kernel: True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("wbits,abits,splits", [(8, 8, True), (4, 8, False), (8, 6, False), (8, 4, False)])
+def test_split_weights_exact_and_only_where_pairs_overflow(saturating_cpu, kernel, wbits, abits, splits):
+    """On a saturating CPU the weights are split only where 2·max u·max|w| > 32767 (8-bit weights
+    against 8-bit activations), and the split layer is still exact; fused MLP epilogues step aside."""
+    layer = _exact_linear(wbits, abits, False, -5 if abits == 8 else 0, True)
+    integer = IntLinear.from_quant(layer, kernel)
+    assert integer.splits_weights == splits
+    g = torch.Generator().manual_seed(4)
+    x = torch.round(_random_input(layer, 29, g) * 2 ** 10) / 2 ** 10 + 2.0 ** -12
+    with torch.no_grad():
+        assert torch.equal(integer(x), layer(x))
+    if splits and kernel == "onednn":
+        with pytest.raises(RuntimeError, match="cannot fuse"):
+            integer.run_uint8(integer.quantize_input(x), act="gelu")
+
+
+def test_split_halves_recombine_to_the_weights(saturating_cpu):
+    layer = _exact_linear(8, 8, True, 0, True)
+    integer = IntLinear.from_quant(layer)
+    weights, scales, bias = integer._kernel_weights()
+    high, low = weights[:24].to(torch.int16), weights[24:].to(torch.int16)
+    assert int(high.min()) >= -64 and int(high.max()) <= 63 and set(low.unique().tolist()) <= {0, 1}
+    assert torch.equal(2 * high + low, integer.weight_int.to(torch.int16))
+    assert torch.equal(scales[:24], 2 * scales[24:]) and not bias[24:].any()
+
+
+def test_integer_path_is_recorded():
+    from maskaq.integer import cpu_integer_path
+
+    path = cpu_integer_path()
+    assert path["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(path) == {"cpu_capability", "onednn_int8", "fbgemm_int8"}
+    _, qmodel = _student(8, 8)
+    assert export_integer(qmodel).maskaq_integer["cpu_path"] == path
+
+
+@pytest.mark.slow
+def test_integer_tests_pass_on_forced_avx2_path():
+    """Whatever CPU this runs on, run the integer exactness tests again with the libraries limited
+    to AVX2 (no VNNI): the saturation probe must see it, and every exactness claim must hold."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+               FBGEMM_ENABLE_INSTRUCTIONS="AVX2", OMP_NUM_THREADS="1")
+    probe = subprocess.run([sys.executable, "-c", "from maskaq.integer import modules as m; "
+                            "print(all(m.cpu_int8_pairs_saturate(k) for k in ('onednn', 'fbgemm', 'int_mm')))"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "True", "forcing AVX2 did not reach the int8 GEMM libraries"
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = [os.path.join(here, "test_integer.py"), os.path.join(here, "test_int_ops.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
+                          "-k", "not forced_avx2 and not fidelity"],
+                         env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(here))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4)])
 def test_int_linear_matches_calibrated_fake_quant(kernel, wbits, abits):
@@ -152,7 +221,8 @@ def test_int_mlp_fused_equals_unfused_path():
         fused = mlp(x)
         unfused = mlp.fc2(mlp.act(mlp.fc1(x)))
         fake = qmodel.blocks[0].mlp(x)
-    assert mlp._fusable(x)
+    # fused unless this CPU runs fc1's 8-bit weights split (int8 GEMMs without VNNI: see IntLinear)
+    assert mlp._fusable(x) != mlp.fc1.splits_weights
     for other in (unfused, fake):
         close = torch.isclose(fused, other, rtol=1e-4, atol=1e-4 * other.abs().max().item())
         assert close.float().mean() > 0.99

@@ -21,7 +21,8 @@ from torch import nn
 
 from maskaq._files import save_tensors_and_json
 
-from maskaq.integer.modules import DEFAULT_KERNEL, ActGrid, IntAttention, IntConv2d, IntLinear, IntMlp, set_kernel
+from maskaq.integer.modules import (DEFAULT_KERNEL, ActGrid, IntAttention, IntConv2d, IntLinear, IntMlp, cpu_integer_path,
+                                    set_kernel)
 
 __all__ = ["export_integer", "save_integer", "load_integer", "is_integer", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -116,7 +117,8 @@ def export_integer(qmodel: nn.Module, *, device: Optional[Union[str, torch.devic
     config = dict(getattr(qmodel, "maskaq_quant", {}) or {})
     if hasattr(imodel, "maskaq_quant"):
         del imodel.maskaq_quant
-    imodel.maskaq_integer = {"quant": config}
+    # which CPU int8 path this machine takes (split weights where its GEMMs clip pair sums)
+    imodel.maskaq_integer = {"quant": config, "cpu_path": cpu_integer_path()}
     imodel.requires_grad_(False)
     imodel.eval()
     if device is None:  # new buffers (attention grids) are made on the CPU: follow the student
@@ -289,7 +291,7 @@ def load_integer(directory: Union[str, os.PathLike], model: nn.Module,
         raise ValueError(f"{directory} does not match the given architecture ({what}); "
                          "pass the model the integer model was exported from")
     imodel.load_state_dict(state, strict=True)
-    imodel.maskaq_integer = {"quant": meta.get("quant", {})}
+    imodel.maskaq_integer = {"quant": meta.get("quant", {}), "cpu_path": cpu_integer_path()}
     imodel.requires_grad_(False)
     imodel.eval()
     if device is not None:

@@ -3,7 +3,7 @@
 Notation (the fake-quant student, maskaq.quant): an activation quantizer with step α, integer
 zero point z = round(zero_point) and range [qmin, qmax] maps x to the integer
 q = clamp(round(x/α + z), qmin, qmax) and the value x̂ = (q − z)·α. A weight quantizer stores
-per-output-channel integers W_q in [-(2^(b-1)-1), 2^(b-1)-1] with steps s_w (zero point 0).
+per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero point 0).
 
 * ``IntLinear``: y = α·s_w·(X_q·W_qᵀ − z_x·ΣW_q) + b as one library call with prepacked
   per-channel int8 weights; the zero point is folded into the kernel's row-offset term and the
@@ -16,6 +16,14 @@ per-output-channel integers W_q in [-(2^(b-1)-1), 2^(b-1)-1] with steps s_w (zer
     ``quantize_per_tensor`` pass (its bytes read in place as uint8, no copy), float32 output.
   - CPU, kernel "fbgemm": ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (the float
     input is quantized inside the op).
+  - CPUs without VNNI (AVX2-only x86, AVX512 before Cascade Lake): both libraries multiply u8·s8
+    with ``vpmaddubsw``, which adds adjacent products into int16 with saturation, so 8-bit weights
+    against 8-bit activations (255·127·2 > 32767) would give wrong accumulators. A probe GEMM
+    (``cpu_int8_pairs_saturate``) detects this once per process; such layers then run their
+    weights as two halves W = 2·W_hi + W_lo (|W_hi| ≤ 64, W_lo ∈ {0, 1}) stacked in one GEMM of
+    twice the width: exact, at twice the GEMM work, and without the fused MLP epilogue. Layers
+    whose operands cannot overflow a pair (weights of ≤ 7 bits, activations of ≤ 7 bits) run as
+    on VNNI. ``cpu_integer_path()`` says which path this machine takes.
   - CUDA: cuBLASLt int8 GEMM (``torch._int_mm``) on int8 activations s = q − qmin − 128, then
     maskaq's fused epilogue kernel (``maskaq.ops.int8_linear_epilogue``: dequantize, bias,
     optional GELU and requantization in one pass over the int32 accumulators).
@@ -68,6 +76,8 @@ __all__ = [
     "IntMlp",
     "KERNELS",
     "set_kernel",
+    "cpu_int8_pairs_saturate",
+    "cpu_integer_path",
 ]
 
 # CPU GEMM libraries of IntLinear. "onednn": onednn::qlinear_pointwise on uint8 activations
@@ -75,6 +85,69 @@ __all__ = [
 # float-in/float-out quantized linear (quantizes its input inside the op).
 KERNELS = ("onednn", "fbgemm")
 DEFAULT_KERNEL = "onednn"
+INT16_MAX = 32767
+
+
+def _saturation_probe(gemm) -> bool:
+    """Whether ``gemm(u, w)`` (uint8 (M, K) by int8 (N, K) -> float (M, N)) differs from the exact
+    result on operands whose every adjacent pair of products overflows int16."""
+    m, k, n = 32, 64, 16
+    u = torch.full((m, k), 255, dtype=torch.uint8)
+    w = torch.where(torch.arange(n)[:, None] % 2 == 0, 127, -128).expand(n, k).to(torch.int8).contiguous()
+    exact = (255.0 * k) * w[:, 0].double()  # |acc| = 2,088,960 < 2^24: exact in a float32 output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
+        return not torch.equal(gemm(u, w).double(), exact.expand(m, n))
+
+
+def _onednn_gemm(u, w):
+    n = w.shape[0]
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int32),
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def _fbgemm_gemm(u, w):
+    n = w.shape[0]
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "x86"
+        qw = torch._make_per_channel_quantized_tensor(w, torch.ones(n, dtype=torch.float64),
+                                                      torch.zeros(n, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = previous
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(u.float(), 1.0, 0, packed)
+
+
+def _int_mm_gemm(u, w):
+    s = (u.to(torch.int16) - 128).to(torch.int8)  # the int8 operand of the CUDA path: -128 everywhere
+    return torch._int_mm(s, w.t()).double() + 128.0 * w.double().sum(1)
+
+
+_GEMMS = {"onednn": _onednn_gemm, "fbgemm": _fbgemm_gemm, "int_mm": _int_mm_gemm}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int8_pairs_saturate(kernel: str) -> bool:
+    """Whether the CPU library ``kernel`` ("onednn", "fbgemm", or "int_mm" for ``torch._int_mm``)
+    adds adjacent int8 products in int16 with saturation on this machine. x86 CPUs without VNNI
+    (AVX2; AVX512 before Cascade Lake) multiply u8·s8 with ``vpmaddubsw``, which clips each pair
+    sum u1·w1 + u2·w2 to [-32768, 32767] (255·127·2 does not fit); VNNI's ``vpdpbusd`` adds in
+    int32. Measured once per process, not inferred from CPU flags, so that library settings
+    (``DNNL_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``) count."""
+    if kernel not in _GEMMS:
+        raise ValueError(f"unknown CPU int8 GEMM {kernel!r}; choose one of {', '.join(_GEMMS)}")
+    return _saturation_probe(_GEMMS[kernel])
+
+
+def cpu_integer_path() -> dict:
+    """How this machine runs IntLinear on the CPU: ATen's CPU capability and, per kernel, whether
+    its int8 GEMM saturates pair sums (then 8-bit weights against 8-bit activations run split)."""
+    saturate = {kernel: cpu_int8_pairs_saturate(kernel) for kernel in KERNELS}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{f"{kernel}_int8": "split-weights (int16 pair sums saturate)" if sat else "direct (int32 pair sums)"
+               for kernel, sat in saturate.items()}}
 
 
 _warned_no_cuda_kernels = False
@@ -188,6 +261,7 @@ class IntLinear(nn.Module):
         self._grid = grid
         self._prescale = 1.0  # Python mirror of input_prescale (no tensor read per call)
         self._packed = None  # (kind, packed weights, ...), rebuilt lazily after any change
+        self._split = False  # set when packing for the CPU: the weights run as two halves
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -251,15 +325,37 @@ class IntLinear(nn.Module):
         return self.weight_scale.double() * self.output_scale.double() * self._prescale
 
     # -- CPU ---------------------------------------------------------------------------------
+    def _pairs_overflow_int16(self) -> bool:
+        """Whether two adjacent products u·w of this layer's operands can leave int16: the pair sums
+        a saturating CPU kernel (see ``cpu_int8_pairs_saturate``) would clip."""
+        widest_u = self._grid.qmax - self._grid.qmin
+        widest_w = int(self.weight_int.to(torch.int16).abs().max()) if self.weight_int.numel() else 0
+        return 2 * widest_u * widest_w > INT16_MAX
+
+    def _kernel_weights(self):
+        """(int8 weights, per-channel scales, bias) the CPU kernel packs. Where this CPU's int8 GEMM
+        saturates pair sums and this layer's operands can overflow them, W = 2·W_hi + W_lo with
+        W_hi = floor(W/2) ∈ [-64, 63] and W_lo ∈ {0, 1}: both halves keep every pair sum within
+        int16 (2·255·64 < 2^15), so one GEMM over the stacked halves gives exact accumulators and
+        the two halves of its output add up to the layer's result (``_split``)."""
+        w_scales, bias = self._weight_scales(), self._bias()
+        self._split = self._pairs_overflow_int16() and cpu_int8_pairs_saturate(self.kernel)
+        if not self._split:
+            return self.weight_int, w_scales, bias
+        w = self.weight_int.to(torch.int16)
+        high = torch.div(w, 2, rounding_mode="floor")
+        weights = torch.cat([high, w - 2 * high]).to(torch.int8)
+        return weights, torch.cat([2 * w_scales, w_scales]), torch.cat([bias, torch.zeros_like(bias)])
+
     def _pack_cpu(self):
+        self._split = False
         if not self.quantized_input:  # weight-only: float GEMM on the dequantized weights
             w = (self.weight_int.double() * (self.weight_scale.double() * self.output_scale.double())[:, None])
             return ("float", w.float(), self._bias())
-        w_scales = self._weight_scales()
+        weights, w_scales, bias = self._kernel_weights()
         if self.kernel == "onednn":
-            packed = torch.ops.onednn.qlinear_prepack(self.weight_int, None)
-            return ("onednn", packed, w_scales.float(), torch.zeros(self.out_features, dtype=torch.int32),
-                    self._bias())
+            packed = torch.ops.onednn.qlinear_prepack(weights, None)
+            return ("onednn", packed, w_scales.float(), torch.zeros(weights.shape[0], dtype=torch.int32), bias)
         # fbgemm: the packed weights keep the engine they were packed with.
         previous = torch.backends.quantized.engine
         try:
@@ -267,8 +363,8 @@ class IntLinear(nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
                 qw = torch._make_per_channel_quantized_tensor(
-                    self.weight_int, w_scales, torch.zeros(self.out_features, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, self._bias())
+                    weights, w_scales, torch.zeros(weights.shape[0], dtype=torch.long), 0)
+                packed = torch.ops.quantized.linear_prepack(qw, bias)
         finally:
             torch.backends.quantized.engine = previous
         return ("fbgemm", packed)
@@ -278,6 +374,16 @@ class IntLinear(nn.Module):
         if self._packed is None or self._packed[0] != kind:
             self._packed = self._pack_cpu()
         return self._packed
+
+    @property
+    def splits_weights(self) -> bool:
+        """True when the CPU kernel runs this layer's weights as two halves (see ``_kernel_weights``):
+        exact, at twice the GEMM work, on CPUs whose int8 GEMM saturates (no VNNI)."""
+        self._cpu_packed()
+        return self._split
+
+    def _join_halves(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, :self.out_features] + y[:, self.out_features:] if self._split else y
 
     def quantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """uint8 u = q − qmin of a float input (the kernel's activation operand)."""
@@ -303,14 +409,17 @@ class IntLinear(nn.Module):
         packed = self._cpu_packed()
         if packed[0] != "onednn":
             raise RuntimeError("run_uint8 needs the onednn kernel")
+        if self._split and (act is not None or out is not None):
+            raise RuntimeError("a split-weight layer (see splits_weights) cannot fuse an epilogue")
         _, weight, w_scales, w_zeros, bias = packed
         post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
         if out is None:
             out_scale, out_zp, dtype = 1.0, 0, torch.float32
         else:
             out_scale, out_zp, dtype = out.kernel_step(), out.kernel_zero_point(), None
-        return torch.ops.onednn.qlinear_pointwise(u, self.kernel_step(), self.kernel_zero_point(), weight, w_scales,
-                                                  w_zeros, bias, out_scale, out_zp, dtype, post, [], algorithm)
+        y = torch.ops.onednn.qlinear_pointwise(u, self.kernel_step(), self.kernel_zero_point(), weight, w_scales,
+                                               w_zeros, bias, out_scale, out_zp, dtype, post, [], algorithm)
+        return self._join_halves(y)
 
     def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = self._cpu_packed()
@@ -325,8 +434,8 @@ class IntLinear(nn.Module):
         grid, step = self._grid, self.kernel_step()
         if not grid.full_uint8:
             x2d = x2d.clamp((grid.qmin - grid.zero_point) * step, (grid.qmax - grid.zero_point) * step)
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x2d, step, self.kernel_zero_point(), packed[1])
+        return self._join_halves(torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x2d, step, self.kernel_zero_point(), packed[1]))
 
     # -- CUDA --------------------------------------------------------------------------------
     def cuda_int8_grid(self) -> tuple:
@@ -363,6 +472,9 @@ class IntLinear(nn.Module):
         """int32 accumulators s·W_qᵀ (M, out) of the int8 activations s (M, in)."""
         w_t = self._cuda_pack()[1]
         m = s.shape[0]
+        if s.device.type == "cpu" and cpu_int8_pairs_saturate("int_mm"):
+            # The CUDA path run on a CPU (tests): torch._int_mm's CPU kernel clips pair sums here.
+            return (s.double() @ w_t.double()).to(torch.int32)
         if self.in_features % 8 or self.out_features % 8:
             # torch._int_mm needs K, N multiples of 8: float GEMM, exact while |acc| < 2^24
             return (s.float() @ w_t.float()).to(torch.int32)
@@ -426,7 +538,7 @@ class IntMlp(nn.Module):
     def _fusable(self, x: torch.Tensor) -> bool:
         return (x.device.type == "cpu" and self.act_name is not None and self.fc1.kernel == "onednn"
                 and self.fc2.kernel == "onednn" and self.fc1.quantized_input and self.fc2.quantized_input
-                and self.fc2.grid.full_uint8)
+                and self.fc2.grid.full_uint8 and not self.fc1.splits_weights)
 
     def _cuda_fusable(self, x: torch.Tensor) -> bool:
         # maskaq's epilogue has erf GELU only (not the tanh approximation)
