@@ -391,3 +391,19 @@ def test_tv_target_option_adds_psaq_image_prior():
         x, x, labels, None, 0, torch.Generator().manual_seed(1))
     assert "tv_target" not in without
     torch.testing.assert_close(terms["total"] - without["total"], 0.05 * expected)
+
+
+def test_init_pixel_starts_from_a_canvas():
+    """init_pixel=p, init_std=s: x0 = (p − μ)/σ + s·N(0, 1) (the same draw as MaskAQ's N(0, 1) init)."""
+    teacher = tiny_vit()
+    plain = Synthesizer(teacher, SynthesisConfig())
+    canvas = Synthesizer(teacher, SynthesisConfig(init_pixel=0.0, init_std=0.2))
+    x = plain._initial_images(64, torch.Generator().manual_seed(3))
+    c = canvas._initial_images(64, torch.Generator().manual_seed(3))
+    black = (0.0 - 0.2860) / 0.3530
+    torch.testing.assert_close(c, black + 0.2 * x)
+    assert abs(float(c.mean()) - black) < 0.02 and abs(float(c.std()) - 0.2) < 0.01
+    with pytest.raises(ValueError, match="init_pixel"):
+        SynthesisConfig(init_pixel=2.0).validate()
+    with pytest.raises(ValueError, match="init_std"):
+        SynthesisConfig(init_std=-1.0).validate()

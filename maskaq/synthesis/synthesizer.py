@@ -53,6 +53,11 @@ class SynthesisConfig:
     # PSAQ target 2750 for 32 × 3 × 224 × 224 scaled by sqrt(numel). 0 = off (MaskAQ).
     tv_target_weight: float = 0.0
     tv_target: float = 2750.0
+    # maskaq+ image prior in the init: x0 = (init_pixel − μ)/σ + init_std·N(0, 1), in the model's
+    # normalized input space (None: MaskAQ's x0 ~ N(0, 1)). init_pixel=0 starts from a dark canvas,
+    # the background of Fashion-MNIST-like data.
+    init_pixel: Optional[float] = None
+    init_std: float = 1.0
     ssim_weight: float = 1.0
     entropy_weight: float = 1.0
     align_weight: float = 0.1
@@ -74,6 +79,10 @@ class SynthesisConfig:
         for name in ("mask_ratio_start", "mask_ratio_end"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+        if self.init_pixel is not None and not 0 <= self.init_pixel <= 1:
+            raise ValueError(f"init_pixel must be in [0, 1] (a pixel value) or None, got {self.init_pixel}")
         if self.max_nan_retries < 0:
             raise ValueError(f"max_nan_retries must be >= 0, got {self.max_nan_retries}")
         return self
@@ -221,11 +230,20 @@ class Synthesizer:
         return student is not None and self.config.use_alignment and self.config.align_weight > 0
 
     # ----------------------------------------------------------------------------- one batch
+    def _initial_images(self, batch: int, g: torch.Generator) -> torch.Tensor:
+        cfg, spec, dev = self.config, self.spec, self.device
+        x = torch.randn(spec.image_shape(batch), generator=g, device=dev)
+        if cfg.init_pixel is None:
+            return x
+        mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, device=dev).view(1, -1, 1, 1)
+        return (cfg.init_pixel - mean) / std + cfg.init_std * x
+
     def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None):
         cfg, spec, dev = self.config, self.spec, self.device
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
-        x = torch.randn(spec.image_shape(batch), generator=g, device=dev)
+        x = self._initial_images(batch, g)
         labels = torch.randint(0, spec.num_classes, (batch,), generator=g, device=dev)
         x.requires_grad_(True)
         opt = torch.optim.AdamW([x], lr=cfg.synth_lr, betas=tuple(cfg.synth_betas), eps=1e-8,
