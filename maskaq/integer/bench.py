@@ -3,10 +3,11 @@
 Median latency (ms), throughput (images/s) and peak memory of random-init timm models (weights
 do not change latency) for every implementation a user could deploy:
 
-* CPU (``--threads`` threads, default 2): ``fp32`` eager, ``fakequant`` (maskaq W8A8 fake quant),
-  ``int_w8a8`` / ``int_w4a8`` (maskaq integer export), ``torch_dynamic_int8``
-  (torch.ao.quantization.quantize_dynamic), ``ort_fp32`` / ``ort_int8`` (ONNX Runtime, FP32 and
-  onnxruntime.quantization.quantize_dynamic).
+* CPU (``--threads`` threads, default 2): ``fp32`` eager, ``int_w8a8`` / ``int_w4a8`` (maskaq
+  integer export), ``torch_dynamic_int8`` (torch.ao.quantization.quantize_dynamic), ``ort_int8``
+  (onnxruntime.quantization.quantize_dynamic); on request (``--impls``) also ``fakequant`` (maskaq
+  W8A8 fake quant) and ``ort_fp32``. CPU records say which integer path the machine takes
+  (``cpu_capability``, ``cpu_int8``: see ``maskaq.integer.cpu_integer_path``).
 * CUDA (when available): ``fp16``, ``bf16`` eager, ``fp16_compile`` (torch.compile), ``int_w8a8``.
 
 Timings of all implementations of one (model, batch) are interleaved in rounds, so a change of
@@ -33,6 +34,10 @@ import warnings
 import torch
 
 CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8")
+# What a run measures without --impls: the integer models against what a user would otherwise
+# deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
+# without them the default table takes about 10 minutes on 2 cores instead of over 40.
+DEFAULT_CPU_IMPLS = ("fp32", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_int8")
 GPU_IMPLS = ("fp16", "bf16", "fp16_compile", "int_w8a8")
 DEFAULT_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 CPU_BATCHES = (1, 8, 32)
@@ -285,7 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=None,
                         help=f"batch sizes (default CPU {list(CPU_BATCHES)}, CUDA {list(GPU_BATCHES)})")
     parser.add_argument("--impls", nargs="+", default=None,
-                        help=f"implementations (CPU: {', '.join(CPU_IMPLS)}; CUDA: {', '.join(GPU_IMPLS)})")
+                        help=f"implementations (CPU: {', '.join(CPU_IMPLS)}, default {' '.join(DEFAULT_CPU_IMPLS)}; "
+                             f"CUDA: {', '.join(GPU_IMPLS)})")
     parser.add_argument("--devices", nargs="+", default=None, choices=("cpu", "cuda"),
                         help="devices (default: cpu, and cuda when available)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ONNX Runtime)")
@@ -293,9 +299,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 GEMM library of the maskaq integer models on CPU")
     parser.add_argument("--engine", default="x86", choices=("x86", "fbgemm", "onednn", "qnnpack"),
                         help="torch.backends.quantized.engine (used by torch_dynamic_int8)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per (model, batch)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per (model, batch)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per impl and round "
-                        "(default: enough for ~0.3 s per round, at least 2)")
+                        "(default: enough for ~0.3 s per round, at least 1)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: deit_small_patch16_224, batch 1, 1 round of 2 calls")
@@ -330,9 +336,9 @@ def _resolve(args):
 
 
 def _plan(device, args):
-    impls = CPU_IMPLS if device == "cpu" else GPU_IMPLS
+    impls = DEFAULT_CPU_IMPLS if device == "cpu" else GPU_IMPLS
     if args.impls is not None:
-        impls = tuple(i for i in impls if i in args.impls)
+        impls = tuple(i for i in (CPU_IMPLS if device == "cpu" else GPU_IMPLS) if i in args.impls)
     batches = args.batches or (CPU_BATCHES if device == "cpu" else GPU_BATCHES)
     if args.quick and args.batches is None:
         batches = (1,)
@@ -340,14 +346,14 @@ def _plan(device, args):
 
 
 def _auto_iters(impls, x, device) -> int:
-    """Calls per round so that the slowest impl takes ~0.3 s per round (2 to 20)."""
+    """Calls per round so that the slowest impl takes ~0.3 s per round (1 to 20)."""
     slowest = 0.0
     for impl in impls:
         start = time.perf_counter()
         impl.fn(x)
         _sync(device)
         slowest = max(slowest, time.perf_counter() - start)
-    return int(min(20, max(2, math.ceil(0.3 / max(slowest, 1e-6)))))
+    return int(min(20, max(1, math.ceil(0.3 / max(slowest, 1e-6)))))
 
 
 def run_benchmark(args, log=print) -> list[dict]:
@@ -361,6 +367,11 @@ def run_benchmark(args, log=print) -> list[dict]:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')} load average="
         f"{' '.join('%.1f' % v for v in os.getloadavg())} (timings on a loaded machine are noisy: "
         "compare ratios within this run)")
+    from maskaq.integer.modules import cpu_integer_path
+
+    path = cpu_integer_path()
+    cpu_fields = {"cpu_capability": path["cpu_capability"], "cpu_int8": path[f"{args.kernel}_int8"]}
+    log(f"CPU integer path: {cpu_fields['cpu_capability']}, {args.kernel} {cpu_fields['cpu_int8']}")
     records = []
     for model_name in models:
         model = create_model(model_name, args.seed)
@@ -383,6 +394,7 @@ def run_benchmark(args, log=print) -> list[dict]:
                     for impl in impls:
                         record = {
                             "model": model_name, "device": device, "batch": batch, "impl": impl.name,
+                            **(cpu_fields if device == "cpu" else {}),
                             "ms": round(ms[impl.name], 3),
                             "img_per_s": round(batch * 1e3 / ms[impl.name], 2),
                             "peak_mb": round(measure_memory_mb(impl, x, device), 1),
