@@ -4,7 +4,8 @@ Median latency (ms), throughput (images/s) and peak memory of random-init timm m
 do not change latency) for every implementation a user could deploy:
 
 * CPU (``--threads`` threads, default 2): ``fp32`` eager, ``int_w8a8`` / ``int_w4a8`` (maskaq
-  integer export), ``torch_dynamic_int8`` (torch.ao.quantization.quantize_dynamic), ``ort_int8``
+  integer export; ``int_w8a7`` on request: 7-bit activations never overflow the int16 pair sums of
+  CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8`` (torch.ao.quantization.quantize_dynamic), ``ort_int8``
   (onnxruntime.quantization.quantize_dynamic); on request (``--impls``) also ``fakequant`` (maskaq
   W8A8 fake quant) and ``ort_fp32``. CPU records say which integer path the machine takes
   (``cpu_capability``, ``cpu_int8``: see ``maskaq.integer.cpu_integer_path``).
@@ -33,7 +34,8 @@ import warnings
 
 import torch
 
-CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8")
+CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8")
+_INTEGER_BITS = {"int_w8a8": (8, 8), "int_w8a7": (8, 7), "int_w4a8": (4, 8)}  # impl -> (wbits, abits)
 # What a run measures without --impls: the integer models against what a user would otherwise
 # deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
 # without them the default table takes about 10 minutes on 2 cores instead of over 40.
@@ -183,9 +185,8 @@ def build_impl(name: str, model: torch.nn.Module, device: str, args, workdir: st
             return _torch_impl(name, model)
         if name == "fakequant":
             return _torch_impl(name, build_quantized(model, 8, 8, seed))
-        if name in ("int_w8a8", "int_w4a8"):
-            return _torch_impl(name, build_integer(model, 4 if name == "int_w4a8" else 8, 8, seed, device,
-                                                   args.kernel))
+        if name in _INTEGER_BITS:
+            return _torch_impl(name, build_integer(model, *_INTEGER_BITS[name], seed, device, args.kernel))
         if name == "torch_dynamic_int8":
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             return _torch_impl(name, dyn)
