@@ -10,12 +10,12 @@ export MAX_JOBS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+$(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q ninja==1.13.2 pybind11==3.1.0
-	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt ninja pybind11
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[test,bench]"
 	$(PY) -c "import maskaq; print(maskaq.extension_info())"
 	touch $(STAMP)
 
