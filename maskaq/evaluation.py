@@ -116,9 +116,7 @@ def _build_dataset(args, model):
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     try:
         if args.data is not None:
-            return data.image_folder(args.data, input_size, cfg.get("mean", (0.485, 0.456, 0.406)),
-                                     cfg.get("std", (0.229, 0.224, 0.225)), cfg.get("interpolation", "bicubic"),
-                                     float(cfg.get("crop_pct", 0.875)))
+            return data.image_folder(args.data, model)  # timm's eval transform for the model's cfg
         if input_size != (1, 28, 28):
             raise _cli_error(f"model {args.model} takes input {input_size}, Fashion-MNIST is (1, 28, 28): "
                              "pass --data DIR (an ImageFolder) or --img-size 28 --in-chans 1")

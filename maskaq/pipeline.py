@@ -362,7 +362,6 @@ def dataset_for_cli(path: Optional[str], model: nn.Module, split: str = "test"):
     """'fashion-mnist' (or 'fmnist') -> the Fashion-MNIST split; else an ImageFolder directory."""
     if path is None:
         return None
-    spec = describe_model(model)
     if path.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         from maskaq.data import fashion_mnist
         try:
@@ -373,7 +372,7 @@ def dataset_for_cli(path: Optional[str], model: nn.Module, split: str = "test"):
         raise _cli_error(f"dataset directory {path} does not exist (or pass 'fashion-mnist')")
     from maskaq.data import image_folder
     try:
-        return image_folder(path, (spec.in_chans, *spec.image_size), spec.mean, spec.std)
+        return image_folder(path, model)  # timm's eval transform for the model's pretrained_cfg
     except (FileNotFoundError, ValueError) as exc:
         raise _cli_error(str(exc).splitlines()[0]) from None
 

@@ -74,26 +74,72 @@ def test_read_idx_rejects_non_idx_files(tmp_path):
         data.read_idx(truncated)
 
 
-def test_image_folder_classes_shapes_and_normalization(tmp_path):
+def _png_folder(root):
+    """Two classes of PNGs: several sizes, odd aspect ratios, RGB, grayscale and palette images."""
     from PIL import Image
-    values = {"cat": 40, "dog": 200}
-    for name, value in values.items():
-        (tmp_path / name).mkdir()
-        for i in range(2):
-            Image.fromarray(np.full((30 + 7 * i, 41, 3), value, np.uint8)).save(tmp_path / name / f"{i}.png")
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ds = data.image_folder(tmp_path, (3, 16, 24), mean, std)
-    assert ds.classes == ["cat", "dog"] and len(ds) == 4
-    x, y = ds[3]
-    assert x.shape == (3, 16, 24) and y == 1
-    expected = (200 / 255 - torch.tensor(mean)) / torch.tensor(std)
-    torch.testing.assert_close(x.mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
-    gray = data.image_folder(tmp_path, (1, 8, 8), (0.5,), (0.5,))
-    assert gray[0][0].shape == (1, 8, 8)
+    rng = np.random.default_rng(0)
+    shapes = {"cat": [(37, 53), (301, 97)], "dog": [(64, 64), (90, 251), (15, 23)]}
+    for name, sizes in shapes.items():
+        (root / name).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels)
+            image = image.convert("L") if i == 1 else image.convert("P") if i == 2 else image
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+# timm cfgs with different crop_pct, interpolation and normalization
+_TIMM_CFGS = {
+    "vit_tiny_patch16_224": dict(img_size=64),
+    "deit_tiny_patch16_224": dict(img_size=48),
+    "swin_tiny_patch4_window7_224": dict(img_size=56, window_size=7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TIMM_CFGS))
+def test_image_folder_equals_timm_eval_transform(tmp_path, name):
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    root = _png_folder(tmp_path)
+    model = timm.create_model(name, pretrained=False, num_classes=2, depth=1 if "swin" not in name else None,
+                              **_TIMM_CFGS[name]) if "swin" not in name else \
+        timm.create_model(name, pretrained=False, num_classes=2, depths=(1, 1, 1, 1), **_TIMM_CFGS[name])
+    ds = data.image_folder(root, model)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    config = resolve_data_config(model=model)
+    transform = create_transform(**config)
+    for i, (path, label) in enumerate(ds.samples):
+        x, y = ds[i]
+        with Image.open(path) as im:
+            expected = transform(im.convert("RGB"))
+        assert y == label and x.shape == tuple(config["input_size"])
+        assert torch.equal(x, expected), path
+    # overrides win over the pretrained_cfg
+    small = data.image_folder(root, model, input_size=(3, 20, 30), crop_pct=1.0, interpolation="bilinear")
+    assert small[0][0].shape == (3, 20, 30)
+
+
+def test_image_folder_grayscale_model_and_errors(tmp_path):
+    from PIL import Image
+    root = _png_folder(tmp_path)
+    gray = data.image_folder(root, None, input_size=(1, 8, 8), mean=(0.5,), std=(0.5,))
+    x, _ = gray[0]
+    assert x.shape == (1, 8, 8)
+    with Image.open(gray.samples[0][0]) as im:
+        assert im.mode == "RGB" and gray.loader(gray.samples[0][0]).mode == "L"  # read as the model takes it
     with pytest.raises(FileNotFoundError, match="sub-directory"):
         data.image_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match="mean/std need 3 values"):
-        data.image_folder(tmp_path, (3, 8, 8), (0.5,), (0.5,))
+        data.image_folder(root, None, input_size=(3, 8, 8), mean=(0.5, 0.5), std=(0.5, 0.5))
+    with pytest.raises(TypeError, match="unknown data config"):
+        data.image_folder(root, None, crop=0.9)
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="sub-directory"):
+        data.image_folder(empty)
 
 
 # ----------------------------------------------------------------------------- zoo

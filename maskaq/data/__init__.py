@@ -1,10 +1,12 @@
-"""Datasets: Fashion-MNIST (test split bundled, train split from disk) and ImageFolder.
+"""Datasets: Fashion-MNIST (test split bundled, train split from disk) and image folders read
+the way timm evaluates (torchvision's ImageFolder with timm's data config and eval transform).
 
 Fashion-MNIST is decoded once into a uint8 tensor and normalized in one vectorized step, so a
 full pass over the 60k training images costs almost nothing next to the model.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -16,7 +18,8 @@ from torch.utils.data import Dataset
 from maskaq._files import atomic_write
 
 __all__ = ["FMNIST_MEAN", "FMNIST_STD", "FMNIST_CLASSES", "DEBIAN_FMNIST_ROOT", "BUNDLED_TEST_NPZ",
-           "FashionMNIST", "fashion_mnist", "read_idx", "ImageFolder", "image_folder"]
+           "FashionMNIST", "fashion_mnist", "read_idx", "ImageFolder", "image_folder", "data_config",
+           "DATA_CONFIG_KEYS"]
 
 # Mean/std of the Fashion-MNIST training pixels in [0, 1] (computed on the 60k train images).
 FMNIST_MEAN: Tuple[float] = (0.2860,)
@@ -132,74 +135,69 @@ def write_bundled_test_split(root=DEBIAN_FMNIST_ROOT, out=BUNDLED_TEST_NPZ) -> P
     return atomic_write(out, write)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Keys of timm's data config that image_folder accepts as overrides of the model's pretrained_cfg.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-class ImageFolder(Dataset):
-    """Images in one sub-directory per class (sorted names -> labels 0..K-1), timm-style eval
-    preprocessing: resize the short side to size / crop_pct, center crop, normalize.
+def data_config(model=None, **overrides) -> dict:
+    """timm's evaluation data config for ``model`` (``timm.data.resolve_data_config``: its
+    pretrained_cfg, else timm's defaults), with keyword overrides (``DATA_CONFIG_KEYS``)."""
+    from timm.data import resolve_data_config
 
-    Plain PIL + numpy, so no torchvision is needed. `classes`, `class_to_idx` and `samples`
-    follow torchvision's ImageFolder.
-    """
-
-    def __init__(self, root, input_size: Sequence[int] = (3, 224, 224), mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225), interpolation: str = "bicubic", crop_pct: float = 0.875):
-        from PIL import Image
-
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"ImageFolder path {root} is not a directory "
-                                    "(expected one sub-directory of images per class)")
-        if len(input_size) != 3:
-            raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
-        self.channels, self.height, self.width = (int(v) for v in input_size)
-        if self.channels not in (1, 3):
-            raise ValueError(f"input_size must have 1 or 3 channels, got {tuple(input_size)}")
-        if len(mean) != self.channels or len(std) != self.channels:
-            raise ValueError(f"mean/std need {self.channels} values for input_size {tuple(input_size)}, "
-                             f"got {tuple(mean)}, {tuple(std)}")
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-        if interpolation not in modes:
-            raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
-        self.resample = modes[interpolation]
-        self.crop_pct = float(crop_pct)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = [(str(f), self.class_to_idx[c]) for c in self.classes
-                        for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if not self.samples:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class "
-                                    f"sub-directories of {root}")
-        self.targets = [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, path: str) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            scale = min(self.height, self.width) / self.crop_pct / min(im.size)
-            size = (max(self.width, round(im.size[0] * scale)), max(self.height, round(im.size[1] * scale)))
-            im = im.resize(size, self.resample)
-            left, top = (size[0] - self.width) // 2, (size[1] - self.height) // 2
-            im = im.crop((left, top, left + self.width, top + self.height))
-            array = np.asarray(im, dtype=np.float32) / 255.0
-        x = torch.from_numpy(array.reshape(self.height, self.width, self.channels).copy()).permute(2, 0, 1)
-        return (x - self.mean) / self.std
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        return self.load(path), label
+    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise TypeError(f"unknown data config key(s) {unknown}; valid: {', '.join(DATA_CONFIG_KEYS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        # without a model: timm's defaults (its resolver wants some config to start from)
+        config = resolve_data_config(dict(given), model=model,
+                                     pretrained_cfg=None if model is not None else {"input_size": (3, 224, 224)})
+    except AssertionError:  # timm asserts that mean/std fit the channels
+        channels = tuple(given.get("input_size") or (3,))[0]
+        raise ValueError(f"mean/std need {channels} values for input_size {given.get('input_size')}, "
+                         f"got {given.get('mean')}, {given.get('std')}") from None
+    if len(config["input_size"]) != 3 or config["input_size"][0] not in (1, 3):
+        raise ValueError(f"input_size must be (C, H, W) with 1 or 3 channels, got {tuple(config['input_size'])}")
+    channels = config["input_size"][0]
+    if len(config["mean"]) != channels or len(config["std"]) != channels:
+        raise ValueError(f"mean/std need {channels} values for input_size {tuple(config['input_size'])}, "
+                         f"got {tuple(config['mean'])}, {tuple(config['std'])}")
+    return config
 
 
-def image_folder(path, input_size: Sequence[int] = (3, 224, 224), mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225), interpolation: str = "bicubic", crop_pct: float = 0.875) -> ImageFolder:
-    """An ImageFolder validation set (see ImageFolder); pass a model's pretrained_cfg values."""
-    return ImageFolder(path, input_size, mean, std, interpolation, crop_pct)
+def image_folder(path, model=None, **overrides):
+    """``torchvision.datasets.ImageFolder`` over ``path`` (one sub-directory per class) with timm's
+    evaluation transform for ``model`` (``timm.data.create_transform(**resolve_data_config(model=model))``):
+    the tensors timm's own validate.py feeds the same model. Keyword overrides (``input_size``,
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) replace the model's
+    pretrained_cfg values. Images are read as RGB, or as grayscale for a 1-channel model (as timm's
+    ``input_img_mode``)."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder path {root} is not a directory "
+                                "(expected one sub-directory of images per class)")
+    config = data_config(model, **overrides)
+    mode = "L" if config["input_size"][0] == 1 else "RGB"
+    try:
+        return ImageFolder(str(root), transform=create_transform(**config),
+                           loader=functools.partial(_load_image, mode=mode))
+    except FileNotFoundError as exc:  # torchvision: no class folder, or no image in them
+        raise FileNotFoundError(f"{root}: {exc} (expected one sub-directory of images per class)") from None
+
+
+def _load_image(path: str, mode: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+def __getattr__(name):
+    if name == "ImageFolder":  # torchvision's, imported on first use
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
