@@ -74,8 +74,8 @@ def evaluate(model: torch.nn.Module, loader, device=None, progress: bool = True)
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", default="vit_fmnist",
                         help="bundled zoo name (e.g. vit_fmnist) or a timm architecture name")
-    parser.add_argument("--checkpoint", default=None,
-                        help="local weights (.pth/.pt/.bin/.safetensors, {'model': ...} wrappers ok)")
+    from maskaq.pipeline import add_weight_arguments
+    add_weight_arguments(parser)
     parser.add_argument("--num-classes", type=int, default=None, help="timm models: classifier size")
     parser.add_argument("--img-size", type=int, default=None, help="timm models: input resolution")
     parser.add_argument("--in-chans", type=int, default=None, help="timm models: input channels")
@@ -105,8 +105,9 @@ def _build_model(args):
     timm_kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                        ("in_chans", args.in_chans)) if v is not None}
     try:
-        return zoo.create(args.model, checkpoint=args.checkpoint, **timm_kwargs)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+        return zoo.create(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                          pretrained_file=args.pretrained_file, **timm_kwargs)
+    except (ValueError, OSError, TypeError) as exc:  # OSError: missing files, zoo.PretrainedUnavailable
         raise _cli_error(str(exc)) from None
 
 

@@ -297,9 +297,20 @@ def parse_override(text: str):
     return key, value
 
 
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --pretrained and --pretrained-file: where a timm model's weights come from."""
+    parser.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="timm's pretrained weights for a timm --model, loaded by timm (hub cache, "
+                             "HF_HUB_OFFLINE and HF_HOME work as in timm.create_model)")
+    parser.add_argument("--pretrained-file", default=None, metavar="FILE",
+                        help="timm's pretrained weights from a local file (timm's "
+                             "pretrained_cfg_overlay=dict(file=FILE); implies --pretrained)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="bundled zoo model (vit_fmnist) or a timm architecture name")
-    parser.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
+    add_weight_arguments(parser)
     parser.add_argument("--model-kwargs", default=None, metavar="JSON",
                         help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none given: cuda when available)")
@@ -337,7 +348,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def load_model_for_cli(name: str, checkpoint: Optional[str], device: torch.device,
-                       model_kwargs: Optional[str] = None) -> nn.Module:
+                       model_kwargs: Optional[str] = None, pretrained: bool = False,
+                       pretrained_file: Optional[str] = None) -> nn.Module:
     import json
 
     from maskaq import zoo
@@ -352,8 +364,9 @@ def load_model_for_cli(name: str, checkpoint: Optional[str], device: torch.devic
         if not isinstance(kwargs, dict):
             raise _cli_error("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     try:
-        model = zoo.create(name, checkpoint=checkpoint, **kwargs)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+        model = zoo.create(name, checkpoint=checkpoint, pretrained=pretrained, pretrained_file=pretrained_file,
+                           **kwargs)
+    except (ValueError, OSError, TypeError) as exc:  # OSError: missing files, zoo.PretrainedUnavailable
         raise _cli_error(str(exc).splitlines()[0]) from None
     return model.to(device).eval()
 
@@ -436,7 +449,8 @@ def run(args) -> int:
     check_bits_cli(args.wbits, args.abits)
     overrides = collect_overrides(args.set)
     device = resolve_device(args.device)
-    model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs)
+    model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
+                               args.pretrained_file)
     val = dataset_for_cli(args.val, model, "test")
     if args.method == "real":
         if args.train is None:

@@ -367,3 +367,38 @@ def test_cli_train_teacher_tiny_run_checkpoint_resume_and_export(tmp_path, capsy
     assert "--epochs must be >= 1" in capsys.readouterr().err
     assert main(common + ["--restart-schedule"]) == 2
     assert "only makes sense with --resume" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- pretrained weights
+_TINY_TIMM = dict(img_size=32, depth=2)
+
+
+def test_pretrained_loads_through_timm_from_a_local_file(tmp_path):
+    """--pretrained-file is timm's pretrained_cfg_overlay=dict(file=...): timm's own loader reads it."""
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **_TINY_TIMM)
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = zoo.create("vit_tiny_patch16_224", pretrained_file=str(path), **_TINY_TIMM)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    with pytest.raises(ValueError, match="not both"):
+        zoo.create("vit_tiny_patch16_224", pretrained=True, checkpoint=str(path), **_TINY_TIMM)
+    with pytest.raises(FileNotFoundError, match="pretrained file"):
+        zoo.create("vit_tiny_patch16_224", pretrained_file=str(tmp_path / "missing.pth"), **_TINY_TIMM)
+
+
+def test_pretrained_without_network_or_cache_is_one_line_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "maskaq", "eval", "vit_tiny_patch16_224",
+                           "--pretrained", "--limit", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pretrained weights" in lines[0] and "--pretrained-file" in lines[0], lines

@@ -58,7 +58,8 @@ def run(args) -> int:
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     device = resolve_device(args.device)
-    teacher = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs)
+    teacher = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
+                                 args.pretrained_file)
     spec = describe_model(teacher)
     s = cfg.synthesis
     if args.method == "gaussian":

@@ -108,15 +108,48 @@ def load_state_dict(model: torch.nn.Module, checkpoint) -> torch.nn.Module:
     return model
 
 
-def create(name: str, checkpoint: Optional[str] = None, device=None, **kwargs) -> torch.nn.Module:
-    """A bundled zoo model by name, or a timm architecture (pretrained=False) with optional local
-    weights. Extra kwargs go to timm.create_model (e.g. num_classes=10, img_size=32).
+class PretrainedUnavailable(OSError):
+    """timm could not load the pretrained weights (no network, no hub cache, no such weights)."""
+
+
+def _pretrained_timm_model(name: str, pretrained_file: Optional[str], kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained_file is not None:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"pretrained file {pretrained_file} does not exist")
+        overlay["file"] = str(pretrained_file)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:  # hub errors are OSErrors; timm raises RuntimeError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PretrainedUnavailable(
+            f"cannot load timm's pretrained weights for {name} ({reason}); without network, fill the hub cache "
+            "elsewhere and set HF_HUB_OFFLINE=1, or pass a local file: --pretrained-file FILE "
+            "(timm's pretrained_cfg_overlay=dict(file=FILE)) or --checkpoint FILE") from exc
+
+
+def create(name: str, checkpoint: Optional[str] = None, device=None, pretrained: bool = False,
+           pretrained_file: Optional[str] = None, **kwargs) -> torch.nn.Module:
+    """A bundled zoo model by name, or a timm architecture with optional weights. Extra kwargs go
+    to timm.create_model (e.g. num_classes=10, img_size=32).
+
+    Weights of a timm architecture: random (default), a local ``checkpoint``, or timm's pretrained
+    weights (``pretrained=True``: loaded by timm itself, so the hub cache, ``HF_HUB_OFFLINE`` and
+    ``pretrained_cfg_overlay`` work as in ``timm.create_model``; ``pretrained_file`` is
+    ``pretrained_cfg_overlay=dict(file=...)``). Raises PretrainedUnavailable (an OSError) when timm
+    cannot get them. A bundled model is pretrained already.
 
     Returns the model in eval mode with `pretrained_cfg` describing its input (input_size follows
     img_size/in_chans overrides; num_classes follows the model).
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if pretrained_file is not None:
+        pretrained = True
+    if pretrained and checkpoint is not None:
+        raise ValueError("pass pretrained weights or a checkpoint, not both")
     if name in available():
         if kwargs:
             raise ValueError(f"zoo model {name!r} has a fixed architecture; unexpected options {sorted(kwargs)}")
@@ -133,7 +166,10 @@ def create(name: str, checkpoint: Optional[str] = None, device=None, **kwargs) -
                          f"nor a timm architecture.{hint}")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained:
+        model = _pretrained_timm_model(name, pretrained_file, dict(kwargs))
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint is not None:
         load_state_dict(model, checkpoint)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
