@@ -30,7 +30,7 @@ from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesi
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "add_arguments", "run"]
 
-METHODS = ("maskaq", "mimiq", "psaq", "gaussian", "real", "ptq",
+METHODS = ("maskaq", "maskaq+", "mimiq", "psaq", "gaussian", "real", "ptq",
            "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask")
 
 
@@ -86,6 +86,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # What each method changes (applied before the user's overrides, which win).
 _METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
     "maskaq": {},
+    # maskaq+, this package's variant (not the paper's): MaskAQ whose images start from a dark, low-contrast
+    # canvas instead of N(0, 1) noise (README, "maskaq+").
+    "maskaq+": dict(init_pixel=0.0, init_std=0.2),
     "maskaq-no-entropy": dict(use_entropy=False),
     "maskaq-no-align": dict(use_alignment=False),
     "maskaq-no-refresh": dict(refresh_every=0),

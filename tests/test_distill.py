@@ -198,6 +198,10 @@ def test_build_config_presets_methods_and_unknown_keys():
     assert not mimiq.synthesis.use_entropy and not mimiq.synthesis.use_alignment
     assert mimiq.qat.refresh_every == 0 and not mimiq.qat.hd_mask
     assert build_config("maskaq-no-refresh", "cpu").qat.refresh_every == 0
+    # maskaq+ is MaskAQ from a dark low-contrast canvas; maskaq itself starts from N(0, 1)
+    plus, faithful = build_config("maskaq+", "cpu").synthesis, build_config("maskaq", "cpu").synthesis
+    assert (plus.init_pixel, plus.init_std) == (0.0, 0.2) and faithful.init_pixel is None
+    assert plus.use_entropy and plus.use_alignment and build_config("maskaq+", "cpu").qat.refresh_every == 30
     assert build_config("maskaq", "quick", synth_iters=7).synthesis.synth_iters == 7
     with pytest.raises(TypeError, match="synth_iters"):
         build_config("maskaq", "quick", synth_iter=7)
@@ -243,13 +247,13 @@ def test_quantize_quick_uses_the_current_student_for_refresh(monkeypatch):
     assert not any(type(m).__name__.startswith("Quant") for m in teacher.modules())  # teacher untouched
 
 
-@pytest.mark.parametrize("method", ["mimiq", "psaq", "gaussian", "maskaq-no-align"])
+@pytest.mark.parametrize("method", ["mimiq", "psaq", "gaussian", "maskaq-no-align", "maskaq+"])
 def test_quantize_quick_baselines(method):
     from maskaq import pipeline
     qmodel = pipeline.quantize(tiny_vit(), 4, 4, method=method, preset="quick", seed=1, progress=False)
     assert qmodel.maskaq_report["method"] == method
     # only maskaq and its ablations (but maskaq-no-refresh) regenerate their images
-    expected = [0, 1] if method == "maskaq-no-align" else [0]
+    expected = [0, 1] if method in ("maskaq-no-align", "maskaq+") else [0]
     assert qmodel.maskaq_report["qat"]["refresh_epochs"] == expected
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SYNTH_METHODS = ("maskaq", "mimiq", "psaq", "gaussian", "maskaq-no-entropy", "maskaq-no-align")
+SYNTH_METHODS = ("maskaq", "maskaq+", "mimiq", "psaq", "gaussian", "maskaq-no-entropy", "maskaq-no-align")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
