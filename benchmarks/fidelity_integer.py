@@ -1,5 +1,7 @@
 """Fidelity of the integer export: does the integer model predict what the fake-quant model does?
 
+With --target onnx the same for the ONNX QDQ export (maskaq.export_onnx) run in ONNX Runtime.
+
 For each bit setting (default W8A8 and W4A8) the bundled teacher (maskaq.zoo.load('vit_fmnist'))
 is quantized with maskaq.quant.quantize_model, calibrated on --calib images, exported with
 maskaq.integer.export_integer, and both models are run on the Fashion-MNIST test split.
@@ -7,7 +9,7 @@ Reports the top-1 agreement (target >= 99.5%), the max and mean absolute logit d
 both models' top-1 accuracy. --random uses a random-init ViT of the teacher's shape on random
 images instead (when the teacher checkpoint is not there).
 
-    python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--json out.json]
+    python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--target onnx] [--json out.json]
 """
 import argparse
 import sys
@@ -59,8 +61,22 @@ def _logits(model, images, batch, desc):
     return torch.cat([model(images[i:i + batch]) for i in tqdm(range(0, len(images), batch), desc=desc, leave=False)])
 
 
+def _onnx_model(qmodel):
+    """The student as an ONNX QDQ graph in ONNX Runtime (CPU provider), called like a module."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from maskaq.integer.qdq import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(qmodel, f"{tmp}/student.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
 @torch.no_grad()
-def measure(model, images, labels, calib, wbits, abits, batch, kernel):
+def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="integer"):
     from maskaq.integer import IntLinear, export_integer
     from maskaq.quant import calibrate, quantize_model
 
@@ -71,10 +87,12 @@ def measure(model, images, labels, calib, wbits, abits, batch, kernel):
     split = [m for m in linears if m.splits_weights]
     start = time.perf_counter()
     fake = _logits(qmodel, images, batch, f"W{wbits}A{abits} fake-quant")
-    integer = _logits(imodel, images, batch, f"W{wbits}A{abits} integer")
+    exported = _onnx_model(qmodel) if target == "onnx" else imodel
+    integer = _logits(exported, images, batch, f"W{wbits}A{abits} {target}")
     diff = (fake - integer).abs()
     record = {
-        "bits": f"W{wbits}A{abits}", "kernel": kernel, "images": len(images),
+        "bits": f"W{wbits}A{abits}", "target": target, "kernel": kernel if target == "integer" else "onnxruntime",
+        "images": len(images),
         "cpu_capability": imodel.maskaq_integer["cpu_path"]["cpu_capability"],
         "cpu_int8": imodel.maskaq_integer["cpu_path"][f"{kernel}_int8"],
         "split_layers": f"{len(split)}/{len(linears)}",
@@ -97,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="onednn", choices=("onednn", "fbgemm"))
     parser.add_argument("--random", action="store_true", help="random-init model and images (no teacher)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", default="integer", choices=("integer", "onnx"),
+                        help="integer: maskaq's integer model; onnx: the ONNX QDQ export in ONNX Runtime")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
@@ -106,7 +126,7 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--bits takes wbits,abits pairs like 8,8; got {args.bits}")
     model, images, labels, calib = _teacher_and_data(args)
-    records = [measure(model, images, labels, calib, w, a, args.batch, args.kernel) for w, a in pairs]
+    records = [measure(model, images, labels, calib, w, a, args.batch, args.kernel, args.target) for w, a in pairs]
     header = f"{'bits':<6} {'ISA':<7} {'split':>6} {'images':>6} {'agree %':>8} {'max |dlogit|':>13} {'mean |dlogit|':>14} {'mean |logit|':>13}"
     if labels is not None:
         header += f" {'top1 FQ':>8} {'top1 int':>8}"

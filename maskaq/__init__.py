@@ -28,6 +28,7 @@ _LAZY = {
     "export_integer": "maskaq.integer",
     "save_integer": "maskaq.integer",
     "load_integer": "maskaq.integer",
+    "export_onnx": "maskaq.integer.qdq",
 }
 _SUBPACKAGES = ("data", "zoo", "quant", "synthesis", "distill", "integer", "pipeline")
 

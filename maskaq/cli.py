@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("maskaq.evaluation", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
     "train-teacher": ("maskaq.zoo.train", "train the bundled Fashion-MNIST ViT teacher"),
     "bench": ("maskaq.integer.bench", "latency of FP, fake-quant and integer models"),
+    "export": ("maskaq.integer.export_cli", "a saved student as an ONNX QDQ graph or a maskaq integer model"),
 }
 
 

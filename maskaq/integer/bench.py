@@ -5,8 +5,10 @@ do not change latency) for every implementation a user could deploy:
 
 * CPU (``--threads`` threads, default 2): ``fp32`` eager, ``int_w8a8`` / ``int_w4a8`` (maskaq
   integer export; ``int_w8a7`` on request: 7-bit activations never overflow the int16 pair sums of
-  CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8`` (torch.ao.quantization.quantize_dynamic), ``ort_int8``
-  (onnxruntime.quantization.quantize_dynamic); on request (``--impls``) also ``fakequant`` (maskaq
+  CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8``
+  (torch.ao.quantization.quantize_dynamic), ``ort_int8`` (onnxruntime.quantization.quantize_dynamic),
+  ``ort_qdq`` (maskaq's W8A8 student as an ONNX QDQ graph, ``maskaq.export_onnx``, in ONNX
+  Runtime); on request (``--impls``) also ``fakequant`` (maskaq
   W8A8 fake quant) and ``ort_fp32``. CPU records say which integer path the machine takes
   (``cpu_capability``, ``cpu_int8``: see ``maskaq.integer.cpu_integer_path``).
 * CUDA (when available): ``fp16``, ``bf16`` eager, ``fp16_compile`` (torch.compile), ``int_w8a8``.
@@ -34,12 +36,13 @@ import warnings
 
 import torch
 
-CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8")
+CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8",
+             "ort_qdq")
 _INTEGER_BITS = {"int_w8a8": (8, 8), "int_w8a7": (8, 7), "int_w4a8": (4, 8)}  # impl -> (wbits, abits)
 # What a run measures without --impls: the integer models against what a user would otherwise
 # deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
 # without them the default table takes about 10 minutes on 2 cores instead of over 40.
-DEFAULT_CPU_IMPLS = ("fp32", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_int8")
+DEFAULT_CPU_IMPLS = ("fp32", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_int8", "ort_qdq")
 GPU_IMPLS = ("fp16", "bf16", "fp16_compile", "int_w8a8")
 DEFAULT_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 CPU_BATCHES = (1, 8, 32)
@@ -150,20 +153,41 @@ def _onnx_export(model: torch.nn.Module, path: str) -> None:
 
 
 def _ort_impl(name, model, threads, int8: bool, workdir: str):
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise Unavailable("onnxruntime is not installed (pip install maskaq[bench])") from exc
     fp32_path = os.path.join(workdir, "model_fp32.onnx")
     if not os.path.exists(fp32_path):
         _onnx_export(model, fp32_path)
     path = fp32_path
     if int8:
+        _import_ort()
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         path = os.path.join(workdir, "model_int8.onnx")
         if not os.path.exists(path):
             quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8)
+    return _ort_session_impl(name, path, threads)
+
+
+def _ort_qdq_impl(name, model, seed, threads, workdir: str):
+    """maskaq's W8A8 student exported as an ONNX QDQ graph (maskaq.export_onnx), run by ONNX Runtime."""
+    _import_ort()
+    from maskaq.integer.qdq import export_onnx
+
+    path = os.path.join(workdir, "model_qdq_w8a8.onnx")
+    if not os.path.exists(path):
+        export_onnx(build_quantized(model, 8, 8, seed), path)
+    return _ort_session_impl(name, path, threads)
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise Unavailable("onnxruntime is not installed (pip install maskaq[bench])") from exc
+    return onnxruntime
+
+
+def _ort_session_impl(name, path, threads):
+    ort = _import_ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -192,6 +216,8 @@ def build_impl(name: str, model: torch.nn.Module, device: str, args, workdir: st
             return _torch_impl(name, dyn)
         if name in ("ort_fp32", "ort_int8"):
             return _ort_impl(name, model, args.threads, name == "ort_int8", workdir)
+        if name == "ort_qdq":
+            return _ort_qdq_impl(name, model, seed, args.threads, workdir)
         raise Unavailable(f"{name} is not a CPU implementation")
     # CUDA
     if name in ("fp16", "bf16"):

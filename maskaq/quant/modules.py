@@ -19,6 +19,7 @@ Attention dropout is not applied in these paths (DFQ students and teachers run w
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -171,6 +172,21 @@ def _fq_attention(q, k, v, scale, quantizers, want_logits):
     )
 
 
+_PLAIN_ATTENTION = False  # set by plain_attention()
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """Inside, ViT attention runs its products as plain PyTorch ops (``attention_with_bias``)
+    instead of the fused ``fq_attention`` op: what an exporter can trace (maskaq.integer.qdq)."""
+    global _PLAIN_ATTENTION
+    previous, _PLAIN_ATTENTION = _PLAIN_ATTENTION, True
+    try:
+        yield
+    finally:
+        _PLAIN_ATTENTION = previous
+
+
 def _record(recorder, logits, out):
     if recorder is not None:
         recorder.record(logits, out)
@@ -187,7 +203,7 @@ def vit_attention_forward(module, x, attn_mask=None, is_causal=False, quantizers
     q, k, v = qkv.unbind(0)
     q, k = module.q_norm(q), module.k_norm(k)
     needs_calibration = quantizers is not None and not all(qz.initialized for qz in quantizers)
-    if attn_mask is not None or is_causal or needs_calibration:
+    if attn_mask is not None or is_causal or needs_calibration or _PLAIN_ATTENTION:
         bias = None
         if attn_mask is not None or is_causal:
             from timm.layers.attention import resolve_self_attn_mask

@@ -1,0 +1,54 @@
+"""`maskaq export`: a student saved by `maskaq quantize --out DIR` (DIR/model) as a deployable
+file: an ONNX QDQ graph (``--format onnx``, ONNX Runtime / TensorRT) or maskaq's integer model
+(``--format integer``, ``maskaq.load_integer``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = ("onnx", "integer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from maskaq.pipeline import add_weight_arguments
+
+    parser.add_argument("--model", required=True,
+                        help="the student's full-precision architecture: bundled zoo name or timm name")
+    add_weight_arguments(parser)
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
+    parser.add_argument("--student", required=True, metavar="DIR",
+                        help="saved student: the model/ directory that `maskaq quantize --out OUT` writes")
+    parser.add_argument("--format", default="onnx", choices=FORMATS,
+                        help="onnx: QuantizeLinear/DequantizeLinear graph (opset 17) for ONNX Runtime or "
+                             "TensorRT; integer: maskaq's integer model directory")
+    parser.add_argument("--out", required=True, help="output .onnx file (onnx) or directory (integer)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="onnx: fixed batch size (none given: a dynamic batch axis)")
+
+
+def run(args) -> int:
+    import torch
+
+    from maskaq.cli import CliError
+    from maskaq.pipeline import load_model_for_cli
+    from maskaq.quant import load_quantized
+
+    if not Path(args.student).is_dir():
+        raise CliError(f"student directory {args.student} does not exist (pass OUT/model of `maskaq quantize`)")
+    model = load_model_for_cli(args.model, args.checkpoint, torch.device("cpu"), args.model_kwargs,
+                               args.pretrained, args.pretrained_file)
+    try:
+        student = load_quantized(args.student, model).eval()
+        if args.format == "onnx":
+            from maskaq.integer.qdq import export_onnx
+
+            path = export_onnx(student, args.out, batch_size=args.batch_size)
+        else:
+            from maskaq.integer import export_integer, save_integer
+
+            path = save_integer(export_integer(student), args.out)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    print(f"wrote {path}")
+    return 0

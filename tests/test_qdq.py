@@ -1,0 +1,136 @@
+"""ONNX QDQ export (maskaq.export_onnx, `maskaq export`): graph structure, ONNX Runtime against the
+fake-quant student, dynamic and fixed batch, and refusals."""
+import pytest
+import torch
+
+from _models import small_vit
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _student(wbits, abits, seed=0, model=None):
+    from maskaq.quant import calibrate, quantize_model
+
+    model = model if model is not None else small_vit(seed)
+    qmodel = quantize_model(model, wbits, abits).eval()
+    shape = (8, *model.patch_embed.proj.weight.shape[1:2], *model.patch_embed.img_size)
+    with torch.no_grad():
+        calibrate(qmodel, torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)))
+    return qmodel
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def _qdq_count(model, kind):
+    return sum(node.op_type == kind for node in model.graph.node)
+
+
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4), (3, 3)])
+def test_onnx_qdq_matches_fake_quant(tmp_path, wbits, abits):
+    """ORT on the QDQ graph gives the fake-quant student's logits (up to x/α ties), sub-8-bit
+    grids included; a Q/DQ pair on every quantized input, weight and attention operand."""
+    import maskaq
+    from maskaq.quant.modules import QuantConv2d, QuantLinear, _AttentionQuantizers
+
+    qmodel = _student(wbits, abits)
+    path = maskaq.export_onnx(qmodel, tmp_path / "student.onnx")
+    graph = onnx.load(str(path))
+    linears = [m for m in qmodel.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    expected = (len(linears) + sum(m.input_quantizer is not None for m in linears)
+                + 4 * sum(isinstance(m, _AttentionQuantizers) for m in qmodel.modules()))
+    assert _qdq_count(graph, "QuantizeLinear") == expected == _qdq_count(graph, "DequantizeLinear")
+    if abits < 8:
+        assert _qdq_count(graph, "Clip") >= 1  # the grid's range in front of the uint8 pair
+    x = torch.randn(37, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fake = qmodel(x)
+    got = _run(path, x)
+    scale = fake.abs().max().item()
+    assert (got.argmax(1) == fake.argmax(1)).float().mean() >= 0.97
+    close = torch.isclose(got, fake, rtol=1e-4, atol=1e-4 * scale).float().mean()
+    # ONNX Runtime fuses the pairs into its integer kernels: float rounding, and ties of x/α
+    # rounded the other way (one step) that propagate, move a few logits
+    assert close > 0.9 and (got - fake).abs().max() < 0.1 * scale
+
+
+def test_onnx_batch_axis_dynamic_or_fixed(tmp_path):
+    import maskaq
+
+    qmodel = _student(8, 8, seed=2)
+    dynamic = maskaq.export_onnx(qmodel, tmp_path / "dynamic.onnx")
+    fixed = maskaq.export_onnx(qmodel, tmp_path / "fixed.onnx", batch_size=3)
+    for n in (1, 5):
+        assert _run(dynamic, torch.randn(n, 1, 28, 28)).shape == (n, 10)
+    dims = onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 1, 28, 28]
+    with pytest.raises(Exception):
+        _run(fixed, torch.randn(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="batch_size"):
+        maskaq.export_onnx(qmodel, tmp_path / "bad.onnx", batch_size=0)
+
+
+def test_uint8_zero_point_fits_grid_and_zero_point():
+    from maskaq.integer.qdq import uint8_zero_point
+
+    assert uint8_zero_point(-128, 127, 0) == 128 and uint8_zero_point(0, 255, 7) == 7
+    assert uint8_zero_point(-8, 7, -11) == 0  # z below the 4-bit grid: s = q + 11 in [3, 18]
+    assert uint8_zero_point(0, 15, 20) == 20  # z above the grid: s = q in [0, 15], zero point 20
+    assert uint8_zero_point(0, 15, 300) is None  # every level would be stored below 0
+    assert uint8_zero_point(0, 255, -2) is None and uint8_zero_point(-128, 127, 130) is None
+
+
+def test_onnx_zero_point_outside_the_grid(tmp_path):
+    """A min–max grid that does not contain 0 (all inputs positive) has z < qmin: a 4-bit grid sits
+    at a uint8 offset with the zero point at 0; an 8-bit one is shifted (and still exact in ORT)."""
+    import maskaq
+
+    qmodel = _student(8, 4, seed=3)
+    quantizer = qmodel.blocks[0].mlp.fc2.input_quantizer
+    with torch.no_grad():
+        quantizer.zero_point.fill_(float(quantizer.qmin - 3))
+    path = maskaq.export_onnx(qmodel, tmp_path / "offset.onnx")
+    x = torch.randn(9, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fake = qmodel(x)
+    assert (_run(path, x) - fake).abs().max() < 1e-3 * fake.abs().max()
+    # 8 bits: no uint8 zero point holds it; the grid's lowest level goes into fc2's bias
+    wide = _student(8, 8, seed=3)
+    with torch.no_grad():
+        wide.blocks[0].mlp.fc2.input_quantizer.zero_point.fill_(-140.0)
+        fake = wide(x)
+    path = maskaq.export_onnx(wide, tmp_path / "wide.onnx")
+    assert (_run(path, x) - fake).abs().max() < 1e-3 * fake.abs().max()
+
+
+def test_onnx_export_refuses_what_it_cannot_express(tmp_path):
+    import maskaq
+    from maskaq.quant import quantize_model
+
+    with pytest.raises(TypeError, match="fake-quant student"):
+        maskaq.export_onnx(small_vit(0), tmp_path / "fp.onnx")
+    with pytest.raises(ValueError, match="not calibrated"):
+        maskaq.export_onnx(quantize_model(small_vit(0), 4, 4), tmp_path / "raw.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_export_onnx_and_integer(tmp_path):
+    from maskaq.cli import main
+    from maskaq.quant import save_quantized
+    from maskaq import zoo
+
+    teacher = zoo.load("vit_fmnist")
+    qmodel = _student(8, 8, model=teacher)
+    save_quantized(qmodel, tmp_path / "model")
+    out = tmp_path / "student.onnx"
+    assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--out", str(out)]) == 0
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        fake = qmodel(x)
+    assert (_run(out, x).argmax(1) == fake.argmax(1)).all()
+    assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--format", "integer",
+                 "--out", str(tmp_path / "int")]) == 0
+    assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "none"), "--out", str(out)]) == 2
