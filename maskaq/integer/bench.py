@@ -299,8 +299,9 @@ def time_interleaved(impls: list[Impl], x: torch.Tensor, device: str, rounds: in
     _sync(device)
     for _ in range(rounds):
         for impl in impls:
-            impl.fn(x)  # one call to settle caches after the other impl ran
-            _sync(device)
+            if iters > 1:  # one call to settle caches after the other impl ran (moot for calls of ~0.3 s+)
+                impl.fn(x)
+                _sync(device)
             for _ in range(iters):
                 start = time.perf_counter()
                 impl.fn(x)
@@ -329,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per (model, batch)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per impl and round "
                         "(default: enough for ~0.3 s per round, at least 1)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per impl before the rounds")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: deit_small_patch16_224, batch 1, 1 round of 2 calls")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the records to this JSON file")
