@@ -35,9 +35,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from maskaq import methods  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_METHODS = ["ptq", "gaussian", "maskaq", "maskaq+", "real", "mimiq", "psaq",
-               "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask"]
+ALL_METHODS = list(methods.names())  # table order of the method registry
 # Bumped whenever the pipeline's behaviour changes: checkpointed runs of another version are redone.
 # 2: the faithful fixes of issue 9 (alignment gradient through T, LSQ scaling, full weight grid,
 # QAT settings, Gaussian stream, patch-scaled jitter) and the measured activation init.

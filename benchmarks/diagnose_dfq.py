@@ -109,7 +109,7 @@ def gradient_shares(synth, student, seed: int) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    from maskaq import zoo
+    from maskaq import methods, zoo
     from maskaq.data import fashion_mnist
     from maskaq.distill.trainer import QATTrainer
     from maskaq.pipeline import _data_source, build_config
@@ -137,16 +137,16 @@ def main(argv=None) -> int:
             overrides["real_data"] = train
         cfg = build_config(source, preset, **overrides)
         student = quantize_model(teacher, wbits, abits)
-        if source == "maskaq":  # Q is in the synthesis loop: it needs ranges before any image exists
+        in_loop = methods.get(source).student_in_loop(cfg.synthesis)
+        if in_loop:  # Q is in the synthesis loop: it needs ranges before any image exists
             calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed).images,
                       init=cfg.pipeline.act_init)
         entry = {}
-        if source in ("maskaq", "mimiq"):
+        if methods.get(source).images == "synthesis":
             from maskaq.synthesis.synthesizer import Synthesizer
             synth = Synthesizer(teacher, cfg.synthesis, progress=False)
-            rows, synth = gradient_shares(synth, student if source == "maskaq" else None, args.seed)
-            data = synth.synthesize(cfg.synthesis.num_images, args.seed,
-                                    student=student if source == "maskaq" else None)
+            rows, synth = gradient_shares(synth, student if in_loop else None, args.seed)
+            data = synth.synthesize(cfg.synthesis.num_images, args.seed, student=student if in_loop else None)
             entry["gradient_shares"] = rows
         else:
             data = _data_source(source, teacher, cfg, args.seed)(student, 0)

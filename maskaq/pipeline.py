@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from maskaq import methods
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.synthesis.spec import describe_model
@@ -30,8 +30,7 @@ from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesi
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "add_arguments", "run"]
 
-METHODS = ("maskaq", "maskaq+", "mimiq", "psaq", "gaussian", "real", "ptq",
-           "maskaq-no-entropy", "maskaq-no-align", "maskaq-no-refresh", "maskaq-no-hdmask")
+METHODS = methods.names()  # the method registry, maskaq.methods
 
 
 @dataclass
@@ -83,24 +82,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   qat_epochs=2, qat_batch_size=4, qat_warmup_epochs=0, refresh_every=1, calib_images=4),
 }
 
-# What each method changes (applied before the user's overrides, which win).
-_METHOD_SETTINGS: Dict[str, Dict[str, Any]] = {
-    "maskaq": {},
-    # maskaq+, this package's variant (not the paper's): MaskAQ whose images start from a dark, low-contrast
-    # canvas instead of N(0, 1) noise (README, "maskaq+").
-    "maskaq+": dict(init_pixel=0.0, init_std=0.2),
-    "maskaq-no-entropy": dict(use_entropy=False),
-    "maskaq-no-align": dict(use_alignment=False),
-    "maskaq-no-refresh": dict(refresh_every=0),
-    "maskaq-no-hdmask": dict(hd_mask=False),
-    "mimiq": dict(use_entropy=False, use_alignment=False, refresh_every=0, hd_mask=False),
-    "psaq": dict(refresh_every=0),
-    "gaussian": dict(refresh_every=0, hd_mask=False),  # the public code: unmasked L_hd on noise
-    "real": dict(refresh_every=0),
-    "ptq": dict(refresh_every=0, act_init="minmax"),  # the floor: min-max calibration on noise, no QAT
-}
-
-
 @dataclass
 class FullConfig:
     synthesis: SynthesisConfig
@@ -117,29 +98,18 @@ class FullConfig:
         return out
 
 
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}")
-    return method
-
-
 def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> FullConfig:
     """The settings of one run: defaults ← preset ← method ← overrides (unknown keys refused)."""
-    _check_method(method)
+    record = methods.get(method)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     keys = config_keys()
     unknown = sorted(k for k in overrides if k not in keys)
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, keys, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hints = [f"{k!r}{methods.did_you_mean(k, keys)}" for k in unknown]
         raise TypeError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(keys))}")
     values = dict(PRESETS[preset])
-    values.update(_METHOD_SETTINGS[method])
+    values.update(record.settings)
     values.update(overrides)
     parts = {name: {} for name in _SECTIONS}
     for k, v in values.items():
@@ -171,19 +141,22 @@ def _round_seed(seed: int, round_index: int) -> int:
 
 
 def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
-    """data_source(student, round) -> SyntheticSet for QATTrainer."""
+    """data_source(student, round) -> SyntheticSet for QATTrainer, from the method's image source."""
     spec = describe_model(teacher)
     dev = next(teacher.parameters()).device
     s, progress = cfg.synthesis, cfg.pipeline.progress
-    if method == "gaussian":
+    record = methods.get(method)
+    if record.images == "gaussian":
         return lambda student, r: gaussian_stream(spec, s.num_images, _round_seed(seed, r), device=dev)
-    if method == "real":
+    if record.images == "real":
         return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
-    if method == "psaq":
+    if record.images == "psaq":
         synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress)
         return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc="psaq synthesis")
+    if record.images != "synthesis":
+        raise ValueError(f"method {method!r} trains on no images")
     synth = Synthesizer(teacher, s, progress=progress)
-    in_loop = s.use_alignment and s.align_weight > 0
+    in_loop = record.student_in_loop(s)
 
     def source(student, r):
         return synth.synthesize(s.num_images, _round_seed(seed, r), student=student if in_loop else None,
@@ -206,9 +179,9 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
     """Quantize `model` data-free; returns the model, a JSON-able report and the last image set."""
     from maskaq.quant import calibrate, quantize_model
 
-    _check_method(method)
+    record = methods.get(method)
     cfg = config or build_config(method, preset, **overrides)
-    if method == "real" and cfg.pipeline.real_data is None:
+    if record.images == "real" and cfg.pipeline.real_data is None:
         raise ValueError("method 'real' needs real training images: pass real_data=<Dataset of (image, label)>")
     started, cpu_started = time.perf_counter(), time.process_time()
     teacher = model.eval()
@@ -218,16 +191,15 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
                              weight_method=cfg.pipeline.weight_method)
     student.to(dev)
     n_calib = cfg.pipeline.calib_images
-    in_loop = method.startswith("maskaq") and cfg.synthesis.use_alignment and cfg.synthesis.align_weight > 0
     calibrated_on = None
-    if in_loop:
+    if record.student_in_loop(cfg.synthesis):
         # Q is in the synthesis loop from round 0, so it needs ranges before any image exists:
         # initialize LSQ on noise (what the public code's first forward does), then re-init on
         # the first synthetic images below.
         calibrate(student, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev),
                   init=cfg.pipeline.act_init)
         calibrated_on = "gaussian noise"
-    if method == "ptq":
+    if record.images == "none":  # ptq
         data = gaussian_images(spec, n_calib, seed, device=dev)
         calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
         calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
@@ -433,9 +405,8 @@ def collect_overrides(items) -> Dict[str, Any]:
     keys = config_keys()
     for k in overrides:
         if k not in keys or k == "real_data":
-            close = difflib.get_close_matches(k, keys, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _cli_error(f"unknown setting {k!r} in --set{hint}; see maskaq.pipeline.config_keys()")
+            raise _cli_error(f"unknown setting {k!r} in --set{methods.did_you_mean(k, keys)}; "
+                             "see maskaq.pipeline.config_keys()")
     return overrides
 
 
@@ -443,10 +414,10 @@ def run(args) -> int:
     from maskaq.quant import save_quantized
     from maskaq.synthesis.io import save_image_grid, write_json
 
-    if args.method not in METHODS:
-        close = difflib.get_close_matches(args.method, METHODS, n=1)
-        raise _cli_error(f"unknown method {args.method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                         + f"; choose one of {', '.join(METHODS)}")
+    try:
+        record = methods.get(args.method)
+    except ValueError as exc:
+        raise _cli_error(str(exc)) from None
     if args.preset not in PRESETS:
         raise _cli_error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     check_bits_cli(args.wbits, args.abits)
@@ -455,7 +426,7 @@ def run(args) -> int:
     model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
                                args.pretrained_file)
     val = dataset_for_cli(args.val, model, "test")
-    if args.method == "real":
+    if record.images == "real":
         if args.train is None:
             raise _cli_error("--method real needs --train PATH (ImageFolder) or --train fashion-mnist")
         overrides["real_data"] = dataset_for_cli(args.train, model, "train")

@@ -337,7 +337,7 @@ def test_nan_retries_are_bounded():
             synth.synthesize(seed=0)
 
 
-def test_mimiq_config_skips_the_student():
+def test_synthesis_without_alignment_skips_the_student():
     teacher = tiny_vit()
     student = tiny_student(teacher)
     cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=2, use_entropy=False, use_alignment=False)

@@ -1,7 +1,7 @@
 """Synthetic calibration images for data-free quantization: MaskAQ and the baselines."""
-from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, mimiq_config, real_images
+from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
 from maskaq.synthesis.spec import ModelSpec, describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "PsaqConfig", "PsaqSynthesizer",
-           "gaussian_images", "real_images", "mimiq_config", "ModelSpec", "describe_model"]
+           "gaussian_images", "real_images", "ModelSpec", "describe_model"]

@@ -24,7 +24,7 @@ from maskaq.synthesis.spec import ModelSpec
 from maskaq.synthesis.synthesizer import (NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer,
                                           batch_seed)
 
-__all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images", "mimiq_config"]
+__all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images"]
 
 
 def gaussian_images(spec: ModelSpec, num_images: int, seed: int = 0, device=None) -> SyntheticSet:
@@ -67,11 +67,6 @@ def real_images(dataset, num_images: int, seed: int = 0) -> SyntheticSet:
     x = torch.stack([torch.as_tensor(item[0], dtype=torch.float32) for item in items])
     y = torch.tensor([int(item[1]) for item in items])
     return SyntheticSet(x, y, {"num_images": len(index), "nan_retries": 0, "failed_batches": []})
-
-
-def mimiq_config(config: SynthesisConfig) -> SynthesisConfig:
-    """MimiQ's synthesis: MaskAQ's without the entropy and the alignment terms."""
-    return replace(config, use_entropy=False, use_alignment=False)
 
 
 @dataclass

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SYNTH_METHODS = ("maskaq", "maskaq+", "mimiq", "psaq", "gaussian", "maskaq-no-entropy", "maskaq-no-align")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from maskaq.pipeline import add_model_arguments
     add_model_arguments(parser)
-    parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(SYNTH_METHODS))
+    from maskaq import methods
+    parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(methods.names(synthesizes=True)))
     parser.add_argument("--wbits", type=int, default=4, help="weight bits of the student in the loop (2-8)")
     parser.add_argument("--abits", type=int, default=4, help="activation bits of the student in the loop (2-8)")
     parser.add_argument("--num-images", type=int, default=None, help="number of images (none given: the preset's)")
@@ -41,8 +41,11 @@ def run(args) -> int:
     from maskaq.synthesis.spec import describe_model
     from maskaq.synthesis.synthesizer import Synthesizer, dist_info
 
-    if args.method not in SYNTH_METHODS:
-        raise CliError(f"unknown method {args.method!r}; choose one of {', '.join(SYNTH_METHODS)}")
+    from maskaq import methods
+    try:
+        record = methods.get(args.method, synthesizes=True)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if args.preset not in PRESETS:
         raise CliError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     check_bits_cli(args.wbits, args.abits)
@@ -62,13 +65,13 @@ def run(args) -> int:
                                  args.pretrained_file)
     spec = describe_model(teacher)
     s = cfg.synthesis
-    if args.method == "gaussian":
+    if record.images == "gaussian":
         images = gaussian_images(spec, s.num_images, args.seed)
-    elif args.method == "psaq":
+    elif record.images == "psaq":
         images = PsaqSynthesizer(teacher, s, cfg.psaq).synthesize(s.num_images, args.seed, desc="psaq synthesis")
     else:
         student = None
-        if s.use_alignment and s.align_weight > 0:
+        if record.student_in_loop(s):
             from maskaq.quant import calibrate, quantize_model
             student = quantize_model(teacher, args.wbits, args.abits).to(device)
             calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed, device=device).images,
