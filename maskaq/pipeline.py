@@ -372,26 +372,12 @@ def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch
     if limit is not None:
         dataset = Subset(dataset, range(min(int(limit), len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    try:
-        from maskaq.evaluation import evaluate
-    except ImportError:
-        evaluate = None
+    from maskaq.evaluation import evaluate
+
     if progress is None:  # a bar only where someone watches
         import sys
         progress = sys.stderr.isatty()
-    if evaluate is not None:
-        return evaluate(model, loader, progress=bool(progress))
-    dev = next(model.parameters()).device
-    correct1 = correct5 = total = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in loader:
-            logits = model(x.to(dev))
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(dim=1).sum())
-            total += int(y.shape[0])
-    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+    return evaluate(model, loader, progress=bool(progress))
 
 
 def check_bits_cli(wbits: int, abits: int) -> None:

@@ -72,10 +72,6 @@ def refresh_schedule(epochs: int, refresh_every: Optional[int]) -> List[int]:
     return list(range(0, epochs, int(refresh_every)))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class QATTrainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, config: Optional[QATConfig] = None,
                  data_source: Optional[Callable[[nn.Module, int], SyntheticSet]] = None, *,

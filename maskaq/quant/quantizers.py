@@ -30,6 +30,8 @@ import numbers
 import torch
 from torch import nn
 
+from maskaq.reference import lsq_grad_scale  # one definition of METHOD.md's g, shared with the reference
+
 __all__ = [
     "LSQ_GRAD_SCALE",
     "MIN_BITS",
@@ -81,11 +83,6 @@ def act_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def lsq_grad_scale(numel: int, qmax: int, factor: float = LSQ_GRAD_SCALE) -> float:
-    """g = factor / sqrt(numel · qmax) (LSQ's step-size gradient scale)."""
-    return factor / math.sqrt(max(1, numel) * max(1, qmax))
 
 
 def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -153,7 +150,7 @@ def lsq_fake_quant(
     the zero point's gradient is not scaled.
     """
     if grad_scale is None:
-        grad_scale = lsq_grad_scale(x.numel(), qmax)
+        grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel(), qmax)
     step = step.to(x.dtype)
     zero_point = zero_point.to(x.dtype)
     return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
@@ -356,7 +353,7 @@ class WeightQuantizer(nn.Module):
             self.init_from(weight)
         step = self.step.reshape((-1,) + (1,) * (weight.dim() - 1))
         zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-        g = lsq_grad_scale(weight.numel(), self.qmax, 1.0)
+        g = LSQ_GRAD_SCALE * lsq_grad_scale(weight.numel(), self.qmax)
         return lsq_fake_quant(weight, step, zero, self.qmin, self.qmax, g)
 
     def extra_repr(self) -> str:

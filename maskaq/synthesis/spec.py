@@ -75,8 +75,10 @@ def describe_model(model: nn.Module) -> ModelSpec:
     swin = _is_swin(model)
     prefix = 0 if swin else int(getattr(model, "num_prefix_tokens", 1))
     has_cls = (not swin) and getattr(model, "cls_token", None) is not None
-    mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = tuple(float(m) for m in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = tuple(float(s) for s in cfg.get("std", IMAGENET_DEFAULT_STD))
     if len(mean) != in_chans:
         if len(mean) == 1:
             mean, std = mean * in_chans, std * in_chans

@@ -177,7 +177,9 @@ def create(name: str, checkpoint: Optional[str] = None, device=None, pretrained:
     cfg["num_classes"] = getattr(model, "num_classes", cfg.get("num_classes"))
     cfg["input_size"] = _input_size_of(model, cfg.get("input_size", (3, 224, 224)))
     in_chans = cfg["input_size"][0]
-    for key, default in (("mean", (0.485, 0.456, 0.406)), ("std", (0.229, 0.224, 0.225))):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    for key, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
         values = tuple(cfg.get(key, default))
         if len(values) != in_chans:  # e.g. in_chans=1 on an RGB default: average the channels
             values = (sum(values) / len(values),) * in_chans
