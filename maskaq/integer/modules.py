@@ -732,9 +732,9 @@ class IntAttention(nn.Module):
             hi = [g.qmax - g.zero_point for g in (gq, gk, gv)]
             if len(set(lo)) == 1 and len(set(hi)) == 1:
                 qkv.clamp_(lo[0], hi[0])
-            else:
-                qkv = torch.clamp(qkv, torch.tensor(lo, dtype=qkv.dtype, device=qkv.device).view(3, 1, 1),
-                                  torch.tensor(hi, dtype=qkv.dtype, device=qkv.device).view(3, 1, 1))
+            else:  # one in-place scalar clamp per slice: a clamp with broadcast tensor bounds is ~5x slower
+                for i in range(3):
+                    qkv[:, :, i].clamp_(lo[i], hi[i])
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
