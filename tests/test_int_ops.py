@@ -410,17 +410,17 @@ def test_int_attention_kernel_path_on_cpu(monkeypatch, fold, abits):
 
 
 def test_missing_cuda_kernels_warn_once(monkeypatch):
-    from maskaq.integer import modules
+    from maskaq.integer import device
 
-    monkeypatch.setattr(modules, "_warned_no_cuda_kernels", False)
-    monkeypatch.setattr(modules.ops, "integer_kernels_available", lambda device: False)
+    monkeypatch.setattr(device, "_warned_no_cuda_kernels", False)
+    monkeypatch.setattr(device.ops, "integer_kernels_available", lambda device: False)
     with pytest.warns(RuntimeWarning, match="no CUDA kernels"):
-        assert not modules._cuda_kernels(torch.device("cuda"))
+        assert not device._cuda_kernels(torch.device("cuda"))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not modules._cuda_kernels(torch.device("cuda"))
+        assert not device._cuda_kernels(torch.device("cuda"))
 
 
 # --------------------------------------------------------------------------------------------

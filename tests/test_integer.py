@@ -96,9 +96,9 @@ def test_int_linear_accumulates_exact_integers(kernel):
 def saturating_cpu(monkeypatch):
     """Pretend this CPU's int8 GEMMs clip pair sums to int16 (as without VNNI): the split-weight
     path then runs on any machine, and its exactness is checked on the real kernels."""
-    from maskaq.integer import modules
+    from maskaq.integer import linear
 
-    monkeypatch.setattr(modules, "cpu_int8_pairs_saturate", lambda kernel: True)
+    monkeypatch.setattr(linear, "cpu_int8_pairs_saturate", lambda kernel: True)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

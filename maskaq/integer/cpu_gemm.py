@@ -1,0 +1,84 @@
+"""The CPU int8 GEMM libraries IntLinear runs on, and whether this machine's clip pair sums to int16."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+__all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", "cpu_integer_path"]
+
+# CPU GEMM libraries of IntLinear. "onednn": onednn::qlinear_pointwise on uint8 activations
+# (fused GELU / requantization epilogues; measured faster here); "fbgemm": fbgemm's
+# float-in/float-out quantized linear (quantizes its input inside the op).
+KERNELS = ("onednn", "fbgemm")
+DEFAULT_KERNEL = "onednn"
+INT16_MAX = 32767
+
+
+def _saturation_probe(gemm) -> bool:
+    """Whether ``gemm(u, w)`` (uint8 (M, K) by int8 (N, K) -> float (M, N)) differs from the exact
+    result on operands whose every adjacent pair of products overflows int16."""
+    m, k, n = 32, 64, 16
+    u = torch.full((m, k), 255, dtype=torch.uint8)
+    w = torch.where(torch.arange(n)[:, None] % 2 == 0, 127, -128).expand(n, k).to(torch.int8).contiguous()
+    exact = (255.0 * k) * w[:, 0].double()  # |acc| = 2,088,960 < 2^24: exact in a float32 output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
+        return not torch.equal(gemm(u, w).double(), exact.expand(m, n))
+
+
+def _onednn_gemm(u, w):
+    n = w.shape[0]
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int32),
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def _fbgemm_gemm(u, w):
+    n = w.shape[0]
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "x86"
+        qw = torch._make_per_channel_quantized_tensor(w, torch.ones(n, dtype=torch.float64),
+                                                      torch.zeros(n, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = previous
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(u.float(), 1.0, 0, packed)
+
+
+def _int_mm_gemm(u, w):
+    s = (u.to(torch.int16) - 128).to(torch.int8)  # the int8 operand of the CUDA path: -128 everywhere
+    return torch._int_mm(s, w.t()).double() + 128.0 * w.double().sum(1)
+
+
+_GEMMS = {"onednn": _onednn_gemm, "fbgemm": _fbgemm_gemm, "int_mm": _int_mm_gemm}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int8_pairs_saturate(kernel: str) -> bool:
+    """Whether the CPU library ``kernel`` ("onednn", "fbgemm", or "int_mm" for ``torch._int_mm``)
+    adds adjacent int8 products in int16 with saturation on this machine. x86 CPUs without VNNI
+    (AVX2; AVX512 before Cascade Lake) multiply u8·s8 with ``vpmaddubsw``, which clips each pair
+    sum u1·w1 + u2·w2 to [-32768, 32767] (255·127·2 does not fit); VNNI's ``vpdpbusd`` adds in
+    int32. Measured once per process, not inferred from CPU flags, so that library settings
+    (``DNNL_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``) count."""
+    if kernel not in _GEMMS:
+        raise ValueError(f"unknown CPU int8 GEMM {kernel!r}; choose one of {', '.join(_GEMMS)}")
+    return _saturation_probe(_GEMMS[kernel])
+
+
+def cpu_integer_path() -> dict:
+    """How this machine runs IntLinear on the CPU: ATen's CPU capability and, per kernel, whether
+    its int8 GEMM saturates pair sums (then 8-bit weights against 8-bit activations run split)."""
+    saturate = {kernel: cpu_int8_pairs_saturate(kernel) for kernel in KERNELS}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{f"{kernel}_int8": "split-weights (int16 pair sums saturate)" if sat else "direct (int32 pair sums)"
+               for kernel, sat in saturate.items()}}
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"integer kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
