@@ -1,0 +1,49 @@
+"""The layering rule: core modules never import the command line (maskaq.cli, maskaq.commands).
+
+Walks every module's imports with ast (top-level and inside functions). LEGACY lists the modules
+that still hold a subcommand's argparse next to their core code; issue 10 moves them into
+maskaq/commands/ and empties the list. A new arrow from the core to the command line fails here.
+"""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "maskaq"
+COMMAND_LINE = ("maskaq.cli", "maskaq.commands", "maskaq.__main__")  # __main__ runs maskaq.cli
+LEGACY = {"maskaq.pipeline", "maskaq.evaluation", "maskaq.demo", "maskaq.integer.bench", "maskaq.zoo.train"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def _arrows_to_command_line():
+    arrows = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        if name.startswith(COMMAND_LINE):
+            continue
+        targets = sorted({t for t in _imports(path) if t.startswith(COMMAND_LINE)})
+        if targets:
+            arrows[name] = targets
+    return arrows
+
+
+def test_core_modules_do_not_import_the_command_line():
+    arrows = _arrows_to_command_line()
+    new = {k: v for k, v in arrows.items() if k not in LEGACY}
+    assert not new, f"core modules import the command line: {new}"
+
+
+def test_legacy_list_only_holds_real_arrows():
+    """The list shrinks as subcommands move: a module that no longer imports the CLI must leave it."""
+    assert set(_arrows_to_command_line()) == LEGACY
