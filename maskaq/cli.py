@@ -9,10 +9,10 @@ import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `maskaq --help` is fast.
 COMMANDS = {
-    "demo": ("maskaq.demo", "run MaskAQ end to end on the bundled teacher (no downloads)"),
+    "demo": ("maskaq.commands.demo", "run MaskAQ end to end on the bundled teacher (no downloads)"),
     "quantize": ("maskaq.pipeline", "data-free quantization of a ViT: synthesize, distill, evaluate, save"),
     "synthesize": ("maskaq.commands.synthesize", "only synthesize calibration images"),
-    "eval": ("maskaq.evaluation", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
+    "eval": ("maskaq.commands.eval", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
     "train-teacher": ("maskaq.zoo.train", "train the bundled Fashion-MNIST ViT teacher"),
     "bench": ("maskaq.integer.bench", "latency of FP, fake-quant and integer models"),
     "export": ("maskaq.commands.export", "a saved student as an ONNX QDQ graph or a maskaq integer model"),

@@ -31,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from maskaq.cli import CliError
     from maskaq.pipeline import (PRESETS, build_config, check_bits_cli, collect_overrides, load_model_for_cli,
                                  resolve_device)
