@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from maskaq import zoo
     from maskaq.data import fashion_mnist
-    from maskaq.pipeline import collect_overrides, evaluate_model, run_pipeline
+    from maskaq.commands.common import collect_overrides
+    from maskaq.pipeline import evaluate_model, run_pipeline
     from maskaq.synthesis.io import write_json, atomic_write_bytes
 
     methods = args.methods or ALL_METHODS

@@ -10,7 +10,7 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `maskaq --help` is fast.
 COMMANDS = {
     "demo": ("maskaq.commands.demo", "run MaskAQ end to end on the bundled teacher (no downloads)"),
-    "quantize": ("maskaq.pipeline", "data-free quantization of a ViT: synthesize, distill, evaluate, save"),
+    "quantize": ("maskaq.commands.quantize", "data-free quantization of a ViT: synthesize, distill, evaluate, save"),
     "synthesize": ("maskaq.commands.synthesize", "only synthesize calibration images"),
     "eval": ("maskaq.commands.eval", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
     "train-teacher": ("maskaq.zoo.train", "train the bundled Fashion-MNIST ViT teacher"),

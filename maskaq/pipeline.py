@@ -1,8 +1,7 @@
-"""Data-free quantization of a ViT: synthesize calibration images, calibrate, distill, evaluate, save.
+"""Data-free quantization of a ViT: synthesize calibration images, calibrate, distill.
 
-    maskaq quantize --model vit_fmnist --wbits 4 --abits 4 --method maskaq --val fashion-mnist --out runs/w4a4
-
-From Python: `maskaq.pipeline.quantize(model, wbits=4, abits=4, method="maskaq", preset="cpu")`.
+From Python: `maskaq.pipeline.quantize(model, wbits=4, abits=4, method="maskaq", preset="cpu")`; from
+the command line `maskaq quantize` (maskaq/commands/quantize.py).
 Methods: maskaq, its ablations (maskaq-no-entropy, maskaq-no-align, maskaq-no-refresh,
 maskaq-no-hdmask) and the baselines mimiq, psaq, gaussian, real — same quantizer, same QAT —
 and ptq, the floor: min-max calibration on noise and no QAT.
@@ -11,11 +10,8 @@ cpu-long (about 3× cpu), paper (the public code's settings as it runs). Every k
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -28,7 +24,7 @@ from maskaq.synthesis.spec import describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer, batch_seed, dist_info
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
-           "build_config", "config_keys", "add_arguments", "run"]
+           "build_config", "config_keys", "evaluate_model"]
 
 METHODS = methods.names()  # the method registry, maskaq.methods
 
@@ -254,117 +250,6 @@ def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", p
 
 
 # ------------------------------------------------------------------------------------- CLI
-def _cli_error(msg: str):
-    from maskaq.cli import CliError
-    return CliError(msg)
-
-
-def parse_override(text: str):
-    """KEY=VALUE with VALUE a Python literal (numbers, True/False, tuples) or a bare string."""
-    if "=" not in text:
-        raise _cli_error(f"--set expects KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return key, value
-
-
-def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --pretrained and --pretrained-file: where a timm model's weights come from."""
-    parser.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="timm's pretrained weights for a timm --model, loaded by timm (hub cache, "
-                             "HF_HUB_OFFLINE and HF_HOME work as in timm.create_model)")
-    parser.add_argument("--pretrained-file", default=None, metavar="FILE",
-                        help="timm's pretrained weights from a local file (timm's "
-                             "pretrained_cfg_overlay=dict(file=FILE); implies --pretrained)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="bundled zoo model (vit_fmnist) or a timm architecture name")
-    add_weight_arguments(parser)
-    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
-                        help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none given: cuda when available)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--wbits", type=int, default=4, help="weight bits (2-8)")
-    parser.add_argument("--abits", type=int, default=4, help="activation bits (2-8)")
-    parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(METHODS))
-    parser.add_argument("--val", default=None,
-                        help="validation data: an ImageFolder directory, or 'fashion-mnist' (bundled test split)")
-    parser.add_argument("--train", default=None,
-                        help="real training images for --method real: ImageFolder or 'fashion-mnist'")
-    parser.add_argument("--out", required=True, help="output directory (model, report.json, synthetic.png)")
-    parser.add_argument("--preset", default="cpu", help="quick, cpu, cpu-long or paper")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any setting, e.g. --set synth_iters=500 (repeatable)")
-    parser.add_argument("--val-limit", type=int, default=None,
-                        help="evaluate on the first N validation images only (smoke runs)")
-    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise _cli_error(f"bad --device {name!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _cli_error(f"--device {name} asked for CUDA but no CUDA device is available")
-    return dev
-
-
-def load_model_for_cli(name: str, checkpoint: Optional[str], device: torch.device,
-                       model_kwargs: Optional[str] = None, pretrained: bool = False,
-                       pretrained_file: Optional[str] = None) -> nn.Module:
-    import json
-
-    from maskaq import zoo
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise _cli_error(f"checkpoint {checkpoint} does not exist")
-    kwargs = {}
-    if model_kwargs:
-        try:
-            kwargs = json.loads(model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise _cli_error(f"--model-kwargs is not valid JSON: {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise _cli_error("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    try:
-        model = zoo.create(name, checkpoint=checkpoint, pretrained=pretrained, pretrained_file=pretrained_file,
-                           **kwargs)
-    except (ValueError, OSError, TypeError) as exc:  # OSError: missing files, zoo.PretrainedUnavailable
-        raise _cli_error(str(exc).splitlines()[0]) from None
-    return model.to(device).eval()
-
-
-def dataset_for_cli(path: Optional[str], model: nn.Module, split: str = "test"):
-    """'fashion-mnist' (or 'fmnist') -> the Fashion-MNIST split; else an ImageFolder directory."""
-    if path is None:
-        return None
-    if path.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        from maskaq.data import fashion_mnist
-        try:
-            return fashion_mnist(split)
-        except (FileNotFoundError, ValueError) as exc:
-            raise _cli_error(str(exc).splitlines()[0]) from None
-    if not Path(path).is_dir():
-        raise _cli_error(f"dataset directory {path} does not exist (or pass 'fashion-mnist')")
-    from maskaq.data import image_folder
-    try:
-        return image_folder(path, model)  # timm's eval transform for the model's pretrained_cfg
-    except (FileNotFoundError, ValueError) as exc:
-        raise _cli_error(str(exc).splitlines()[0]) from None
-
-
 def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch_size: int = 256,
                    progress: Optional[bool] = None) -> Dict[str, float]:
     """Top-1/top-5 (%) of `model` on `dataset` (first `limit` items)."""
@@ -378,67 +263,3 @@ def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch
         import sys
         progress = sys.stderr.isatty()
     return evaluate(model, loader, progress=bool(progress))
-
-
-def check_bits_cli(wbits: int, abits: int) -> None:
-    for name, bits in (("--wbits", wbits), ("--abits", abits)):
-        if not 2 <= bits <= 8:
-            raise _cli_error(f"{name} must be between 2 and 8, got {bits}")
-
-
-def collect_overrides(items) -> Dict[str, Any]:
-    overrides = dict(parse_override(text) for text in items)
-    keys = config_keys()
-    for k in overrides:
-        if k not in keys or k == "real_data":
-            raise _cli_error(f"unknown setting {k!r} in --set{methods.did_you_mean(k, keys)}; "
-                             "see maskaq.pipeline.config_keys()")
-    return overrides
-
-
-def run(args) -> int:
-    from maskaq.quant import save_quantized
-    from maskaq.synthesis.io import save_image_grid, write_json
-
-    try:
-        record = methods.get(args.method)
-    except ValueError as exc:
-        raise _cli_error(str(exc)) from None
-    if args.preset not in PRESETS:
-        raise _cli_error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    check_bits_cli(args.wbits, args.abits)
-    overrides = collect_overrides(args.set)
-    device = resolve_device(args.device)
-    model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
-                               args.pretrained_file)
-    val = dataset_for_cli(args.val, model, "test")
-    if record.images == "real":
-        if args.train is None:
-            raise _cli_error("--method real needs --train PATH (ImageFolder) or --train fashion-mnist")
-        overrides["real_data"] = dataset_for_cli(args.train, model, "train")
-    try:
-        config = build_config(args.method, args.preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise _cli_error(str(exc)) from None
-    out = Path(args.out)
-    rank, _ = dist_info()
-    result = run_pipeline(model, args.wbits, args.abits, method=args.method, seed=args.seed, config=config)
-    report = dict(result.report, preset=args.preset, model=args.model, checkpoint=args.checkpoint)
-    if val is not None:
-        report["val"] = {"path": args.val, "limit": args.val_limit}
-        report["val"]["quantized"] = evaluate_model(result.model, val, args.val_limit, args.batch_size)
-        report["val"]["full_precision"] = evaluate_model(model, val, args.val_limit, args.batch_size)
-    if rank == 0:
-        spec = describe_model(model)
-        out.mkdir(parents=True, exist_ok=True)
-        save_quantized(result.model, out / "model")
-        grid = save_image_grid(result.images.images, spec.mean, spec.std, out / "synthetic.png")
-        report["files"] = {"model": str(out / "model"), "report": str(out / "report.json"), "grid": str(grid)}
-        write_json(out / "report.json", report)
-        line = f"{args.method} W{args.wbits}A{args.abits}: done in {report['seconds']:.0f}s"
-        if val is not None:
-            line += (f"; top-1 {report['val']['quantized']['top1']:.2f}% "
-                     f"(full precision {report['val']['full_precision']['top1']:.2f}%)")
-        print(line)
-        print(f"wrote {out / 'model'}, {out / 'report.json'}, {grid}")
-    return 0

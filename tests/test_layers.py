@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "maskaq"
 COMMAND_LINE = ("maskaq.cli", "maskaq.commands", "maskaq.__main__")  # __main__ runs maskaq.cli
-LEGACY = {"maskaq.pipeline", "maskaq.integer.bench", "maskaq.zoo.train"}
+LEGACY = {"maskaq.integer.bench", "maskaq.zoo.train"}
 
 
 def _module_name(path: Path) -> str:

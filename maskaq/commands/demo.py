@@ -29,7 +29,8 @@ def run(args) -> int:
 
     from maskaq import zoo
     from maskaq.cli import CliError
-    from maskaq.pipeline import check_bits_cli, evaluate_model, resolve_device, run_pipeline
+    from maskaq.commands.common import check_bits_cli, resolve_device
+    from maskaq.pipeline import evaluate_model, run_pipeline
     from maskaq.synthesis.io import save_image_grid, write_json
     from maskaq.synthesis.spec import describe_model
 

@@ -14,7 +14,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", default="vit_fmnist",
                         help="bundled zoo name (e.g. vit_fmnist) or a timm architecture name")
-    from maskaq.pipeline import add_weight_arguments
+    from maskaq.commands.common import add_weight_arguments
     add_weight_arguments(parser)
     parser.add_argument("--num-classes", type=int, default=None, help="timm models: classifier size")
     parser.add_argument("--img-size", type=int, default=None, help="timm models: input resolution")

@@ -10,7 +10,7 @@ FORMATS = ("onnx", "integer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maskaq.pipeline import add_weight_arguments
+    from maskaq.commands.common import add_weight_arguments
 
     parser.add_argument("--model", required=True,
                         help="the student's full-precision architecture: bundled zoo name or timm name")
@@ -31,7 +31,7 @@ def run(args) -> int:
     import torch
 
     from maskaq.cli import CliError
-    from maskaq.pipeline import load_model_for_cli
+    from maskaq.commands.common import load_model_for_cli
     from maskaq.quant import load_quantized
 
     if not Path(args.student).is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maskaq.pipeline import add_model_arguments
+    from maskaq.commands.common import add_model_arguments
     add_model_arguments(parser)
     from maskaq import methods
     parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(methods.names(synthesizes=True)))
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from maskaq.cli import CliError
-    from maskaq.pipeline import (PRESETS, build_config, check_bits_cli, collect_overrides, load_model_for_cli,
-                                 resolve_device)
+    from maskaq.commands.common import check_bits_cli, collect_overrides, load_model_for_cli, resolve_device
+    from maskaq.pipeline import PRESETS, build_config
     from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
     from maskaq.synthesis.io import save_image_grid, save_synthetic_set, write_json
     from maskaq.synthesis.spec import describe_model
