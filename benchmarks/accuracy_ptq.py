@@ -51,7 +51,7 @@ def build_teacher(args) -> torch.nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
         from maskaq.data import FMNIST_MEAN, FMNIST_STD
-        from maskaq.zoo.train import DEFAULT_MODEL_ARGS
+        from maskaq.commands.train_teacher import DEFAULT_MODEL_ARGS
 
         torch.manual_seed(args.seed)
         model = VisionTransformer(**DEFAULT_MODEL_ARGS).eval()

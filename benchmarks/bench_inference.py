@@ -6,7 +6,7 @@ ONNX Runtime (CPU), and FP16/BF16/torch.compile (CUDA, when available).
     python benchmarks/bench_inference.py --models deit_small_patch16_224 --batches 8 \\
         --impls fp32 int_w8a8 ort_int8 --json out/bench.json --plot out/bench.png
 
-Same code and options as `maskaq bench` (maskaq/integer/bench.py). Prints a table; --json writes
+Same code and options as `maskaq bench` (maskaq/commands/bench.py). Prints a table; --json writes
 records {"model", "device", "batch", "impl", "ms", "img_per_s", "peak_mb"}; --plot a PNG of the
 speedup vs FP. Timings of one (model, batch) are interleaved across implementations: compare the
 ratios of one run (the machine may be shared).
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402,F401  (loads libc10 & co. before maskaq's extension needs them)
 
-from maskaq.integer import bench  # noqa: E402
+from maskaq.cli import CliError  # noqa: E402
+from maskaq.commands import bench  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,11 +34,9 @@ def main(argv=None) -> int:
         args.plot = "bench_inference.png"
     try:
         return bench.run(args)
-    except Exception as exc:  # CliError and the like: one line, status 2
-        if type(exc).__name__ == "CliError":
-            print(f"bench_inference.py: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except CliError as exc:  # bad options: one line, status 2
+        print(f"bench_inference.py: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ COMMANDS = {
     "quantize": ("maskaq.commands.quantize", "data-free quantization of a ViT: synthesize, distill, evaluate, save"),
     "synthesize": ("maskaq.commands.synthesize", "only synthesize calibration images"),
     "eval": ("maskaq.commands.eval", "top-1/top-5 accuracy of a model on Fashion-MNIST or an ImageFolder"),
-    "train-teacher": ("maskaq.zoo.train", "train the bundled Fashion-MNIST ViT teacher"),
-    "bench": ("maskaq.integer.bench", "latency of FP, fake-quant and integer models"),
+    "train-teacher": ("maskaq.commands.train_teacher", "train the bundled Fashion-MNIST ViT teacher"),
+    "bench": ("maskaq.commands.bench", "latency of FP, fake-quant and integer models"),
     "export": ("maskaq.commands.export", "a saved student as an ONNX QDQ graph or a maskaq integer model"),
 }
 

@@ -317,7 +317,7 @@ def test_cli_eval_bundled_teacher_json_stdout(capsys):
 # ----------------------------------------------------------------------------- train-teacher
 
 def test_train_augment_crops_and_flips_are_windows_of_the_padded_image():
-    from maskaq.zoo.train import augment
+    from maskaq.commands.train_teacher import augment
     x = torch.randn(6, 1, 28, 28)
     g = torch.Generator().manual_seed(0)
     out = augment(x, 2, True, g, fill=-7.0)
@@ -329,7 +329,7 @@ def test_train_augment_crops_and_flips_are_windows_of_the_padded_image():
 
 def test_train_lr_schedule_warms_up_then_anneals():
     import argparse
-    from maskaq.zoo.train import lr_at
+    from maskaq.commands.train_teacher import lr_at
     args = argparse.Namespace(lr=1e-3, min_lr=1e-5, warmup=0.1)
     assert lr_at(0.0, args) < 1e-5
     assert lr_at(0.05, args) == pytest.approx(5e-4)

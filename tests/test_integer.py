@@ -367,7 +367,7 @@ def test_fidelity_on_bundled_teacher_subset(wbits):
 
 # -- benchmark helpers (no timing assertions) -----------------------------------------------------------
 def test_bench_table_json_and_plot(tmp_path):
-    from maskaq.integer import bench
+    from maskaq.commands import bench
 
     records = [
         {"model": "m", "device": "cpu", "batch": 8, "impl": "fp32", "ms": 100.0, "img_per_s": 80.0, "peak_mb": 90.0},
@@ -385,7 +385,7 @@ def test_bench_table_json_and_plot(tmp_path):
 def test_bench_rejects_bad_options():
     import argparse
 
-    from maskaq.integer import bench
+    from maskaq.commands import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -399,7 +399,7 @@ def test_bench_builds_and_runs_integer_impl():
     """The integer impl builds from a timm name and returns logits (timing not asserted)."""
     import argparse
 
-    from maskaq.integer import bench
+    from maskaq.commands import bench
 
     model = small_vit()
     args = argparse.Namespace(seed=0, threads=1, kernel="onednn")

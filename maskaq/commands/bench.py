@@ -56,12 +56,9 @@ class Unavailable(Exception):
 
 
 def _error(message: str) -> Exception:
-    try:
-        from maskaq.cli import CliError
+    from maskaq.cli import CliError
 
-        return CliError(message)
-    except ImportError:  # pragma: no cover - the CLI module is part of the package
-        return ValueError(message)
+    return CliError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +503,7 @@ def _run_in_child(args) -> int:
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # maskaq importable there too
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy, MASKAQ_BENCH_CHILD="1", PYTHONPATH=path,
                MASKAQ_BENCH_ARGS=json.dumps(vars(args), default=lambda _: None))
-    code = "import sys, torch; from maskaq.integer.bench import _child_main; sys.exit(_child_main())"
+    code = "import sys, torch; from maskaq.commands.bench import _child_main; sys.exit(_child_main())"
     return subprocess.run([sys.executable, "-c", code], env=env).returncode
 
 
@@ -516,7 +513,9 @@ def _child_main() -> int:
     try:
         return run(argparse.Namespace(**values))
     except Exception as exc:
-        if type(exc).__name__ != "CliError":
+        from maskaq.cli import CliError
+
+        if not isinstance(exc, CliError):
             raise
         print(f"maskaq bench: error: {exc}", file=sys.stderr)
         return 2
