@@ -15,7 +15,7 @@ from maskaq.cli import CliError
 from maskaq.pipeline import config_keys
 
 __all__ = ["add_model_arguments", "add_weight_arguments", "check_bits_cli", "collect_overrides", "dataset_for_cli",
-           "load_model_for_cli", "parse_override", "resolve_device"]
+           "load_model_for_cli", "method_and_overrides", "parse_override", "resolve_device"]
 
 
 def _cli_error(msg: str) -> CliError:
@@ -123,3 +123,17 @@ def collect_overrides(items) -> Dict[str, Any]:
             raise _cli_error(f"unknown setting {k!r} in --set{methods.did_you_mean(k, keys)}; "
                              "see maskaq.pipeline.config_keys()")
     return overrides
+
+
+def method_and_overrides(args, *, synthesizes: bool = False):
+    """(method record, --set overrides) of a run after checking --method, --preset and the bits."""
+    from maskaq.pipeline import PRESETS
+
+    try:
+        record = methods.get(args.method, synthesizes=synthesizes)
+    except ValueError as exc:
+        raise _cli_error(str(exc)) from None
+    if args.preset not in PRESETS:
+        raise _cli_error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    check_bits_cli(args.wbits, args.abits)
+    return record, collect_overrides(args.set)

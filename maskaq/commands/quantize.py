@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from maskaq import methods
-from maskaq.commands.common import (_cli_error, add_model_arguments, check_bits_cli, collect_overrides,
-                                    dataset_for_cli, load_model_for_cli, resolve_device)
-from maskaq.pipeline import METHODS, PRESETS, build_config, evaluate_model, run_pipeline
+from maskaq.commands.common import (_cli_error, add_model_arguments, dataset_for_cli, load_model_for_cli,
+                                    method_and_overrides, resolve_device)
+from maskaq.pipeline import METHODS, build_config, evaluate_model, run_pipeline
 from maskaq.synthesis.spec import describe_model
 from maskaq.synthesis.synthesizer import dist_info
 
@@ -41,14 +40,7 @@ def run(args) -> int:
     from maskaq.quant import save_quantized
     from maskaq.synthesis.io import save_image_grid, write_json
 
-    try:
-        record = methods.get(args.method)
-    except ValueError as exc:
-        raise _cli_error(str(exc)) from None
-    if args.preset not in PRESETS:
-        raise _cli_error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    check_bits_cli(args.wbits, args.abits)
-    overrides = collect_overrides(args.set)
+    record, overrides = method_and_overrides(args)
     device = resolve_device(args.device)
     model = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
                                args.pretrained_file)

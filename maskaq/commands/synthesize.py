@@ -32,22 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from maskaq.cli import CliError
-    from maskaq.commands.common import check_bits_cli, collect_overrides, load_model_for_cli, resolve_device
-    from maskaq.pipeline import PRESETS, build_config
+    from maskaq.commands.common import load_model_for_cli, method_and_overrides, resolve_device
+    from maskaq.pipeline import build_config
     from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
     from maskaq.synthesis.io import save_image_grid, save_synthetic_set, write_json
     from maskaq.synthesis.spec import describe_model
     from maskaq.synthesis.synthesizer import Synthesizer, dist_info
 
-    from maskaq import methods
-    try:
-        record = methods.get(args.method, synthesizes=True)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if args.preset not in PRESETS:
-        raise CliError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    check_bits_cli(args.wbits, args.abits)
-    overrides = collect_overrides(args.set)
+    record, overrides = method_and_overrides(args, synthesizes=True)
     for flag, key in (("num_images", "num_images"), ("batch_size", "synth_batch_size"), ("iters", "synth_iters")):
         value = getattr(args, flag)
         if value is not None:
