@@ -47,9 +47,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     # the public code: fresh noise for every batch and unmasked L_hd
     Method("gaussian", "gaussian", "QAT on Gaussian noise", {**_NO_REFRESH, "hd_mask": False}),
     Method("maskaq", "synthesis", "MaskAQ as the paper and its public code run it"),
-    # this package's variant (README, "maskaq+"): MaskAQ from a dark, low-contrast canvas
-    Method("maskaq+", "synthesis", "MaskAQ whose images start from a dark canvas (this package's variant)",
-           {"init_pixel": 0.0, "init_std": 0.2}),
+    # this package's variant (README, "maskaq+"): MaskAQ from a dark, low-contrast canvas, with Q's
+    # activation ranges calibrated on noise (as ptq's) instead of on the first synthetic images
+    Method("maskaq+", "synthesis", "MaskAQ from a dark canvas, calibrated on noise (this package's variant)",
+           {"init_pixel": 0.0, "init_std": 0.2, "calib_data": "noise"}),
     Method("real", "real", "QAT on real training images (the upper bound)", _NO_REFRESH),
     Method("mimiq", "synthesis", "MimiQ: MaskAQ without L_ent, L_align, refreshing and the L_hd mask",
            {"use_entropy": False, "use_alignment": False, "refresh_every": 0, "hd_mask": False}),

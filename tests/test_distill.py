@@ -201,6 +201,7 @@ def test_build_config_presets_methods_and_unknown_keys():
     # maskaq+ is MaskAQ from a dark low-contrast canvas; maskaq itself starts from N(0, 1)
     plus, faithful = build_config("maskaq+", "cpu").synthesis, build_config("maskaq", "cpu").synthesis
     assert (plus.init_pixel, plus.init_std) == (0.0, 0.2) and faithful.init_pixel is None
+    assert build_config("maskaq+", "cpu").pipeline.calib_data == "noise"
     assert plus.use_entropy and plus.use_alignment and build_config("maskaq+", "cpu").qat.refresh_every == 30
     assert build_config("maskaq", "quick", synth_iters=7).synthesis.synth_iters == 7
     with pytest.raises(TypeError, match="synth_iters"):
