@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     from maskaq.quant import calibrate, quantize_model
     from maskaq.synthesis.baselines import gaussian_images
     from maskaq.synthesis.io import write_json
-    from maskaq.synthesis.spec import describe_model
+    from maskaq.spec import describe_model
 
     preset = "quick" if args.quick else args.preset
     held_n = 200 if args.quick else args.held_out

@@ -20,7 +20,7 @@ from torch import nn
 from maskaq import methods
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
-from maskaq.synthesis.spec import describe_model
+from maskaq.spec import describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer, batch_seed, dist_info
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",

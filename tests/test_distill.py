@@ -8,7 +8,7 @@ import torch
 from maskaq.distill.losses import head_distillation_block, head_distillation_loss, kd_loss, token_weights
 from maskaq.distill.trainer import QATConfig, QATTrainer, refresh_schedule
 from maskaq.synthesis.baselines import gaussian_images
-from maskaq.synthesis.spec import describe_model
+from maskaq.spec import describe_model
 
 from test_synthesis import tiny_student, tiny_vit
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from maskaq.synthesis import losses as L
-from maskaq.synthesis.augment import QATAugment, SynthesisAugment, patch_scaled_pixels, scaled_pixels
+from maskaq.distill.augment import QATAugment
+from maskaq.synthesis.augment import SynthesisAugment, patch_scaled_pixels, scaled_pixels
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
-from maskaq.synthesis.spec import describe_model
+from maskaq.spec import describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
 
 

@@ -32,7 +32,7 @@ def run(args) -> int:
     from maskaq.commands.common import check_bits_cli, resolve_device
     from maskaq.pipeline import evaluate_model, run_pipeline
     from maskaq.synthesis.io import save_image_grid, write_json
-    from maskaq.synthesis.spec import describe_model
+    from maskaq.spec import describe_model
 
     if args.preset not in ("cpu", "quick", "paper"):
         raise CliError(f"unknown preset {args.preset!r}; choose cpu or quick")

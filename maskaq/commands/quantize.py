@@ -11,7 +11,7 @@ from pathlib import Path
 from maskaq.commands.common import (_cli_error, add_model_arguments, dataset_for_cli, load_model_for_cli,
                                     method_and_overrides, resolve_device)
 from maskaq.pipeline import METHODS, build_config, evaluate_model, run_pipeline
-from maskaq.synthesis.spec import describe_model
+from maskaq.spec import describe_model
 from maskaq.synthesis.synthesizer import dist_info
 
 __all__ = ["add_arguments", "run"]

@@ -36,7 +36,7 @@ def run(args) -> int:
     from maskaq.pipeline import build_config
     from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
     from maskaq.synthesis.io import save_image_grid, save_synthetic_set, write_json
-    from maskaq.synthesis.spec import describe_model
+    from maskaq.spec import describe_model
     from maskaq.synthesis.synthesizer import Synthesizer, dist_info
 
     record, overrides = method_and_overrides(args, synthesizes=True)

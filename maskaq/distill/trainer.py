@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from maskaq.distill.losses import head_distillation_loss, kd_loss
-from maskaq.synthesis.augment import QATAugment
-from maskaq.synthesis.spec import describe_model
+from maskaq.distill.augment import QATAugment
+from maskaq.spec import describe_model
 from maskaq.synthesis.synthesizer import SyntheticSet, batch_seed, dist_info, progress_bar
 
 __all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]

@@ -146,7 +146,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[
     a model that is not a calibrated student, naming the module the exporter cannot express.
     """
     from maskaq.quant.modules import plain_attention
-    from maskaq.synthesis.spec import describe_model
+    from maskaq.spec import describe_model
 
     _check_student(qmodel)
     if batch_size is not None and int(batch_size) < 1:

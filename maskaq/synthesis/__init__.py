@@ -1,6 +1,6 @@
 """Synthetic calibration images for data-free quantization: MaskAQ and the baselines."""
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, real_images
-from maskaq.synthesis.spec import ModelSpec, describe_model
+from maskaq.spec import ModelSpec, describe_model
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "PsaqConfig", "PsaqSynthesizer",

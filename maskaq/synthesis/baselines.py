@@ -20,7 +20,7 @@ from torch import nn
 
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import scaled_pixels
-from maskaq.synthesis.spec import ModelSpec
+from maskaq.spec import ModelSpec
 from maskaq.synthesis.synthesizer import (NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer,
                                           batch_seed)
 

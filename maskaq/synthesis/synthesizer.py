@@ -28,7 +28,7 @@ from torch import nn
 
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import SynthesisAugment
-from maskaq.synthesis.spec import ModelSpec, describe_model
+from maskaq.spec import ModelSpec, describe_model
 
 __all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "NonFiniteError", "batch_seed",
            "frozen", "dist_info", "gather_batches", "progress_bar"]

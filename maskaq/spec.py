@@ -1,4 +1,5 @@
-"""What synthesis needs to know about a model, read from the model itself (never constants)."""
+"""What every layer needs to know about a model (input shape, normalization, patch size, tokens, heads),
+read from the model itself (never constants): `describe_model(model) -> ModelSpec`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
