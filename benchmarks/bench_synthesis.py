@@ -88,7 +88,7 @@ def time_synthesis(teacher, student, impl: str, batch: int, steps: int, warmup: 
 
 
 def _time_model_only(teacher, student, batch, warmup, steps, device) -> float:
-    from maskaq.synthesis.synthesizer import frozen
+    from maskaq.runtime import frozen
     x = torch.randn(batch, 3, 224, 224, device=device, requires_grad=True)
     y = torch.randint(0, teacher.num_classes, (batch,), device=device)
     opt = torch.optim.AdamW([x], lr=0.1)

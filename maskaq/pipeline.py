@@ -21,7 +21,8 @@ from maskaq import methods
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
-from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer, batch_seed, dist_info
+from maskaq.runtime import SeedStream, batch_seed, dist_info
+from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "evaluate_model"]
@@ -133,7 +134,7 @@ class PipelineResult:
 
 
 def _round_seed(seed: int, round_index: int) -> int:
-    return batch_seed(seed, round_index, stream=3) & 0x7FFFFFFF
+    return batch_seed(seed, round_index, stream=SeedStream.ROUND) & 0x7FFFFFFF
 
 
 def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):

@@ -12,7 +12,7 @@ from maskaq.commands.common import (_cli_error, add_model_arguments, dataset_for
                                     method_and_overrides, resolve_device)
 from maskaq.pipeline import METHODS, build_config, evaluate_model, run_pipeline
 from maskaq.spec import describe_model
-from maskaq.synthesis.synthesizer import dist_info
+from maskaq.runtime import dist_info
 
 __all__ = ["add_arguments", "run"]
 

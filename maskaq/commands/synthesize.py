@@ -37,7 +37,8 @@ def run(args) -> int:
     from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
     from maskaq.synthesis.io import save_image_grid, save_synthetic_set, write_json
     from maskaq.spec import describe_model
-    from maskaq.synthesis.synthesizer import Synthesizer, dist_info
+    from maskaq.runtime import dist_info
+    from maskaq.synthesis.synthesizer import Synthesizer
 
     record, overrides = method_and_overrides(args, synthesizes=True)
     for flag, key in (("num_images", "num_images"), ("batch_size", "synth_batch_size"), ("iters", "synth_iters")):

@@ -25,7 +25,8 @@ from torch import nn
 from maskaq.distill.losses import head_distillation_loss, kd_loss
 from maskaq.distill.augment import QATAugment
 from maskaq.spec import describe_model
-from maskaq.synthesis.synthesizer import SyntheticSet, batch_seed, dist_info, progress_bar
+from maskaq.runtime import SeedStream, batch_seed, dist_info, progress_bar
+from maskaq.synthesis.synthesizer import SyntheticSet
 
 __all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]
 
@@ -105,7 +106,7 @@ class QATTrainer:
         r, r + W, ... and every rank the same number of them (DDP steps in lockstep)."""
         n, bs = len(self.data), self.config.qat_batch_size
         local = math.ceil(steps / world)
-        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, stream=7))
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, stream=SeedStream.QAT_SHUFFLE))
         passes = math.ceil(local * world * bs / n) + 1
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
         for i in range(local):
@@ -178,7 +179,7 @@ class QATTrainer:
             running, count = 0.0, 0
             with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
                 for index in self._batches(epoch, steps, rank, world):
-                    g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=11))
+                    g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=SeedStream.QAT_AUGMENT))
                     if self.data.draw is not None:  # an endless stream: fresh images every batch
                         images = self.data.draw(len(index), step_no).to(dev)
                     else:

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskaq.runtime import SeedStream, batch_seed
+from maskaq.spec import ModelSpec
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import scaled_pixels
-from maskaq.spec import ModelSpec
-from maskaq.synthesis.synthesizer import (NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer,
-                                          batch_seed)
+from maskaq.synthesis.synthesizer import NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images"]
 
@@ -30,7 +30,7 @@ __all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream"
 def gaussian_images(spec: ModelSpec, num_images: int, seed: int = 0, device=None) -> SyntheticSet:
     """Pure N(0, 1) noise in the model's input shape with uniform random labels."""
     g = torch.Generator(device=device or "cpu")
-    g.manual_seed(batch_seed(seed, 0, stream=1))
+    g.manual_seed(batch_seed(seed, 0, stream=SeedStream.GAUSSIAN_SET))
     x = torch.randn(spec.image_shape(num_images), generator=g, device=device)
     y = torch.randint(0, spec.num_classes, (num_images,), generator=g, device=device)
     return SyntheticSet(x.cpu(), y.cpu(), {"num_images": num_images, "nan_retries": 0, "failed_batches": []})
@@ -45,7 +45,7 @@ def gaussian_stream(spec: ModelSpec, num_images: int, seed: int = 0, device=None
 
     def draw(batch_size: int, step: int) -> torch.Tensor:
         g = torch.Generator(device=device or "cpu")
-        g.manual_seed(batch_seed(seed, step, stream=13))
+        g.manual_seed(batch_seed(seed, step, stream=SeedStream.GAUSSIAN_STREAM))
         return torch.randn(spec.image_shape(batch_size), generator=g, device=device)
 
     first.draw = draw
@@ -61,7 +61,7 @@ def real_images(dataset, num_images: int, seed: int = 0) -> SyntheticSet:
     n = len(dataset)
     if n == 0:
         raise ValueError("the real-data dataset is empty")
-    g = torch.Generator().manual_seed(batch_seed(seed, 0, stream=2))
+    g = torch.Generator().manual_seed(batch_seed(seed, 0, stream=SeedStream.REAL_SUBSET))
     index = torch.randperm(n, generator=g)[:min(num_images, n)].tolist()
     items = [dataset[i] for i in index]
     x = torch.stack([torch.as_tensor(item[0], dtype=torch.float32) for item in items])

@@ -19,16 +19,16 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskaq.runtime import batch_seed, dist_info, frozen, gather_batches, progress_bar
+from maskaq.spec import ModelSpec, describe_model
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import SynthesisAugment
-from maskaq.spec import ModelSpec, describe_model
 
 __all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "NonFiniteError", "batch_seed",
            "frozen", "dist_info", "gather_batches", "progress_bar"]
@@ -107,56 +107,6 @@ class SyntheticSet:
 
 class NonFiniteError(RuntimeError):
     """The optimized batch (or its loss) became NaN/inf."""
-
-
-def batch_seed(seed: int, batch_index: int, attempt: int = 0, stream: int = 0) -> int:
-    """A well-mixed 63-bit seed for one batch attempt (independent of rank and world size)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(attempt), int(stream)])
-    return int(state.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
-
-
-@contextlib.contextmanager
-def frozen(*models: Optional[nn.Module]):
-    """Eval mode and no parameter gradients for the models; restores both on exit."""
-    saved = []
-    for m in models:
-        if m is None:
-            continue
-        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()]))
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, training, flags in saved:
-            m.train(training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-
-def dist_info() -> Tuple[int, int]:
-    """(rank, world_size) of the default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def gather_batches(local: List[Tuple[int, torch.Tensor, torch.Tensor]], world_size: int):
-    """All ranks' (batch_index, images, labels) in batch order (all-gather when distributed)."""
-    if world_size > 1:
-        gathered = [None] * world_size
-        torch.distributed.all_gather_object(gathered, [(i, x.cpu(), y.cpu()) for i, x, y in local])
-        local = [item for part in gathered for item in part]
-    return sorted(local, key=lambda item: item[0])
-
-
-def progress_bar(total: int, desc: str, enabled: Optional[bool] = None):
-    from tqdm.auto import tqdm
-    rank, _ = dist_info()
-    disable = (rank != 0) if enabled is None else (not enabled or rank != 0)
-    # disable=None lets tqdm switch itself off when stderr is not a terminal.
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if not disable else True)
 
 
 def _capture(model: nn.Module, **kwargs):
