@@ -36,6 +36,13 @@ def test_onnx_qdq_matches_fake_quant(tmp_path, wbits, abits):
     import maskaq
     from maskaq.quant.modules import QuantConv2d, QuantLinear, _AttentionQuantizers
 
+    from maskaq.integer.cpu_gemm import cpu_int8_pairs_saturate
+
+    if wbits == 8 and abits == 8 and cpu_int8_pairs_saturate("onednn"):
+        # Without VNNI, ONNX Runtime's U8S8 kernels clip adjacent pair sums to int16 (its documented
+        # caveat, as oneDNN's and fbgemm's do): 8-bit weights against 8-bit activations are not
+        # exact there. W4A8 and narrower never overflow a pair and are checked on every CPU.
+        pytest.skip("ONNX Runtime's int8 GEMMs saturate pair sums on this CPU (no VNNI)")
     qmodel = _student(wbits, abits)
     path = maskaq.export_onnx(qmodel, tmp_path / "student.onnx")
     graph = onnx.load(str(path))
@@ -98,7 +105,8 @@ def test_onnx_zero_point_outside_the_grid(tmp_path):
         fake = qmodel(x)
     assert (_run(path, x) - fake).abs().max() < 1e-3 * fake.abs().max()
     # 8 bits: no uint8 zero point holds it; the grid's lowest level goes into fc2's bias
-    wide = _student(8, 8, seed=3)
+    # (4-bit weights: no pair of products can overflow int16 on any CPU)
+    wide = _student(4, 8, seed=3)
     with torch.no_grad():
         wide.blocks[0].mlp.fc2.input_quantizer.zero_point.fill_(-140.0)
         fake = wide(x)
@@ -123,7 +131,7 @@ def test_cli_export_onnx_and_integer(tmp_path):
     from maskaq import zoo
 
     teacher = zoo.load("vit_fmnist")
-    qmodel = _student(8, 8, model=teacher)
+    qmodel = _student(4, 8, model=teacher)
     save_quantized(qmodel, tmp_path / "model")
     out = tmp_path / "student.onnx"
     assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--out", str(out)]) == 0
