@@ -8,9 +8,9 @@ do not change latency) for every implementation a user could deploy:
   CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8``
   (torch.ao.quantization.quantize_dynamic), ``ort_int8`` (onnxruntime.quantization.quantize_dynamic),
   ``ort_qdq`` (maskaq's W8A8 student as an ONNX QDQ graph, ``maskaq.export_onnx``, in ONNX
-  Runtime); on request (``--impls``) also ``fakequant`` (maskaq
-  W8A8 fake quant) and ``ort_fp32``. CPU records say which integer path the machine takes
-  (``cpu_capability``, ``cpu_int8``: see ``maskaq.integer.cpu_integer_path``).
+  Runtime); on request (``--impls``) also ``fakequant`` (maskaq W8A8 fake quant) and ``ort_fp32``.
+  CPU records say which integer path the machine takes (``cpu_capability``, ``cpu_int8``: see
+  ``maskaq.integer.cpu_integer_path``).
 * CUDA (when available): ``fp16``, ``bf16`` eager, ``fp16_compile`` (torch.compile), ``int_w8a8``.
 
 Timings of all implementations of one (model, batch) are interleaved in rounds, so a change of

@@ -11,7 +11,7 @@ per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero po
   The LSQ grid maps exactly onto uint8: u = q − qmin ∈ [0, qmax − qmin] with zero point
   z − qmin, so signed [-128, 127] and unsigned [0, 255] 8-bit grids are both the full uint8
   range; grids of fewer than 8 bits clamp the float input to the grid's range first.
-  - CPU, kernel "onednn" (default, measured faster on this AVX512-VNNI machine):
+  - CPU, kernel "onednn" (default; measured faster than fbgemm on an AMX/AVX512-VNNI machine):
     ``onednn::qlinear_pointwise`` on uint8 activations produced by one vectorized
     ``quantize_per_tensor`` pass (its bytes read in place as uint8, no copy), float32 output.
   - CPU, kernel "fbgemm": ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (the float
