@@ -121,7 +121,8 @@ def test_split_weights_exact_and_only_where_pairs_overflow(saturating_cpu, kerne
 def test_split_halves_recombine_to_the_weights(saturating_cpu):
     layer = _exact_linear(8, 8, True, 0, True)
     integer = IntLinear.from_quant(layer)
-    weights, scales, bias = integer._kernel_weights()
+    assert integer.splits_weights
+    weights, scales, bias = integer._kernel_weights(split=True)
     high, low = weights[:24].to(torch.int16), weights[24:].to(torch.int16)
     assert int(high.min()) >= -64 and int(high.max()) <= 63 and set(low.unique().tolist()) <= {0, 1}
     assert torch.equal(2 * high + low, integer.weight_int.to(torch.int16))

@@ -35,16 +35,23 @@ def _onednn_gemm(u, w):
                                               None, 1.0, 0, torch.float32, "none", [], "")
 
 
-def _fbgemm_gemm(u, w):
-    n = w.shape[0]
+def fbgemm_prepack(weights: torch.Tensor, scales: torch.Tensor, bias=None):
+    """fbgemm's packed int8 weights (per-channel ``scales``, zero points 0, optional float bias).
+    Packed under the "x86" engine, which the packed weights keep whatever the engine is later."""
+    n = weights.shape[0]
     previous = torch.backends.quantized.engine
     try:
         torch.backends.quantized.engine = "x86"
-        qw = torch._make_per_channel_quantized_tensor(w, torch.ones(n, dtype=torch.float64),
-                                                      torch.zeros(n, dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
+            qw = torch._make_per_channel_quantized_tensor(weights, scales, torch.zeros(n, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, bias)
     finally:
         torch.backends.quantized.engine = previous
+
+
+def _fbgemm_gemm(u, w):
+    packed = fbgemm_prepack(w, torch.ones(w.shape[0], dtype=torch.float64))
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(u.float(), 1.0, 0, packed)
 
 

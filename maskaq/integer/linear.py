@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq import ops
-from maskaq.integer.cpu_gemm import DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate
+from maskaq.integer.cpu_gemm import DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack
 from maskaq.integer.device import _cuda_kernels
 from maskaq.integer.grid import ActGrid, _grid_buffer
 
@@ -121,15 +121,14 @@ class IntLinear(nn.Module):
         widest_w = int(self.weight_int.to(torch.int16).abs().max()) if self.weight_int.numel() else 0
         return 2 * widest_u * widest_w > INT16_MAX
 
-    def _kernel_weights(self):
-        """(int8 weights, per-channel scales, bias) the CPU kernel packs. Where this CPU's int8 GEMM
-        saturates pair sums and this layer's operands can overflow them, W = 2·W_hi + W_lo with
-        W_hi = floor(W/2) ∈ [-64, 63] and W_lo ∈ {0, 1}: both halves keep every pair sum within
+    def _kernel_weights(self, split: bool):
+        """(int8 weights, per-channel scales, bias) the CPU kernel packs. With ``split`` (this CPU's
+        int8 GEMM saturates pair sums and this layer's operands can overflow them), W = 2·W_hi + W_lo
+        with W_hi = floor(W/2) ∈ [-64, 63] and W_lo ∈ {0, 1}: both halves keep every pair sum within
         int16 (2·255·64 < 2^15), so one GEMM over the stacked halves gives exact accumulators and
-        the two halves of its output add up to the layer's result (``_split``)."""
+        the two halves of its output add up to the layer's result."""
         w_scales, bias = self._weight_scales(), self._bias()
-        self._split = self._pairs_overflow_int16() and cpu_int8_pairs_saturate(self.kernel)
-        if not self._split:
+        if not split:
             return self.weight_int, w_scales, bias
         w = self.weight_int.to(torch.int16)
         high = torch.div(w, 2, rounding_mode="floor")
@@ -137,26 +136,15 @@ class IntLinear(nn.Module):
         return weights, torch.cat([2 * w_scales, w_scales]), torch.cat([bias, torch.zeros_like(bias)])
 
     def _pack_cpu(self):
-        self._split = False
+        self._split = self.quantized_input and self._pairs_overflow_int16() and cpu_int8_pairs_saturate(self.kernel)
         if not self.quantized_input:  # weight-only: float GEMM on the dequantized weights
             w = (self.weight_int.double() * (self.weight_scale.double() * self.output_scale.double())[:, None])
             return ("float", w.float(), self._bias())
-        weights, w_scales, bias = self._kernel_weights()
+        weights, w_scales, bias = self._kernel_weights(self._split)
         if self.kernel == "onednn":
             packed = torch.ops.onednn.qlinear_prepack(weights, None)
             return ("onednn", packed, w_scales.float(), torch.zeros(weights.shape[0], dtype=torch.int32), bias)
-        # fbgemm: the packed weights keep the engine they were packed with.
-        previous = torch.backends.quantized.engine
-        try:
-            torch.backends.quantized.engine = "x86"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
-                qw = torch._make_per_channel_quantized_tensor(
-                    weights, w_scales, torch.zeros(weights.shape[0], dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, bias)
-        finally:
-            torch.backends.quantized.engine = previous
-        return ("fbgemm", packed)
+        return ("fbgemm", fbgemm_prepack(weights, w_scales, bias))
 
     def _cpu_packed(self):
         kind = self.kernel if self.quantized_input else "float"
