@@ -46,12 +46,15 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
                              "pretrained_cfg_overlay=dict(file=FILE); implies --pretrained)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="bundled zoo model (vit_fmnist) or a timm architecture name")
+def add_model_arguments(parser: argparse.ArgumentParser, *, device: bool = True,
+                        model_help: str = "bundled zoo model (vit_fmnist) or a timm architecture name") -> None:
+    """--model, its weights (add_weight_arguments), --model-kwargs and (with ``device``) --device."""
+    parser.add_argument("--model", required=True, help=model_help)
     add_weight_arguments(parser)
     parser.add_argument("--model-kwargs", default=None, metavar="JSON",
                         help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none given: cuda when available)")
+    if device:
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none given: cuda when available)")
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from maskaq.commands.common import _cli_error, add_weight_arguments
 from maskaq.evaluation import evaluate
 
 __all__ = ["add_arguments", "run"]
@@ -14,7 +15,6 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", default="vit_fmnist",
                         help="bundled zoo name (e.g. vit_fmnist) or a timm architecture name")
-    from maskaq.commands.common import add_weight_arguments
     add_weight_arguments(parser)
     parser.add_argument("--num-classes", type=int, default=None, help="timm models: classifier size")
     parser.add_argument("--img-size", type=int, default=None, help="timm models: input resolution")
@@ -33,11 +33,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="also write the result as JSON to FILE (or stdout with no FILE)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _cli_error(msg: str):
-    from maskaq.cli import CliError
-    return CliError(msg)
 
 
 def _build_model(args):

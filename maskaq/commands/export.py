@@ -10,13 +10,10 @@ FORMATS = ("onnx", "integer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maskaq.commands.common import add_weight_arguments
+    from maskaq.commands.common import add_model_arguments
 
-    parser.add_argument("--model", required=True,
-                        help="the student's full-precision architecture: bundled zoo name or timm name")
-    add_weight_arguments(parser)
-    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
-                        help='timm.create_model options for a timm --model, e.g. \'{"num_classes": 10}\'')
+    add_model_arguments(parser, device=False,
+                        model_help="the student's full-precision architecture: bundled zoo name or timm name")
     parser.add_argument("--student", required=True, metavar="DIR",
                         help="saved student: the model/ directory that `maskaq quantize --out OUT` writes")
     parser.add_argument("--format", default="onnx", choices=FORMATS,

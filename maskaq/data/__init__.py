@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
