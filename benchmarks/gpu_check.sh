@@ -6,11 +6,13 @@
 #   1. builds maskaq._C in place with its CUDA kernels (MASKAQ_CUDA=1, TORCH_CUDA_ARCH_LIST
 #      default 9.0, MAX_JOBS default 16) — build_ext, not pip, so no dependency is resolved;
 #   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py,
-#      tests/test_int_ops.py, the CUDA test of tests/test_integer.py);
+#      tests/test_int_ops.py, the CUDA test of tests/test_integer.py), the bad-input tests in
+#      steps of their own (with and without pytest's plugins) so that a crash there cannot hide
+#      the other results;
 #   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON;
 #   4. prints a short table last: each step's status and time, then the benchmark rows.
-# Every step has its own time limit (about 7 minutes in all); a failed step does not stop the
-# later ones where they can still run. Logs and the JSON go to ${OUT:-/tmp}. Exit status 0 only
+# Every step has its own time limit (on an H200 the whole check ran in 1.5 minutes); a failed
+# step does not stop the later ones where they can still run. Logs and the JSON go to ${OUT:-/tmp}. Exit status 0 only
 # when every step passed.
 set -euo pipefail
 
@@ -70,7 +72,25 @@ TESTS=(tests/test_cuda.py)
 [[ -f tests/test_int_ops.py ]] && TESTS+=(tests/test_int_ops.py)
 [[ -f tests/test_integer.py ]] && TESTS+=(tests/test_integer.py::test_cuda_int_model_matches_cpu_int_model)
 run_step "pytest ${TESTS[*]}" 240 "$LOGS/gpu_check_pytest.log" \
-  "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider
+  "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider -rf -k "not bad_input and not rejects"
+# The bad-input tests alone: on the first lent H200 (torch 2.11, Python 3.12) every ValueError
+# whose message formats a number or a device, raised by maskaq._C under pytest, killed the
+# process (SIGSEGV), CPU kernels included, while the same call in plain python raised cleanly.
+# The second run, with pytest's third-party plugins off, and the probe in plain python tell
+# whether a plugin of that image or maskaq is to blame.
+run_step "bad-input tests" 120 "$LOGS/gpu_check_bad_inputs.log" \
+  "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider -rf -k "bad_input or rejects"
+run_step "bad-input tests, no pytest plugins" 120 "$LOGS/gpu_check_bad_inputs_noplugins.log" \
+  env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest "${TESTS[@]}" -q --no-header -p no:cacheprovider -rf \
+  -k "bad_input or rejects"
+run_step "bad input in plain python" 60 "$LOGS/gpu_check_bad_input_python.log" \
+  "$PY" -c "import torch, maskaq
+for device in ('cpu', 'cuda'):
+    q = torch.randn(2, 5, 8, device=device)
+    try:
+        torch.ops.maskaq.fq_attention(q, q, q, None, None, [], [], 0.3, False)
+    except ValueError as e:
+        print(device, 'raised ValueError:', e)"
 
 # 3. Benchmark.
 BENCH_JSON="$LOGS/bench_ops_cuda.json"
@@ -89,7 +109,9 @@ printf '%-44s %-30s %6s\n' "step" "status" "s"
 for i in "${!STEP_NAMES[@]}"; do
   printf '%-44s %-30s %6s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}"
 done
-tail -n 1 "$LOGS/gpu_check_pytest.log" 2>/dev/null | sed 's/^/pytest: /' || true
+for log in pytest bad_inputs bad_inputs_noplugins; do
+  tail -n 1 "$LOGS/gpu_check_${log}.log" 2>/dev/null | sed "s/^/${log}: /" || true
+done
 if [[ -f "$BENCH_JSON" ]]; then
   "$PY" - "$BENCH_JSON" <<'EOF' || true
 import json, sys

@@ -2,14 +2,20 @@
 // logits to the teacher's over the teacher's most-attended keys, and its backward.
 //
 // Forward, two launches:
-//   1. one block per sample, everything in shared memory: the teacher score c_i (sum over blocks
-//      of the head means), the block-level top-k by rank (i is in the top-k when fewer than k keys
-//      score higher, ties to the lower index: the stable sort of the reference), the stochastic
-//      drop by rank of the uniform draws among the top-k (the keep_k smallest survive, ties to the
-//      lower index), the mask row, and Σ_l Σ_i |mean_h t − mean_h q|·m_i for the sample;
-//   2. one block sums the per-sample partials in a fixed order → loss (deterministic).
+//   1. one block per sample, everything in shared memory: the teacher score c_i = Σ_{l,h} t
+//      (the CPU kernel's; it ranks keys as the reference's mean over (l, h) does), the
+//      block-level top-k by rank (i is in the top-k when fewer than k keys score higher, ties to
+//      the lower index: the stable sort of the reference), the stochastic drop by rank of the
+//      uniform draws among the top-k (the keep_k smallest survive, ties to the lower index), the
+//      mask row, and Σ_l Σ_i |Σ_h (t − q)|·m_i for the sample;
+//   2. one block sums the per-sample partials in a fixed order and divides by H → loss
+//      (deterministic).
 // Backward: one block sums the mask → coef = grad/(L·H·(Σm + 1e-8)); one block per (block l,
-// sample) writes −coef·sign(mean_h t − mean_h q)·m_i to every head of cls_q's gradient.
+// sample) writes −coef·sign(Σ_h (t − q))·m_i to every head of cls_q's gradient.
+// The difference is summed per head, t − q, never as mean_h t − mean_h q: that form contracts
+// to an FMA under nvcc (Σt·(1/H) − Σq·(1/H) with one product unrounded), which is 1 ulp away
+// from 0 where Σ_h t = Σ_h q exactly, and flipped the sign of such ties (seen on an H200 in
+// float16 and bfloat16, where exact ties are common). The CPU kernel sums the same way.
 // Non-finite draws are flagged by the kernel and raised (ValueError, as on CPU) after one read.
 #include "common.cuh"
 #include "../cpu/checks.h"
@@ -25,13 +31,28 @@ constexpr int kThreads = 256;
 // Shared memory of the forward kernel per key: its draw (double), score (float), two flags.
 constexpr int64_t kSharedBytesPerKey = sizeof(double) + sizeof(float) + 2;
 
-// mean over the H heads of cls[l, b, :, i] ((L, B, H, M) layout), as the CPU kernel: Σ then /H.
+// Σ_h cls[l, b, h, i] ((L, B, H, M) layout).
 template <typename scalar_t>
-__device__ __forceinline__ float head_mean(const scalar_t* __restrict__ cls, int64_t lb, int H, int M, int i) {
+__device__ __forceinline__ float head_sum(const scalar_t* __restrict__ cls, int64_t lb, int H, int M, int i) {
   const scalar_t* p = cls + lb * H * M + i;
   float s = 0.f;
   for (int h = 0; h < H; ++h) s += static_cast<float>(p[static_cast<int64_t>(h) * M]);
-  return s / static_cast<float>(H);
+  return s;
+}
+
+// Σ_h (t − q) at [l, b, :, i] = H·(mean_h t − mean_h q), with no product to contract: exactly 0
+// at an exact tie.
+template <typename scalar_t>
+__device__ __forceinline__ float head_difference(const scalar_t* __restrict__ cls_t,
+                                                 const scalar_t* __restrict__ cls_q, int64_t lb, int H, int M,
+                                                 int i) {
+  const int64_t base = lb * H * M + i;
+  float s = 0.f;
+  for (int h = 0; h < H; ++h) {
+    const int64_t e = base + static_cast<int64_t>(h) * M;
+    s += static_cast<float>(cls_t[e]) - static_cast<float>(cls_q[e]);
+  }
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -52,7 +73,7 @@ __global__ void align_forward_kernel(const scalar_t* __restrict__ cls_t, const s
 
   for (int i = threadIdx.x; i < M; i += blockDim.x) {
     float c = 0.f;
-    for (int l = 0; l < L; ++l) c += head_mean(cls_t, static_cast<int64_t>(l) * B + b, H, M, i);
+    for (int l = 0; l < L; ++l) c += head_sum(cls_t, static_cast<int64_t>(l) * B + b, H, M, i);
     score[i] = isnan(c) ? INFINITY : c;  // NaN ranks highest, as in torch.sort (and the CPU kernel)
     double r = rand[static_cast<int64_t>(b) * M + i];
     if (!isfinite(r)) {
@@ -83,28 +104,28 @@ __global__ void align_forward_kernel(const scalar_t* __restrict__ cls_t, const s
     mask[static_cast<int64_t>(b) * M + i] = static_cast<scalar_t>(keep ? 1.f : 0.f);
   }
   __syncthreads();
-  // Σ over blocks l and kept keys i of |mean_h t − mean_h q|.
+  // Σ over blocks l and kept keys i of |Σ_h (t − q)| (the 1/H is applied once, at the end).
   float sum = 0.f;
   const int64_t work = static_cast<int64_t>(L) * M;
   for (int64_t e = threadIdx.x; e < work; e += blockDim.x) {
     const int i = static_cast<int>(e % M);
     if (!kept[i]) continue;
     const int64_t lb = (e / M) * B + b;
-    sum += fabsf(head_mean(cls_t, lb, H, M, i) - head_mean(cls_q, lb, H, M, i));
+    sum += fabsf(head_difference(cls_t, cls_q, lb, H, M, i));
   }
   sum = block_sum(sum, scratch);
   if (threadIdx.x == 0) partial[b] = sum;
 }
 
-// loss = Σ_b partial_b / (Σ m + 1e-8) / L, Σ m = B·keep_k; one block, fixed order.
+// loss = Σ_b partial_b / H / (Σ m + 1e-8) / L, Σ m = B·keep_k; one block, fixed order.
 template <typename scalar_t>
-__global__ void align_finalize_kernel(const float* __restrict__ partial, int B, int L, double mask_sum,
+__global__ void align_finalize_kernel(const float* __restrict__ partial, int B, int L, int H, double mask_sum,
                                       scalar_t* __restrict__ loss) {
   __shared__ float scratch[kWarpSize];
   float s = 0.f;
   for (int b = threadIdx.x; b < B; b += blockDim.x) s += partial[b];
   s = block_sum(s, scratch);
-  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(static_cast<double>(s) / (mask_sum + kMaskEps) / L);
+  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(static_cast<double>(s) / H / (mask_sum + kMaskEps) / L);
 }
 
 // coef = grad / (L·H·(Σ mask + 1e-8)); one block.
@@ -121,7 +142,7 @@ __global__ void align_backward_coef_kernel(const scalar_t* __restrict__ mask, in
   }
 }
 
-// grad_q[l, b, h, i] = −coef·sign(mean_h t − mean_h q)·m[b, i]; one block per (l, b).
+// grad_q[l, b, h, i] = −coef·sign(Σ_h (t − q))·m[b, i]; one block per (l, b).
 template <typename scalar_t>
 __global__ void align_backward_kernel(const scalar_t* __restrict__ cls_t, const scalar_t* __restrict__ cls_q,
                                       const scalar_t* __restrict__ mask, const float* __restrict__ coef, int B,
@@ -134,7 +155,7 @@ __global__ void align_backward_kernel(const scalar_t* __restrict__ cls_t, const 
     const float m = static_cast<float>(mask[static_cast<int64_t>(b) * M + i]);
     float w = 0.f;
     if (m != 0.f) {
-      const float diff = head_mean(cls_t, lb, H, M, i) - head_mean(cls_q, lb, H, M, i);
+      const float diff = head_difference(cls_t, cls_q, lb, H, M, i);
       const float sgn = static_cast<float>((diff > 0.f) - (diff < 0.f));
       w = -sgn * m * c;
     }
@@ -191,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_align_cuda(const at::Tensor&
         static_cast<int>(keep_k), mask.data_ptr<scalar_t>(), partial.data_ptr<float>(), bad_rand.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     align_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), static_cast<int>(B),
-                                                                 static_cast<int>(L),
+                                                                 static_cast<int>(L), static_cast<int>(H),
                                                                  static_cast<double>(B * keep_k),
                                                                  loss.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
