@@ -119,8 +119,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sources", default="real,noise", help="calibration sources: real, noise (default both)")
     parser.add_argument("--first-last-8bit", action="store_true", help="patch embedding and head at 8 bits")
     parser.add_argument("--weight-method", default="minmax", choices=("minmax", "lsq"))
-    parser.add_argument("--act-init", default="minmax", choices=("minmax", "lsq"),
-                        help="activation quantizer init: minmax (PTQ) or lsq (METHOD.md's QAT start point)")
+    parser.add_argument("--act-init", default="minmax",
+                        choices=("minmax", "lsq", "lsq_pminmax", "mse", "mse_pminmax"),
+                        help="activation quantizer init: minmax (PTQ), lsq (METHOD.md's QAT start point), "
+                             "lsq_pminmax (LSQ, min-max for P), mse (the clipped min-max range of least "
+                             "squared error) or mse_pminmax (mse, min-max for P)")
     parser.add_argument("--seed", type=int, default=0, help="first calibration seed (subset / noise)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="calibrate with seeds seed..seed+R-1 and report mean ± std (default 1)")

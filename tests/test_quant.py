@@ -361,6 +361,56 @@ def test_minmax_init_spans_the_calibration_range():
         quantizer.init_from(x, method="percentile")
 
 
+def _quantization_error(quantizer, x):
+    with torch.no_grad():
+        return (quantizer(x) - x).square().sum().item()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_init_clips_outliers_and_never_loses_to_minmax(bits):
+    g = torch.Generator().manual_seed(3)
+    bulk = torch.randn(4000, generator=g)
+    with_outliers = torch.cat([bulk, torch.tensor([40.0, -25.0])])
+    for x in (bulk, with_outliers):
+        mse, minmax = LsqActQuantizer(bits), LsqActQuantizer(bits)
+        mse.init_from(x, method="mse")
+        minmax.init_from(x, method="minmax")
+        assert mse.signed == minmax.signed
+        assert mse.step.item() <= minmax.step.item() + 1e-9  # a clipped range, never a wider one
+        assert _quantization_error(mse, x) <= _quantization_error(minmax, x) * (1 + 1e-6)
+    # Two outliers at 40 and -25 would take most of the levels: the search clips them, and the bulk
+    # is quantized far better.
+    mse.init_from(with_outliers, method="mse")
+    minmax.init_from(with_outliers, method="minmax")
+    with torch.no_grad():
+        bulk_errors = [(q(with_outliers)[:4000] - bulk).square().sum().item() for q in (mse, minmax)]
+    if bits <= 4:
+        assert bulk_errors[0] < 0.25 * bulk_errors[1]
+
+
+def test_mse_init_searches_a_strided_sample_of_large_tensors(monkeypatch):
+    from maskaq.quant import quantizers
+    monkeypatch.setattr(quantizers, "MSE_SEARCH_ELEMENTS", 1000)
+    x = torch.randn(50, 200, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.1, 3, 200)
+    sampled, full = LsqActQuantizer(4), LsqActQuantizer(4)
+    sampled.init_from(x, method="mse")
+    monkeypatch.setattr(quantizers, "MSE_SEARCH_ELEMENTS", 1 << 20)
+    full.init_from(x, method="mse")
+    assert sampled.step.item() == pytest.approx(full.step.item(), rel=0.1)
+
+
+@pytest.mark.parametrize("init", ["mse", "mse_pminmax"])
+def test_calibrate_with_mse_init(init):
+    teacher = small_vit(depth=1)
+    images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    qmodel = calibrate(quantize_model(teacher, 4, 4), images, init=init)
+    quantizer = qmodel.blocks[0].attn.qkv.input_quantizer
+    assert quantizer.initialized and quantizer.init_method == "mse"
+    p_inits = {m.init_method for n, m in qmodel.named_modules() if n.endswith("p_quantizer")}
+    assert p_inits == ({"mse"} if init == "mse" else {"minmax"})
+    assert torch.isfinite(qmodel(images)).all()
+
+
 # -- calibration, save/load, bad input --------------------------------------------------------
 def test_calibrate_accepts_loader_batches_and_rejects_bad_input():
     teacher = small_vit(depth=1)
