@@ -137,9 +137,8 @@ def _round_seed(seed: int, round_index: int) -> int:
     return batch_seed(seed, round_index, stream=SeedStream.ROUND) & 0x7FFFFFFF
 
 
-def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
+def _data_source(method: str, teacher: nn.Module, spec, cfg: FullConfig, seed: int):
     """data_source(student, round) -> SyntheticSet for QATTrainer, from the method's image source."""
-    spec = describe_model(teacher)
     dev = next(teacher.parameters()).device
     s, progress = cfg.synthesis, cfg.pipeline.progress
     record = methods.get(method)
@@ -148,11 +147,11 @@ def _data_source(method: str, teacher: nn.Module, cfg: FullConfig, seed: int):
     if record.images == "real":
         return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
     if record.images == "psaq":
-        synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress)
+        synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress, spec=spec)
         return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc="psaq synthesis")
     if record.images != "synthesis":
         raise ValueError(f"method {method!r} trains on no images")
-    synth = Synthesizer(teacher, s, progress=progress)
+    synth = Synthesizer(teacher, s, progress=progress, spec=spec)
     in_loop = record.student_in_loop(s)
 
     def source(student, r):
@@ -201,7 +200,7 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
         calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
     else:
-        base_source = _data_source(method, teacher, cfg, seed)
+        base_source = _data_source(method, teacher, spec, cfg, seed)
 
         def source(current_student, r):
             nonlocal calibrated_on
@@ -211,7 +210,7 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
                 calibrate(current_student, batch.to(dev), init=cfg.pipeline.act_init)
             return data
 
-        trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress)
+        trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress, spec=spec)
         qat_report = trainer.fit()
         last_images = trainer.data
     rank, world = dist_info()

@@ -326,3 +326,20 @@ def test_pipeline_calibration_data_option(calib_data, described):
     assert result.report["calibrated_on"] == described
     with pytest.raises(ValueError, match="calib_data"):
         build_config("psaq", "quick", calib_data="real")
+
+
+@pytest.mark.parametrize("method", ["maskaq", "psaq"])
+def test_pipeline_describes_the_model_once_per_run(method, monkeypatch):
+    from maskaq import pipeline, spec
+    from maskaq.distill import trainer
+    from maskaq.synthesis import synthesizer
+    calls = []
+
+    def counting(model):
+        calls.append(model)
+        return spec.describe_model(model)
+
+    for module in (pipeline, trainer, synthesizer):
+        monkeypatch.setattr(module, "describe_model", counting)
+    pipeline.run_pipeline(tiny_vit(), 4, 4, method=method, preset="quick", progress=False)
+    assert len(calls) == 1

@@ -24,7 +24,7 @@ from torch import nn
 
 from maskaq.distill.losses import head_distillation_loss, kd_loss
 from maskaq.distill.augment import QATAugment
-from maskaq.spec import describe_model
+from maskaq.spec import ModelSpec, describe_model
 from maskaq.runtime import SeedStream, batch_seed, dist_info, progress_bar
 from maskaq.synthesis.synthesizer import SyntheticSet
 
@@ -76,7 +76,7 @@ def refresh_schedule(epochs: int, refresh_every: Optional[int]) -> List[int]:
 class QATTrainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, config: Optional[QATConfig] = None,
                  data_source: Optional[Callable[[nn.Module, int], SyntheticSet]] = None, *,
-                 seed: int = 0, progress: Optional[bool] = None):
+                 seed: int = 0, progress: Optional[bool] = None, spec: Optional[ModelSpec] = None):
         if data_source is None:
             raise ValueError("QATTrainer needs data_source(student, round) -> SyntheticSet")
         self.teacher = teacher.eval()
@@ -85,7 +85,7 @@ class QATTrainer:
         self.data_source = data_source
         self.seed = int(seed)
         self.progress = progress
-        self.spec = describe_model(teacher)
+        self.spec = spec if spec is not None else describe_model(teacher)
         self.augment = QATAugment(self.spec.mean, self.spec.std) if self.config.qat_augment else None
         self.refresh_log: List[Dict] = []
         self.data: Optional[SyntheticSet] = None

@@ -122,14 +122,16 @@ class Synthesizer:
     provides patch_similarity_entropy and masked_attention_align (default maskaq.ops), and
     optionally inter_head_ssim_loss (default maskaq.synthesis.losses.inter_head_ssim_loss).
     `on_step(attempt, step, x)` is called after every update (monitoring; tests inject faults).
+    `spec`: the teacher's ModelSpec when the caller has it (described from the teacher otherwise).
     """
 
     def __init__(self, teacher: nn.Module, config: Optional[SynthesisConfig] = None, *,
                  ops=None, progress: Optional[bool] = None,
-                 on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None):
+                 on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+                 spec: Optional[ModelSpec] = None):
         self.teacher = teacher
         self.config = (config or SynthesisConfig()).validate()
-        self.spec: ModelSpec = describe_model(teacher)
+        self.spec: ModelSpec = spec if spec is not None else describe_model(teacher)
         if ops is None:
             from maskaq import ops
         self.ops = ops
