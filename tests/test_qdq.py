@@ -122,6 +122,13 @@ def test_onnx_export_refuses_what_it_cannot_express(tmp_path):
         maskaq.export_onnx(small_vit(0), tmp_path / "fp.onnx")
     with pytest.raises(ValueError, match="not calibrated"):
         maskaq.export_onnx(quantize_model(small_vit(0), 4, 4), tmp_path / "raw.onnx")
+    from maskaq.quant import calibrate
+    broken = calibrate(quantize_model(small_vit(0), 4, 4), torch.randn(4, 1, 28, 28))
+    with torch.no_grad():
+        broken.blocks[0].attn.qkv.input_quantizer.step.fill_(0.0)
+    for export in (lambda m: maskaq.export_onnx(m, tmp_path / "broken.onnx"), maskaq.export_integer):
+        with pytest.raises(ValueError, match="unusable step"):  # one check for both exporters
+            export(broken)
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

@@ -41,30 +41,14 @@ def _quant_types():
 
 
 def _check_exportable(qmodel) -> None:
-    QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention, LsqActQuantizer = _quant_types()
-    if not isinstance(qmodel, nn.Module):
-        raise TypeError(f"export_integer needs an nn.Module, got {type(qmodel).__name__}")
-    if is_integer(qmodel):
+    from maskaq.quant.convert import check_calibrated_student
+    if isinstance(qmodel, nn.Module) and is_integer(qmodel):
         raise ValueError("this model is already an integer model (made by export_integer)")
-    quantizers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, LsqActQuantizer)]
-    if not quantizers:
-        raise ValueError(f"{type(qmodel).__name__} is not a fake-quant student: make one with "
-                         "maskaq.quant.quantize_model(model, wbits, abits) and calibrate it first")
-    swin = [n for n, m in qmodel.named_modules() if isinstance(m, QuantWindowAttention)]
+    check_calibrated_student(qmodel, "export_integer")
+    swin = [n for n, m in qmodel.named_modules() if isinstance(m, _quant_types()[3])]
     if swin:
         raise ValueError(f"export_integer does not support Swin window attention yet (at '{swin[0]}'); "
                          "ViT / DeiT students are supported")
-    missing = [n for n, q in quantizers if not q.initialized]
-    if missing:
-        raise ValueError(f"{len(missing)} activation quantizers are not calibrated (first: '{missing[0]}'); "
-                         "call maskaq.quant.calibrate(qmodel, images) before export_integer")
-    for name, q in quantizers:
-        if q.bits > 8 or not torch.isfinite(q.step.detach()).all() or float(q.step.detach()) <= 0:
-            raise ValueError(f"activation quantizer '{name}' has an unusable step {float(q.step.detach()):g} "
-                             f"or bits {q.bits}; integer export needs a positive step and <= 8 bits")
-    for name, m in qmodel.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)) and m.wbits > 8:
-            raise ValueError(f"'{name}' has {m.wbits}-bit weights; integer export supports <= 8 bits")
 
 
 def _fusable_mlp(module: nn.Module) -> bool:

@@ -125,19 +125,6 @@ def _qdq_copy(qmodel: nn.Module) -> nn.Module:
     return model
 
 
-def _check_student(qmodel: nn.Module) -> None:
-    from maskaq.quant.quantizers import LsqActQuantizer
-
-    quantizers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, LsqActQuantizer)]
-    if not quantizers:
-        raise TypeError("export_onnx needs a fake-quant student (maskaq.quantize_model / maskaq.quantize), "
-                        "got a model without quantizers")
-    uncalibrated = [n for n, m in quantizers if not m.initialized]
-    if uncalibrated:
-        raise ValueError(f"the quantizer at '{uncalibrated[0]}' is not calibrated: call maskaq.quant.calibrate "
-                         "first")
-
-
 def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[int] = None) -> Path:
     """Write the fake-quant student ``qmodel`` as an ONNX QDQ graph to ``path`` (see the module doc).
 
@@ -148,7 +135,8 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[
     from maskaq.quant.modules import plain_attention
     from maskaq.spec import describe_model
 
-    _check_student(qmodel)
+    from maskaq.quant.convert import check_calibrated_student
+    check_calibrated_student(qmodel, "export_onnx")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1 or None (dynamic), got {batch_size}")
     model = _qdq_copy(qmodel)

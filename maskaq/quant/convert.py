@@ -18,7 +18,7 @@ from maskaq.quant.modules import QuantAttention, QuantConv2d, QuantLinear, Quant
 from maskaq.quant.quantizers import WEIGHT_METHODS, LsqActQuantizer, WeightQuantizer, check_bits
 
 __all__ = ["quantize_model", "calibrate", "is_quantized", "quant_config", "activation_quantizers",
-           "CALIBRATION_INITS"]
+           "check_calibrated_student", "NotAStudentError", "CALIBRATION_INITS"]
 
 # Activation-step inits calibrate() offers: LSQ's (METHOD.md), min-max, the clipped min-max range of
 # least squared error, and the LSQ / least-error inits with min-max for the softmax outputs P only
@@ -170,6 +170,38 @@ def quant_config(model: nn.Module) -> dict:
 
 def activation_quantizers(model: nn.Module) -> list[LsqActQuantizer]:
     return [m for m in model.modules() if isinstance(m, LsqActQuantizer)]
+
+
+class NotAStudentError(TypeError, ValueError):
+    """A model without quantizers where a fake-quant student is needed. Both a TypeError and a
+    ValueError: export_onnx raised the one and export_integer the other before they shared
+    check_calibrated_student."""
+
+
+def check_calibrated_student(qmodel: nn.Module, user: str, max_bits: int = 8) -> list:
+    """The checks an exporter needs before it reads a student's grids: a fake-quant student
+    (NotAStudentError), every activation quantizer calibrated, with a finite positive step, and
+    activations and weights of at most ``max_bits`` (ValueError). Returns its (name, activation
+    quantizer) pairs. ``user`` names the caller in the messages."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"{user} needs an nn.Module, got {type(qmodel).__name__}")
+    quantizers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, LsqActQuantizer)]
+    if not quantizers:
+        raise NotAStudentError(f"{user} needs a fake-quant student: {type(qmodel).__name__} has no quantizers; make "
+                               "one with maskaq.quant.quantize_model(model, wbits, abits) and calibrate it first")
+    missing = [n for n, q in quantizers if not q.initialized]
+    if missing:
+        raise ValueError(f"{len(missing)} activation quantizers are not calibrated (first: '{missing[0]}'); "
+                         f"call maskaq.quant.calibrate(qmodel, images) before {user}")
+    for name, q in quantizers:
+        step = q.step.detach()
+        if q.bits > max_bits or not torch.isfinite(step).all() or float(step) <= 0:
+            raise ValueError(f"activation quantizer '{name}' has an unusable step {float(step):g} or bits {q.bits}; "
+                             f"{user} needs a positive finite step and <= {max_bits} bits")
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)) and m.wbits > max_bits:
+            raise ValueError(f"'{name}' has {m.wbits}-bit weights; {user} supports <= {max_bits} bits")
+    return quantizers
 
 
 def _first_batch(batches) -> torch.Tensor:
