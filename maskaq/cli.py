@@ -5,6 +5,7 @@ Each subcommand lives next to the code it drives, in a module that exposes
 """
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `maskaq --help` is fast.
@@ -24,33 +25,48 @@ class CliError(Exception):
 
 
 def _available_commands():
+    """name -> (module name, help) of the subcommands this build has, found without importing them."""
     found = {}
     for name, (module_name, help_text) in COMMANDS.items():
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # this subcommand's module is not part of this build
-            raise
-        found[name] = (module, help_text)
+            present = importlib.util.find_spec(module_name) is not None
+        except ModuleNotFoundError:  # a parent package is missing from this build
+            present = False
+        if present:
+            found[name] = (module_name, help_text)
     return found
 
 
-def build_parser():
+def build_parser(command=None):
+    """The parser; only `command`'s module is imported and adds its options (all of them when
+    `command` is None), so `maskaq --help` and each subcommand start without the others' imports."""
     parser = argparse.ArgumentParser(prog="maskaq", description=__doc__.splitlines()[0]
                                      + " Data-free quantization of Vision Transformers (MaskAQ).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in _available_commands().items():
-        command_parser = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+    for name, (module_name, help_text) in _available_commands().items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text,
                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        if command is None or name == command:
+            module = importlib.import_module(module_name)
+            command_parser.description = (module.__doc__ or help_text).strip()
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_run=module.run)
     return parser
 
 
+def _command_in(argv):
+    """The subcommand `argv` names (its first item that is not an option), or None."""
+    for item in argv:
+        if not item.startswith("-"):
+            return item if item in COMMANDS else None
+    return None
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser(command) if command else build_parser(command="")  # "": no module imported
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

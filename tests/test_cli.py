@@ -87,3 +87,16 @@ def test_bad_input_exit_status_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["maskaq quantize: error: --wbits must be between 2 and 8, got 1"]
+
+
+def test_a_subcommand_imports_only_its_own_module():
+    import subprocess
+    import sys
+    code = ("import sys; from maskaq.cli import main\n"
+            "try:\n    main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('maskaq.commands.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = out.strip().splitlines()[-1]
+    assert "maskaq.commands.export" in loaded
+    for other in ("bench", "demo", "train_teacher", "quantize"):
+        assert f"maskaq.commands.{other}'" not in loaded, loaded
