@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.maskaq-installed
 export MAX_JOBS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test fuzz demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*/*
 
 test: install
 	$(PY) -m pytest -q
+
+# The property-based tests with hundreds of examples per op (make test runs a small fixed set).
+fuzz: install
+	MASKAQ_FUZZ_PROFILE=large $(PY) -m pytest -q tests/test_fuzz.py
 
 demo: install
 	$(VENV)/bin/maskaq demo

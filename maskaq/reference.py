@@ -101,6 +101,13 @@ def _int_list(name: str, values) -> list[int]:
     return out
 
 
+def _check_steps_usable(step: torch.Tensor) -> None:
+    bad = ~(torch.isfinite(step) & (step > 0))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"step[{i}] = {float(step[i])} must be finite and positive (q, k, p, v steps)")
+
+
 def check_fq_attention_args(q, k, v, step, zero_point, qmin, qmax, scale):
     """Validates the arguments of fq_attention; returns (qmin, qmax, scale) normalized."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -156,6 +163,8 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     """
     qmin, qmax, scale = check_fq_attention_args(q, k, v, step, zero_point, qmin, qmax, scale)
     quant = step is not None
+    if quant and step.device.type == "cpu":  # as the CPU kernel (a CUDA check would sync per call)
+        _check_steps_usable(step)
 
     def fq(x, i):
         z = zero_point[i] if zero_point is not None else None
@@ -291,6 +300,8 @@ def check_align_args(cls_t, cls_q, ratio, keep, rand):
             raise ValueError(f"rand must have shape (B, M) = ({B}, {M}), got {tuple(rand.shape)}")
         if rand.device != cls_t.device:
             raise ValueError(f"rand is on {rand.device} but cls_t on {cls_t.device}; move it with .to(cls_t.device)")
+        if rand.device.type == "cpu" and not torch.isfinite(rand).all():  # as the kernels (no CUDA sync here)
+            raise ValueError(f"rand must hold finite uniform draws, got {rand[~torch.isfinite(rand)][0].item()}")
 
 
 def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, seed=None, rand=None):
