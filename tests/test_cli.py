@@ -100,3 +100,12 @@ def test_a_subcommand_imports_only_its_own_module():
     assert "maskaq.commands.export" in loaded
     for other in ("bench", "demo", "train_teacher", "quantize"):
         assert f"maskaq.commands.{other}'" not in loaded, loaded
+
+
+def test_set_values_parse_true_false_and_none_in_any_case():
+    from maskaq.commands.common import parse_override
+    assert parse_override("use_entropy=false") == ("use_entropy", False)  # not the truthy string "false"
+    assert parse_override("use-entropy=TRUE") == ("use_entropy", True)
+    assert parse_override("refresh_every=None") == ("refresh_every", None)
+    assert parse_override("qat_lr=1e-4") == ("qat_lr", 1e-4)
+    assert parse_override("weight_method=minmax") == ("weight_method", "minmax")

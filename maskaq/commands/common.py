@@ -23,11 +23,15 @@ def _cli_error(msg: str) -> CliError:
 
 
 def parse_override(text: str):
-    """KEY=VALUE with VALUE a Python literal (numbers, True/False, tuples) or a bare string."""
+    """KEY=VALUE with VALUE a Python literal (numbers, True/False, tuples), true/false/none in any
+    case, or a bare string."""
     if "=" not in text:
         raise _cli_error(f"--set expects KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip().replace("-", "_")
+    words = {"true": True, "false": False, "none": None}
+    if raw.strip().lower() in words:  # a bare "false" would otherwise be the (truthy) string
+        return key, words[raw.strip().lower()]
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
