@@ -343,3 +343,19 @@ def test_pipeline_describes_the_model_once_per_run(method, monkeypatch):
         monkeypatch.setattr(module, "describe_model", counting)
     pipeline.run_pipeline(tiny_vit(), 4, 4, method=method, preset="quick", progress=False)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("train_quantizers", [True, False])
+def test_qat_can_keep_the_activation_grids_of_the_calibration(train_quantizers):
+    from maskaq.quant.quantizers import LsqActQuantizer
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    grids = lambda: {n: (m.step.item(), m.zero_point.item()) for n, m in student.named_modules()  # noqa: E731
+                     if isinstance(m, LsqActQuantizer)}
+    weights = lambda: {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("weight")}  # noqa: E731
+    grids0, weights0 = grids(), weights()
+    cfg = QATConfig(qat_epochs=3, qat_batch_size=4, refresh_every=0, qat_lr=0.05, qat_warmup_epochs=0,
+                    qat_train_act_quantizers=train_quantizers)
+    QATTrainer(teacher, student, cfg, recording_source(teacher, []), seed=0, progress=False).fit()
+    assert any(not torch.equal(w, weights0[n]) for n, w in weights().items())  # the weights train either way
+    assert (grids() == grids0) is (not train_quantizers)

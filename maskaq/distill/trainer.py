@@ -49,6 +49,9 @@ class QATConfig:
     refresh_every: Optional[int] = 30  # regenerate the set every R epochs; 0/None: never
     qat_augment: bool = True
     qat_steps_per_epoch: Optional[int] = None  # default: one pass over the synthetic set
+    # False: the activation quantizers' steps and zero points keep their calibration and QAT
+    # trains the weights only (METHOD.md trains both).
+    qat_train_act_quantizers: bool = True
 
     def validate(self) -> "QATConfig":
         if self.qat_epochs < 1 or self.qat_batch_size < 1:
@@ -138,6 +141,14 @@ class QATTrainer:
         out["total"] = total
         return out
 
+    def _trainable_parameters(self) -> List[nn.Parameter]:
+        frozen_ids = set()
+        if not self.config.qat_train_act_quantizers:
+            from maskaq.quant.quantizers import LsqActQuantizer
+            frozen_ids = {id(p) for m in self.student.modules() if isinstance(m, LsqActQuantizer)
+                          for p in m.parameters()}
+        return [p for p in self.student.parameters() if p.requires_grad and id(p) not in frozen_ids]
+
     def fit(self) -> Dict:
         cfg = self.config
         rank, world = dist_info()
@@ -145,7 +156,7 @@ class QATTrainer:
         model = self.student
         if world > 1:
             model = nn.parallel.DistributedDataParallel(self.student)
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = self._trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
         opt = torch.optim.SGD(params, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
