@@ -15,7 +15,8 @@ def is_rank0() -> bool:
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` and move the result over ``path``, so a crash never leaves half a file.
 
-    The parent directory is created if needed. Returns ``path``.
+    The temporary file is fsync'ed before the rename and the directory after it, so the new file
+    survives a power loss too. The parent directory is created if needed. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,12 +24,29 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(path.parent)
     return path
+
+
+def _fsync(path) -> None:
+    """Flush a file's or a directory's data to disk (best effort where the OS refuses a directory)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

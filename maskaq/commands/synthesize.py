@@ -5,6 +5,12 @@
 MaskAQ puts a student quantized to --wbits/--abits (calibrated on noise) in the loop for the
 masked attention alignment. With torchrun every rank synthesizes its share of the batches
 (seeds depend only on --seed and the batch index) and rank 0 writes the files.
+
+Every finished batch is checkpointed in OUT/batches (atomically, with a checksum and the run's
+settings and teacher weights digest): a run that was killed continues with the same arguments
+plus --resume and ends with the images an uninterrupted run makes. Without --resume a directory
+holding such batches is refused; a damaged batch or one of a run with other settings is named
+in a one-line error (exit 2). A finished run removes OUT/batches.
 """
 from __future__ import annotations
 
@@ -27,18 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any synthesis setting, e.g. --set entropy_weight=0.5 (repeatable)")
-    parser.add_argument("--out", required=True, help="output directory: images.safetensors, grid.png, report.json")
+    parser.add_argument("--out", required=True,
+                        help="output directory: images.safetensors, grid.png, report.json, and batches/ with "
+                             "every finished batch (checksummed) while the run lasts")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run that stopped (killed, pre-empted): the batches already in "
+                             "OUT/batches are read, not synthesized again; give the first run's arguments")
 
 
 def run(args) -> int:
     from maskaq.cli import CliError
     from maskaq.commands.common import load_model_for_cli, method_and_overrides, resolve_device
     from maskaq.pipeline import build_config
-    from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
-    from maskaq.synthesis.io import save_image_grid, save_synthetic_set, write_json
+    from maskaq.synthesis.io import (CheckpointMismatchError, CorruptCheckpointError, save_image_grid,
+                                     save_synthetic_set, write_json)
     from maskaq.spec import describe_model
     from maskaq.runtime import dist_info
-    from maskaq.synthesis.synthesizer import Synthesizer
 
     record, overrides = method_and_overrides(args, synthesizes=True)
     for flag, key in (("num_images", "num_images"), ("batch_size", "synth_batch_size"), ("iters", "synth_iters")):
@@ -51,24 +61,16 @@ def run(args) -> int:
         cfg = build_config(args.method, args.preset, **overrides)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
+    _refuse_earlier_batches_without_resume(args)
     device = resolve_device(args.device)
     teacher = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
                                  args.pretrained_file)
+    store = _batch_store(args, cfg, teacher)
     spec = describe_model(teacher)
-    s = cfg.synthesis
-    if record.images == "gaussian":
-        images = gaussian_images(spec, s.num_images, args.seed)
-    elif record.images == "psaq":
-        images = PsaqSynthesizer(teacher, s, cfg.psaq).synthesize(s.num_images, args.seed, desc="psaq synthesis")
-    else:
-        student = None
-        if record.student_in_loop(s):
-            from maskaq.quant import calibrate, quantize_model
-            student = quantize_model(teacher, args.wbits, args.abits).to(device)
-            calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed, device=device).images,
-                      init=cfg.pipeline.act_init)
-        images = Synthesizer(teacher, s).synthesize(s.num_images, args.seed, student=student,
-                                                    desc=f"{args.method} synthesis")
+    try:
+        images = _make_images(args, cfg, record, teacher, spec, device, store)
+    except (CorruptCheckpointError, CheckpointMismatchError) as exc:
+        raise CliError(str(exc)) from None
     rank, _ = dist_info()
     if rank == 0:
         out = Path(args.out)
@@ -79,6 +81,48 @@ def run(args) -> int:
                                       "mean": list(spec.mean), "std": list(spec.std)})
         grid = save_image_grid(images.images, spec.mean, spec.std, out / "grid.png")
         write_json(out / "report.json", report)
+        store.remove()  # the run is complete: its results replace the per-batch checkpoints
         print(f"{len(images)} {args.method} images in {images.report.get('seconds', 0.0):.1f}s "
               f"(NaN retries: {images.report.get('nan_retries', 0)}); wrote {tensors}, {grid}, {out / 'report.json'}")
     return 0
+
+
+def _refuse_earlier_batches_without_resume(args) -> None:
+    from maskaq.cli import CliError
+    batches = Path(args.out) / "batches"
+    finished = sorted(batches.glob("batch_*.safetensors")) if batches.is_dir() else []
+    if finished and not args.resume:
+        raise CliError(f"{batches} holds {len(finished)} finished batches of an earlier run; pass --resume "
+                       "to continue it (with its arguments) or choose another --out")
+
+
+def _batch_store(args, cfg, teacher):
+    """OUT/batches for this run, fingerprinted with everything that makes its images (the
+    teacher's weights by their digest, so another model under the same name is refused)."""
+    from maskaq.synthesis.io import BatchStore, weights_digest
+    fingerprint = {"model": args.model, "weights_sha256": weights_digest(teacher), "method": args.method,
+                   "seed": args.seed, "wbits": args.wbits, "abits": args.abits,
+                   "synthesis": cfg.as_dict()["synthesis"], "psaq": cfg.as_dict()["psaq"],
+                   "calib_images": cfg.pipeline.calib_images, "act_init": cfg.pipeline.act_init}
+    return BatchStore(Path(args.out) / "batches", fingerprint)
+
+
+def _make_images(args, cfg, record, teacher, spec, device, store):
+    from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images
+    from maskaq.synthesis.synthesizer import Synthesizer
+    s = cfg.synthesis
+    if record.images == "gaussian":
+        images = gaussian_images(spec, s.num_images, args.seed)
+    elif record.images == "psaq":
+        images = PsaqSynthesizer(teacher, s, cfg.psaq).synthesize(s.num_images, args.seed, desc="psaq synthesis",
+                                                                  store=store)
+    else:
+        student = None
+        if record.student_in_loop(s):
+            from maskaq.quant import calibrate, quantize_model
+            student = quantize_model(teacher, args.wbits, args.abits).to(device)
+            calibrate(student, gaussian_images(spec, cfg.pipeline.calib_images, args.seed, device=device).images,
+                      init=cfg.pipeline.act_init)
+        images = Synthesizer(teacher, s).synthesize(s.num_images, args.seed, student=student,
+                                                    desc=f"{args.method} synthesis", store=store)
+    return images

@@ -1,6 +1,8 @@
-"""Writing synthetic sets: tensors (safetensors), a PNG grid, JSON — atomically, rank 0 only."""
+"""Writing synthetic sets: tensors (safetensors), a PNG grid, JSON — atomically, rank 0 only; and
+the per-batch checkpoints a synthesis run resumes from (BatchStore)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,7 +13,8 @@ import torch
 
 from maskaq._files import _json_default, atomic_write_bytes, write_json
 
-__all__ = ["atomic_write_bytes", "write_json", "save_image_grid", "save_synthetic_set", "load_synthetic_set"]
+__all__ = ["atomic_write_bytes", "write_json", "save_image_grid", "save_synthetic_set", "load_synthetic_set",
+           "BatchStore", "CheckpointMismatchError", "CorruptCheckpointError"]
 
 
 
@@ -69,3 +72,108 @@ def load_synthetic_set(path):
         raise FileNotFoundError(f"synthetic set {path} does not exist")
     tensors = load_file(str(path))
     return SyntheticSet(tensors["images"], tensors["labels"], {})
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that is truncated, damaged or not one of ours."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by a run with other settings than the one resuming from it."""
+
+
+class BatchStore:
+    """The finished batches of a synthesis run, one file each, so a killed run resumes where it stopped.
+
+    ``directory/batch_00007.safetensors`` holds batch 7's images and labels, its info (seed,
+    attempts, losses) and the run's ``fingerprint`` (a JSON-able dict of everything that makes the
+    images: model, method, seed, settings), written atomically with a SHA-256 of the tensors. A
+    file whose checksum fails is a CorruptCheckpointError naming it; a file of another run (other
+    fingerprint) is a CheckpointMismatchError saying which settings differ. Nothing is ever overwritten with a
+    different batch.
+    """
+
+    def __init__(self, directory, fingerprint: Dict):
+        self.directory = Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=_json_default, sort_keys=True))
+
+    def path(self, batch_index: int) -> Path:
+        return self.directory / f"batch_{int(batch_index):05d}.safetensors"
+
+    def remove(self) -> None:
+        """Delete the batch files and the directory (once the run's results are written)."""
+        for index in self.finished():
+            self.path(index).unlink(missing_ok=True)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
+
+    def finished(self) -> list:
+        """Indices of the batches on disk (not yet verified)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.stem.split("_")[1]) for p in self.directory.glob("batch_*.safetensors"))
+
+    def save(self, batch_index: int, images, labels, info: Dict) -> Path:
+        from safetensors.torch import save
+        tensors = {"images": _cpu_or_empty(images), "labels": _cpu_or_empty(labels, torch.long)}
+        meta = {"fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "info": json.dumps(info, default=_json_default), "sha256": _digest(tensors)}
+        return atomic_write_bytes(self.path(batch_index), save(tensors, metadata=meta))
+
+    def load(self, batch_index: int):
+        """(images, labels, info) of a finished batch, or None when it is not on disk. Failed
+        batches (every retry non-finite) come back with images and labels None."""
+        from safetensors import safe_open
+        path = self.path(batch_index)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own types for a truncated header or body
+            raise CorruptCheckpointError(f"checkpoint {path} is damaged ({exc}); delete it to redo that "
+                                         "batch") from None
+        if meta.get("sha256") != _digest(tensors):
+            raise CorruptCheckpointError(f"checkpoint {path} fails its checksum; delete it to redo that batch")
+        theirs = json.loads(meta.get("fingerprint", "{}"))
+        if theirs != self.fingerprint:
+            raise CheckpointMismatchError(f"checkpoint {path} was written by a run with other settings "
+                             f"({_differences(theirs, self.fingerprint)}); resume with the first run's "
+                             "arguments or use another directory")
+        info = json.loads(meta.get("info", "{}"))
+        if info.get("failed"):
+            return None, None, info
+        return tensors["images"], tensors["labels"], info
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and values): its identity in a checkpoint."""
+    return _digest({name: t.detach() for name, t in model.state_dict().items()})
+
+
+def _cpu_or_empty(t, dtype=torch.float32):
+    return torch.empty(0, dtype=dtype) if t is None else t.detach().contiguous().cpu()
+
+
+def _digest(tensors: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _differences(theirs: Dict, ours: Dict, prefix: str = "") -> str:
+    keys = sorted(set(theirs) | set(ours))
+    diffs = []
+    for k in keys:
+        a, b = theirs.get(k), ours.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{k}.")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return "; ".join(diffs)

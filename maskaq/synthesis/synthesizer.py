@@ -252,8 +252,13 @@ class Synthesizer:
 
     # ------------------------------------------------------------------------------ a dataset
     def synthesize(self, num_images: Optional[int] = None, seed: int = 0,
-                   student: Optional[nn.Module] = None, desc: str = "synthesis") -> SyntheticSet:
-        """`num_images` images (the last batch may be smaller), all ranks' batches gathered."""
+                   student: Optional[nn.Module] = None, desc: str = "synthesis", store=None) -> SyntheticSet:
+        """`num_images` images (the last batch may be smaller), all ranks' batches gathered.
+
+        `store` (a maskaq.synthesis.io.BatchStore): each finished batch is written there, and a
+        batch already there is read instead of synthesized again (a killed run resumes; the images
+        are those an uninterrupted run makes, since every batch's seed depends only on `seed` and
+        its index)."""
         cfg = self.config
         n = int(num_images or cfg.num_images)
         bs = cfg.synth_batch_size
@@ -264,7 +269,15 @@ class Synthesizer:
         local, infos = [], []
         with progress_bar(sum(sizes[i] > 0 for i in mine) * cfg.synth_iters, desc, self.progress) as bar:
             for i in mine:
-                x, y, info = self.synthesize_batch(seed, i, student, sizes[i], bar)
+                done = store.load(i) if store is not None else None
+                if done is not None:
+                    x, y, info = done
+                    if bar is not None:
+                        bar.update(cfg.synth_iters)
+                else:
+                    x, y, info = self.synthesize_batch(seed, i, student, sizes[i], bar)
+                    if store is not None:
+                        store.save(i, x, y, info)
                 infos.append(info)
                 if x is not None:
                     local.append((i, x.cpu(), y.cpu()))

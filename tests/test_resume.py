@@ -1,0 +1,114 @@
+"""Resumable synthesis: per-batch checkpoints (maskaq.synthesis.io.BatchStore), a run killed with
+SIGKILL and resumed gives the images of an uninterrupted run bit for bit, and damaged or foreign
+checkpoints are named in a one-line error."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskaq.synthesis.io import BatchStore, CheckpointMismatchError, CorruptCheckpointError, load_synthetic_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.randint(0, 10, (3,), generator=g)
+
+
+def test_batch_store_round_trip_and_failed_batches(tmp_path):
+    store = BatchStore(tmp_path / "b", {"seed": 0, "lr": 0.1})
+    assert store.load(0) is None and store.finished() == []
+    x, y = _batch(0)
+    store.save(0, x, y, {"batch_index": 0, "loss_history": [1.0, 0.5]})
+    store.save(3, None, None, {"batch_index": 3, "failed": True})
+    assert store.finished() == [0, 3]
+    x2, y2, info = store.load(0)
+    assert torch.equal(x2, x) and torch.equal(y2, y) and info["loss_history"] == [1.0, 0.5]
+    assert store.load(3) == (None, None, {"batch_index": 3, "failed": True})
+    assert not list((tmp_path / "b").glob(".*tmp"))  # no temporary file left behind
+    store.remove()
+    assert not (tmp_path / "b").exists()
+
+
+def test_batch_store_detects_damage_and_other_runs(tmp_path):
+    store = BatchStore(tmp_path, {"seed": 0, "synthesis": {"lr": 0.1, "iters": 5}})
+    path = store.save(0, *_batch(0), {})
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the images
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="batch_00000.safetensors.*checksum"):
+        store.load(0)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(CorruptCheckpointError, match="batch_00000.safetensors.*damaged"):
+        store.load(0)
+    store.save(1, *_batch(1), {})
+    other = BatchStore(tmp_path, {"seed": 0, "synthesis": {"lr": 0.2, "iters": 5}})
+    with pytest.raises(CheckpointMismatchError, match=r"synthesis\.lr: 0\.1 there, 0\.2 now"):
+        other.load(1)
+
+
+def test_synthesizer_reads_finished_batches_instead_of_redoing_them(tmp_path, monkeypatch):
+    from test_synthesis import tiny_vit
+
+    from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
+    synth = Synthesizer(tiny_vit(), SynthesisConfig(num_images=6, synth_batch_size=2, synth_iters=2), progress=False)
+    store = BatchStore(tmp_path, {"run": 1})
+    first = synth.synthesize(seed=5, store=store)
+    assert store.finished() == [0, 1, 2]
+
+    def no_more_work(*args, **kwargs):
+        raise AssertionError("a finished batch was synthesized again")
+
+    monkeypatch.setattr(Synthesizer, "synthesize_batch", no_more_work)
+    again = synth.synthesize(seed=5, store=store)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+
+def _synthesize_cmd(out, *extra):
+    # the bundled teacher: a model with the same weights in every process (a timm name with random
+    # init would differ, and its checkpoints would rightly be refused as another model's)
+    return [sys.executable, "-m", "maskaq", "synthesize", "--model", "vit_fmnist", "--method", "maskaq",
+            "--preset", "quick", "--num-images", "8", "--batch-size", "2", "--iters", "25", "--seed", "3",
+            "--out", str(out), *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def test_killed_synthesis_resumes_to_the_uninterrupted_images(tmp_path):
+    from maskaq import zoo
+    if "vit_fmnist" not in zoo.available():
+        pytest.skip("the bundled teacher maskaq/zoo/vit_fmnist.safetensors is not there")
+    whole = tmp_path / "whole"
+    subprocess.run(_synthesize_cmd(whole), env=_env(), check=True, capture_output=True, timeout=600)
+    assert not (whole / "batches").exists()  # a finished run leaves its results, not its checkpoints
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_synthesize_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "batches" / "batch_00000.safetensors").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "batches").glob("batch_*.safetensors"))
+    assert 1 <= len(done) < 4 and not (out / "images.safetensors").exists()
+
+    refused = subprocess.run(_synthesize_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    other = subprocess.run(_synthesize_cmd(out, "--resume", "--set", "tv_weight=0.001"), env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "other settings" in other.stderr and "tv_weight" in other.stderr
+
+    subprocess.run(_synthesize_cmd(out, "--resume"), env=_env(), check=True, capture_output=True, timeout=600)
+    resumed, uninterrupted = (load_synthetic_set(d / "images.safetensors") for d in (out, whole))
+    assert torch.equal(resumed.images, uninterrupted.images)
+    assert torch.equal(resumed.labels, uninterrupted.labels)
