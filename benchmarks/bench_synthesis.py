@@ -13,10 +13,24 @@ and vit_base_patch16_224 at batch 128. Prints a table with ratios; `--json PATH`
 {"model", "device", "batch", "impl", "s_per_step"}.
 
 Targets: fused <= 1.2x model_only; fused >= 2x faster than loop on CPU, >= 3x on GPU.
+
+`--memory`: the peak memory of one fused synthesis step (T and Q forward and backward, every
+loss) per model (deit_small, vit_base, vit_large at 224, random weights). On the CPU each point
+(batches 1, 2, 4, 8) runs in a subprocess of its own and reports its peak RSS growth over the
+RSS it had before the step (models, images and optimizer state already built); on CUDA,
+`max_memory_allocated` during the step at larger batches. A least-squares line through the
+points gives the memory per image (its slope) and the largest batch whose step fits in 40 and
+80 GB next to the weights of T and Q. Records: {"model", "device", "impl", "precision",
+"checkpointing", "batch", "peak_mb", "mb_per_image", "s_per_step"} with mb_per_image the
+fitted slope of the series. A point whose predicted peak exceeds the memory this machine has
+available is skipped and said so.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import time
 import types
@@ -108,6 +122,146 @@ def _time_model_only(teacher, student, batch, warmup, steps, device) -> float:
     return times[len(times) // 2]
 
 
+# --------------------------------------------------------------------------------------
+# --memory
+
+MEMORY_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+CPU_MEMORY_BATCHES = (1, 2, 4, 8)
+CUDA_MEMORY_BATCHES = (8, 16, 32, 64)
+GPU_CAPACITIES_GB = (40, 80)
+MB = 2 ** 20
+
+
+def _rss_mb() -> float:
+    """This process's resident set size now."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / MB
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def measure_memory_point(model_name: str, batch: int, device: torch.device) -> dict:
+    """Peak memory over the first two fused synthesis steps at `batch`, above what the process
+    held before them (the first step is measured: after it the allocator keeps freed memory,
+    which would hide a second step's growth on the CPU); the time of the second step."""
+    from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
+    teacher, student = build(model_name, batch, device)
+    weights_mb = sum(t.numel() * t.element_size() for m in (teacher, student)
+                     for t in list(m.parameters()) + list(m.buffers())) / MB
+    marks = {}
+
+    def on_step(attempt, step, x):
+        _sync(device)
+        marks[step] = time.perf_counter()
+
+    cfg = SynthesisConfig(num_images=batch, synth_batch_size=batch, synth_iters=2)
+    synth = Synthesizer(teacher, cfg, progress=False, on_step=on_step)
+    _sync(device)
+    if device.type == "cpu":
+        base, peak_before = _rss_mb(), _peak_rss_mb()
+    else:
+        torch.cuda.reset_peak_memory_stats(device)
+        base, peak_before = torch.cuda.memory_allocated(device) / MB, 0.0
+    synth.synthesize_batch(seed=0, student=student)
+    peak = _peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / MB
+    return {"model": model_name, "device": device.type, "impl": "fused", "precision": "fp32",
+            "checkpointing": False, "batch": batch, "peak_mb": peak - base, "s_per_step": marks[1] - marks[0],
+            "weights_mb": weights_mb,
+            # True when the process had peaked higher before the step (building the models): the
+            # step's own peak is then at most peak_mb, not exactly it.
+            "peak_hidden": bool(peak <= peak_before)}
+
+
+def _memory_point_in_subprocess(model_name: str, batch: int, threads: int) -> dict:
+    """One CPU point in a fresh process, so that no earlier allocation hides its peak."""
+    cmd = [sys.executable, __file__, "--memory-point", model_name, str(batch), "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory point {model_name} batch {batch} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fit_line(xs, ys):
+    """Least-squares (intercept, slope) of ys on xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    return my - slope * mx, slope
+
+
+def largest_batch(capacity_gb: float, intercept_mb: float, slope_mb: float, weights_mb: float) -> int:
+    """The largest batch whose step (fitted line) plus the weights of T and Q fit in capacity_gb."""
+    room = capacity_gb * 1024 - weights_mb - intercept_mb
+    return max(0, int(room // slope_mb)) if slope_mb > 0 else 0
+
+
+def run_memory(devices, models, threads: int) -> list:
+    records = []
+    for dev in devices:
+        device = torch.device(dev)
+        batches = CPU_MEMORY_BATCHES if device.type == "cpu" else CUDA_MEMORY_BATCHES
+        for model_name in models:
+            series = []
+            for batch in batches:
+                if len(series) >= 2:  # skip a point the machine cannot hold
+                    a, b = fit_line([r["batch"] for r in series], [r["peak_mb"] for r in series])
+                    need = a + b * batch + series[-1]["weights_mb"] * 2
+                    if need > 0.8 * _available_mb():
+                        print(f"  {model_name} {dev} b{batch}: skipped (needs ~{need / 1024:.1f} GB, "
+                              f"{_available_mb() / 1024:.1f} GB available)", flush=True)
+                        continue
+                if device.type == "cpu":
+                    r = _memory_point_in_subprocess(model_name, batch, threads)
+                else:
+                    r = measure_memory_point(model_name, batch, device)
+                    torch.cuda.empty_cache()
+                series.append(r)
+                print(f"  {model_name:<24s} {dev:<5s} b{batch:<4d} peak {r['peak_mb']:9.1f} MB  "
+                      f"{r['s_per_step']:7.2f} s/step", flush=True)
+            intercept, slope = fit_line([r["batch"] for r in series], [r["peak_mb"] for r in series])
+            for r in series:
+                r["mb_per_image"] = slope
+                r["fit_intercept_mb"] = intercept
+            records += series
+    return records
+
+
+def print_memory_table(records) -> None:
+    print()
+    print("| model | device | precision | checkpointing | batch | peak MB | s/step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['model']} | {r['device']} | {r['precision']} | {'yes' if r['checkpointing'] else 'no'} | "
+              f"{r['batch']} | {r['peak_mb']:.0f} | {r['s_per_step']:.2f} |")
+    print()
+    caps = " | ".join(f"largest batch in {c} GB" for c in GPU_CAPACITIES_GB)
+    print(f"| model | device | precision | checkpointing | MB per image (fit) | intercept MB | weights T+Q MB | {caps} |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(GPU_CAPACITIES_GB))
+    seen = set()
+    for r in records:
+        key = (r["model"], r["device"], r["precision"], r["checkpointing"])
+        if key in seen:
+            continue
+        seen.add(key)
+        fits = " | ".join(str(largest_batch(c, r["fit_intercept_mb"], r["mb_per_image"], r["weights_mb"]))
+                          for c in GPU_CAPACITIES_GB)
+        print(f"| {r['model']} | {r['device']} | {r['precision']} | {'yes' if r['checkpointing'] else 'no'} | "
+              f"{r['mb_per_image']:.0f} | {r['fit_intercept_mb']:.0f} | {r['weights_mb']:.0f} | {fits} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda too when present)")
@@ -118,7 +272,25 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared machine; use --threads 1)")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of one synthesis step per image instead of the timing table")
+    p.add_argument("--models", nargs="+", default=list(MEMORY_MODELS), help="models for --memory")
+    p.add_argument("--memory-point", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_point:  # one CPU point, in the subprocess run_memory started
+        torch.set_num_threads(args.threads)
+        record = measure_memory_point(args.memory_point[0], int(args.memory_point[1]), torch.device("cpu"))
+        print(json.dumps(record))
+        return 0
+    if args.memory:
+        torch.set_num_threads(args.threads)
+        devices = [args.device] if args.device else (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+        records = run_memory(devices, args.models, args.threads)
+        print_memory_table(records)
+        if args.json:
+            from maskaq.synthesis.io import write_json
+            print(f"wrote {write_json(args.json, records)}")
+        return 0
     global clock
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
