@@ -138,7 +138,7 @@ def _round_seed(seed: int, round_index: int) -> int:
 
 
 def _data_source(method: str, teacher: nn.Module, spec, cfg: FullConfig, seed: int):
-    """data_source(student, round) -> SyntheticSet for QATTrainer, from the method's image source."""
+    """make_images(student, round) -> SyntheticSet, from the method's image source."""
     dev = next(teacher.parameters()).device
     s, progress = cfg.synthesis, cfg.pipeline.progress
     record = methods.get(method)
@@ -200,19 +200,18 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
         calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
     else:
-        base_source = _data_source(method, teacher, spec, cfg, seed)
-
-        def source(current_student, r):
-            nonlocal calibrated_on
-            data = base_source(current_student, r)
-            if r == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
-                batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, data, spec, n_calib, seed, method)
-                calibrate(current_student, batch.to(dev), init=cfg.pipeline.act_init)
-            return data
-
-        trainer = QATTrainer(teacher, student, cfg.qat, source, seed=seed, progress=cfg.pipeline.progress, spec=spec)
-        qat_report = trainer.fit()
-        last_images = trainer.data
+        # METHOD.md's loop: each round makes images with the current student, the first one
+        # calibrates the student's activation grids, and QAT trains for the round's epochs.
+        make_images = _data_source(method, teacher, spec, cfg, seed)
+        trainer = QATTrainer(teacher, student, cfg.qat, seed=seed, progress=cfg.pipeline.progress, spec=spec)
+        for round_index, epochs in enumerate(trainer.rounds()):
+            images = make_images(student, round_index)
+            if round_index == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
+                batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, images, spec, n_calib, seed, method)
+                calibrate(student, batch.to(dev), init=cfg.pipeline.act_init)
+            trainer.train_round(images, epochs)
+        student.eval()
+        qat_report, last_images = trainer.report(), images
     rank, world = dist_info()
     synth_reports = qat_report.get("synthesis", [])
     report = {

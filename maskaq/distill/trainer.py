@@ -80,8 +80,6 @@ class QATTrainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, config: Optional[QATConfig] = None,
                  data_source: Optional[Callable[[nn.Module, int], SyntheticSet]] = None, *,
                  seed: int = 0, progress: Optional[bool] = None, spec: Optional[ModelSpec] = None):
-        if data_source is None:
-            raise ValueError("QATTrainer needs data_source(student, round) -> SyntheticSet")
         self.teacher = teacher.eval()
         self.student = student
         self.config = (config or QATConfig()).validate()
@@ -92,6 +90,9 @@ class QATTrainer:
         self.augment = QATAugment(self.spec.mean, self.spec.std) if self.config.qat_augment else None
         self.refresh_log: List[Dict] = []
         self.data: Optional[SyntheticSet] = None
+        self._run: Optional[Dict] = None  # optimizer, schedule and counters, from the first round on
+        # report()'s seconds count from here: the rounds' synthesis included
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     @property
     def device(self) -> torch.device:
@@ -149,76 +150,95 @@ class QATTrainer:
                           for p in m.parameters()}
         return [p for p in self.student.parameters() if p.requires_grad and id(p) not in frozen_ids]
 
+    def rounds(self) -> List[range]:
+        """The epochs of each synthesis round: round r trains epochs refresh_epochs[r] up to the next."""
+        starts = self.refresh_epochs()
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [self.config.qat_epochs])]
+
     def fit(self) -> Dict:
+        """Every round with the images of ``data_source(student, round)``; returns report()."""
+        if self.data_source is None:
+            raise ValueError("QATTrainer.fit needs data_source(student, round) -> SyntheticSet; "
+                             "or call train_round(images, epochs) for each round yourself")
+        for round_index, epochs in enumerate(self.rounds()):
+            self.train_round(self.data_source(self.student, round_index), epochs)
+        self.student.eval()
+        return self.report()
+
+    def _start(self, n_images: int) -> None:
+        """Optimizer and schedule, made when the first round's images are known (the cosine spans the
+        whole run with the steps per epoch of the first set)."""
         cfg = self.config
         rank, world = dist_info()
-        dev = self.device
-        model = self.student
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(self.student)
         params = self._trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
         opt = torch.optim.SGD(params, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
                               weight_decay=cfg.qat_weight_decay, nesterov=True)
-        refresh_at = set(self.refresh_epochs())
-        started, cpu_started = time.perf_counter(), time.process_time()
-        epoch_losses, total_steps, sched = [], None, None
-        step_no = optimizer_steps = 0
-        g_aug = torch.Generator(device=dev)
-        for epoch in range(cfg.qat_epochs):
-            if epoch in refresh_at:
-                round_index = len(self.refresh_log)
-                self.data = self.data_source(self.student, round_index)
-                self.refresh_log.append({"epoch": epoch, "round": round_index, "num_images": len(self.data),
-                                         "report": self.data.report})
-            steps = self._steps_per_epoch(len(self.data))
-            local_steps = math.ceil(steps / world)  # this rank's batches in the epoch
-            if sched is None:
-                # One cosine over the whole run (steps per epoch fixed by the first set's size).
-                total_steps = local_steps * cfg.qat_epochs
-                # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
-                offset = local_steps * cfg.qat_warmup_epochs
-                sched = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
-            if epoch < cfg.qat_warmup_epochs:
-                # No optimizer step in the warm-up (public code): only the step counter (which
-                # seeds the augmentation and places the schedule) moves on.
-                step_no += local_steps
-                continue
-            self.student.train()
-            running, count = 0.0, 0
-            with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
-                for index in self._batches(epoch, steps, rank, world):
-                    g_aug.manual_seed(batch_seed(self.seed, epoch, step_no, stream=SeedStream.QAT_AUGMENT))
-                    if self.data.draw is not None:  # an endless stream: fresh images every batch
-                        images = self.data.draw(len(index), step_no).to(dev)
-                    else:
-                        images = self.data.images[index].to(dev)
-                    if self.augment is not None:
-                        images = self.augment(images, g_aug)
-                    terms = self.step_loss(images, model)
-                    opt.zero_grad(set_to_none=True)
-                    terms["total"].backward()
-                    opt.step()
-                    sched.step()
-                    step_no += 1
-                    optimizer_steps += 1
-                    running += float(terms["total"].detach())
-                    count += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running / count:.4f}")
-            epoch_losses.append(running / max(count, 1))
-        self.student.eval()
+        local_steps = math.ceil(self._steps_per_epoch(n_images) / world)  # this rank's batches per epoch
+        total_steps = local_steps * cfg.qat_epochs
+        # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
+        offset = local_steps * cfg.qat_warmup_epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
+        model = nn.parallel.DistributedDataParallel(self.student) if world > 1 else self.student
+        self._run = {"opt": opt, "sched": sched, "model": model, "step_no": 0, "optimizer_steps": 0,
+                     "epoch_losses": [], "g_aug": torch.Generator(device=self.device)}
+
+    def train_round(self, data: SyntheticSet, epochs: range) -> None:
+        """Train the student on ``data`` for ``epochs`` (a range of epoch numbers of the whole run)."""
+        if self._run is None:
+            self._start(len(data))
+        self.data = data
+        self.refresh_log.append({"epoch": epochs.start, "round": len(self.refresh_log), "num_images": len(data),
+                                 "report": data.report})
+        for epoch in epochs:
+            self._train_epoch(epoch)
+
+    def _train_epoch(self, epoch: int) -> None:
+        cfg, run, dev = self.config, self._run, self.device
+        rank, world = dist_info()
+        steps = self._steps_per_epoch(len(self.data))
+        local_steps = math.ceil(steps / world)
+        if epoch < cfg.qat_warmup_epochs:
+            # No optimizer step in the warm-up (public code): only the step counter (which
+            # seeds the augmentation and places the schedule) moves on.
+            run["step_no"] += local_steps
+            return
+        self.student.train()
+        running, count = 0.0, 0
+        with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
+            for index in self._batches(epoch, steps, rank, world):
+                run["g_aug"].manual_seed(batch_seed(self.seed, epoch, run["step_no"], stream=SeedStream.QAT_AUGMENT))
+                if self.data.draw is not None:  # an endless stream: fresh images every batch
+                    images = self.data.draw(len(index), run["step_no"]).to(dev)
+                else:
+                    images = self.data.images[index].to(dev)
+                if self.augment is not None:
+                    images = self.augment(images, run["g_aug"])
+                terms = self.step_loss(images, run["model"])
+                run["opt"].zero_grad(set_to_none=True)
+                terms["total"].backward()
+                run["opt"].step()
+                run["sched"].step()
+                run["step_no"] += 1
+                run["optimizer_steps"] += 1
+                running += float(terms["total"].detach())
+                count += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / count:.4f}")
+        run["epoch_losses"].append(running / max(count, 1))
+
+    def report(self) -> Dict:
+        run = self._run or {"step_no": 0, "optimizer_steps": 0, "epoch_losses": []}
         return {
-            "epochs": cfg.qat_epochs,
-            "warmup_epochs": cfg.qat_warmup_epochs,  # epoch_losses starts after them
-            "steps": step_no,
-            "optimizer_steps": optimizer_steps,
+            "epochs": self.config.qat_epochs,
+            "warmup_epochs": self.config.qat_warmup_epochs,  # epoch_losses starts after them
+            "steps": run["step_no"],
+            "optimizer_steps": run["optimizer_steps"],
             "refresh_epochs": [r["epoch"] for r in self.refresh_log],
-            "epoch_losses": epoch_losses,
-            "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu_started,
+            "epoch_losses": run["epoch_losses"],
+            "seconds": time.perf_counter() - self._started,
+            "cpu_seconds": time.process_time() - self._cpu_started,
             "synthesis": [{k: v for k, v in r["report"].items()} for r in self.refresh_log],
         }
 
