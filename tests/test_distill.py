@@ -359,3 +359,22 @@ def test_qat_can_keep_the_activation_grids_of_the_calibration(train_quantizers):
     QATTrainer(teacher, student, cfg, recording_source(teacher, []), seed=0, progress=False).fit()
     assert any(not torch.equal(w, weights0[n]) for n, w in weights().items())  # the weights train either way
     assert (grids() == grids0) is (not train_quantizers)
+
+
+def test_rounds_driven_from_outside_train_as_fit_does():
+    teacher = tiny_vit()
+    students = [tiny_student(teacher) for _ in range(2)]
+    students[1].load_state_dict(students[0].state_dict())
+    cfg = QATConfig(qat_epochs=5, qat_batch_size=4, refresh_every=2, qat_lr=0.05, qat_warmup_epochs=1)
+    source = recording_source(teacher, [])
+    by_fit = QATTrainer(teacher, students[0], cfg, source, seed=3, progress=False).fit()
+    trainer = QATTrainer(teacher, students[1], cfg, seed=3, progress=False)
+    assert [list(r) for r in trainer.rounds()] == [[0, 1], [2, 3], [4]]
+    for round_index, epochs in enumerate(trainer.rounds()):
+        trainer.train_round(source(students[1], round_index), epochs)
+    by_rounds = trainer.report()
+    assert by_rounds["steps"] == by_fit["steps"] and by_rounds["refresh_epochs"] == by_fit["refresh_epochs"]
+    for (name, a), b in zip(students[0].state_dict().items(), students[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="data_source"):
+        QATTrainer(teacher, students[0], cfg, seed=3).fit()
