@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from maskaq import methods
+from maskaq._files import is_rank0
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
@@ -46,6 +47,10 @@ class PipelineConfig:
     calib_data: str = "images"
     real_data: Any = None  # Dataset of (image, label) for method "real"
     progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
+    # With a checkpoint directory: the QAT state is saved every this many optimizer steps and at
+    # least every this many seconds (and at the end of every round).
+    checkpoint_every_steps: int = 100
+    checkpoint_every_seconds: float = 300.0
 
 
 _SECTIONS = {"synthesis": SynthesisConfig, "psaq": PsaqConfig, "qat": QATConfig, "pipeline": PipelineConfig}
@@ -143,20 +148,21 @@ def _data_source(method: str, teacher: nn.Module, spec, cfg: FullConfig, seed: i
     s, progress = cfg.synthesis, cfg.pipeline.progress
     record = methods.get(method)
     if record.images == "gaussian":
-        return lambda student, r: gaussian_stream(spec, s.num_images, _round_seed(seed, r), device=dev)
+        return lambda student, r, store=None: gaussian_stream(spec, s.num_images, _round_seed(seed, r), device=dev)
     if record.images == "real":
-        return lambda student, r: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
+        return lambda student, r, store=None: real_images(cfg.pipeline.real_data, s.num_images, _round_seed(seed, r))
     if record.images == "psaq":
         synth = PsaqSynthesizer(teacher, s, cfg.psaq, progress=progress, spec=spec)
-        return lambda student, r: synth.synthesize(s.num_images, _round_seed(seed, r), desc="psaq synthesis")
+        return lambda student, r, store=None: synth.synthesize(s.num_images, _round_seed(seed, r),
+                                                               desc="psaq synthesis", store=store)
     if record.images != "synthesis":
         raise ValueError(f"method {method!r} trains on no images")
     synth = Synthesizer(teacher, s, progress=progress, spec=spec)
     in_loop = record.student_in_loop(s)
 
-    def source(student, r):
+    def source(student, r, store=None):
         return synth.synthesize(s.num_images, _round_seed(seed, r), student=student if in_loop else None,
-                                desc=f"{method} synthesis (round {r})")
+                                desc=f"{method} synthesis (round {r})", store=store)
     return source
 
 
@@ -171,8 +177,14 @@ def _calibration_batch(kind: str, data: SyntheticSet, spec, n: int, seed: int, m
 
 
 def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", preset: str = "cpu",
-                 seed: int = 0, config: Optional[FullConfig] = None, **overrides) -> PipelineResult:
-    """Quantize `model` data-free; returns the model, a JSON-able report and the last image set."""
+                 seed: int = 0, config: Optional[FullConfig] = None, checkpoint_dir=None, resume: bool = False,
+                 **overrides) -> PipelineResult:
+    """Quantize `model` data-free; returns the model, a JSON-able report and the last image set.
+
+    `checkpoint_dir`: the run checkpoints there (maskaq.checkpoint: the synthesis batches, each
+    round's images, the QAT state every `checkpoint_every_steps` steps / `checkpoint_every_seconds`);
+    with `resume=True` it continues from them and ends with the student an uninterrupted run
+    makes. Without `resume` a directory holding an earlier run is refused (FileExistsError)."""
     from maskaq.quant import calibrate, quantize_model
 
     record = methods.get(method)
@@ -204,12 +216,38 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         # calibrates the student's activation grids, and QAT trains for the round's epochs.
         make_images = _data_source(method, teacher, spec, cfg, seed)
         trainer = QATTrainer(teacher, student, cfg.qat, seed=seed, progress=cfg.pipeline.progress, spec=spec)
-        for round_index, epochs in enumerate(trainer.rounds()):
-            images = make_images(student, round_index)
-            if round_index == 0 and (calibrated_on is None or cfg.pipeline.recalibrate):
+        ckpt = _open_checkpoint(checkpoint_dir, resume, method, wbits, abits, seed, cfg, teacher)
+        state = ckpt.load() if ckpt is not None else None
+        if state is not None:  # everything up to the saved step is done, calibration included
+            student.load_state_dict(state["student"])
+            calibrated_on = state["calibrated_on"]
+            torch.set_rng_state(state["torch_rng"])
+        saver = _Saver(ckpt, cfg.pipeline, student, trainer)
+        saver.first_set_size = state["first_set_size"] if state is not None else None
+        rounds = trainer.rounds()
+        start_round = state["round"] if state is not None else 0
+        if state is not None and start_round >= len(rounds):  # it had finished: only the report is left
+            trainer.load_state_dict(state["trainer"], saver.first_set_size)
+        images = None
+        for round_index in range(start_round, len(rounds)):
+            images = ckpt.round_images(round_index) if ckpt is not None else None
+            if images is None:
+                images = make_images(student, round_index, store=ckpt.batch_store(round_index) if ckpt else None)
+                if ckpt is not None:
+                    ckpt.save_round_images(round_index, images)
+            if round_index == 0 and state is None and (calibrated_on is None or cfg.pipeline.recalibrate):
                 batch, calibrated_on = _calibration_batch(cfg.pipeline.calib_data, images, spec, n_calib, seed, method)
                 calibrate(student, batch.to(dev), init=cfg.pipeline.act_init)
-            trainer.train_round(images, epochs)
+            if saver.first_set_size is None:
+                saver.first_set_size = len(images)
+            if state is not None and round_index == start_round:
+                trainer.load_state_dict(state["trainer"], saver.first_set_size)
+            saver.round_index, saver.calibrated_on = round_index, calibrated_on
+            trainer.train_round(images, rounds[round_index], on_step=saver.maybe_save if ckpt is not None else None)
+            saver.save(round_index + 1)
+        if images is None:  # resumed after the last round: its images for the result
+            last = len(rounds) - 1
+            images = (ckpt.round_images(last) if ckpt is not None else None) or make_images(student, last)
         student.eval()
         qat_report, last_images = trainer.report(), images
     rank, world = dist_info()
@@ -232,6 +270,52 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
     return PipelineResult(student, report, last_images, cfg)
 
 
+def _open_checkpoint(directory, resume: bool, method: str, wbits: int, abits: int, seed: int, cfg: FullConfig,
+                     teacher: nn.Module):
+    """The run's RunCheckpoint (None without a directory); an earlier run's directory needs `resume`."""
+    if directory is None:
+        if resume:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
+        return None
+    from maskaq.checkpoint import RunCheckpoint
+    from maskaq.synthesis.io import weights_digest
+    settings = cfg.as_dict()
+    for key in ("progress", "checkpoint_every_steps", "checkpoint_every_seconds"):  # do not change the result
+        settings["pipeline"].pop(key, None)
+    fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),
+                   "settings": settings, "teacher_sha256": weights_digest(teacher)}
+    ckpt = RunCheckpoint(directory, fingerprint)
+    if ckpt.holds_a_run() and not resume:
+        raise FileExistsError(f"{ckpt.directory} holds the checkpoints of an earlier run; resume it (--resume, "
+                              "resume=True, with its arguments) or choose another directory")
+    return ckpt
+
+
+class _Saver:
+    """Writes the QAT state every N optimizer steps or T seconds, and at the end of each round."""
+
+    def __init__(self, ckpt, pipeline_cfg: PipelineConfig, student: nn.Module, trainer: QATTrainer):
+        self.ckpt, self.student, self.trainer = ckpt, student, trainer
+        self.every_steps = max(1, int(pipeline_cfg.checkpoint_every_steps))
+        self.every_seconds = float(pipeline_cfg.checkpoint_every_seconds)
+        self.steps, self.last = 0, time.monotonic()
+        self.round_index, self.calibrated_on, self.first_set_size = 0, None, None
+
+    def maybe_save(self) -> None:
+        self.steps += 1
+        if self.steps % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds:
+            self.save(self.round_index)
+
+    def save(self, round_index: int) -> None:
+        """The state to resume at ``round_index`` (the current round mid-way, or the next one)."""
+        if self.ckpt is None or not is_rank0():
+            return
+        self.ckpt.save({"round": round_index, "student": self.student.state_dict(),
+                        "trainer": self.trainer.state_dict(), "calibrated_on": self.calibrated_on,
+                        "first_set_size": self.first_set_size, "torch_rng": torch.get_rng_state()})
+        self.last = time.monotonic()
+
+
 def _no_qat_report() -> Dict[str, Any]:
     return {"epochs": 0, "warmup_epochs": 0, "steps": 0, "optimizer_steps": 0, "refresh_epochs": [],
             "epoch_losses": [], "seconds": 0.0, "cpu_seconds": 0.0, "synthesis": []}
@@ -243,7 +327,8 @@ def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", p
 
     The teacher `model` is left untouched. `overrides` set any knob of METHOD.md (see
     `maskaq.pipeline.config_keys()`), e.g. `synth_iters=500, qat_epochs=20`; method "real"
-    needs `real_data=<Dataset>`. The run's report is at `qmodel.maskaq_report`.
+    needs `real_data=<Dataset>`. `checkpoint_dir=DIR` checkpoints the run and `resume=True`
+    continues a stopped one (see run_pipeline). The run's report is at `qmodel.maskaq_report`.
     """
     return run_pipeline(model, wbits, abits, method=method, preset=preset, seed=seed, **overrides).model
 

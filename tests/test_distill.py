@@ -233,9 +233,9 @@ def test_quantize_quick_uses_the_current_student_for_refresh(monkeypatch):
     seen = []
     original = Synthesizer.synthesize
 
-    def spy(self, num_images=None, seed=0, student=None, desc=""):
+    def spy(self, num_images=None, seed=0, student=None, desc="", **kwargs):
         seen.append(student)
-        return original(self, num_images, seed, student, desc)
+        return original(self, num_images, seed, student, desc, **kwargs)
 
     monkeypatch.setattr(Synthesizer, "synthesize", spy)
     qmodel = pipeline.quantize(teacher, 4, 4, method="maskaq", preset="quick", seed=0, qat_epochs=3,

@@ -1,6 +1,8 @@
-"""Resumable synthesis: per-batch checkpoints (maskaq.synthesis.io.BatchStore), a run killed with
-SIGKILL and resumed gives the images of an uninterrupted run bit for bit, and damaged or foreign
-checkpoints are named in a one-line error."""
+"""Resumable runs: per-batch synthesis checkpoints (maskaq.synthesis.io.BatchStore) and the QAT
+state (maskaq.checkpoint.RunCheckpoint). A `maskaq synthesize` or `maskaq quantize` killed with
+SIGKILL (mid-synthesis, mid-QAT) and resumed ends with the images / the student of an
+uninterrupted run, bit for bit (CPU, one thread); damaged or foreign checkpoints are named in a
+one-line error."""
 import os
 import signal
 import subprocess
@@ -112,3 +114,103 @@ def test_killed_synthesis_resumes_to_the_uninterrupted_images(tmp_path):
     resumed, uninterrupted = (load_synthetic_set(d / "images.safetensors") for d in (out, whole))
     assert torch.equal(resumed.images, uninterrupted.images)
     assert torch.equal(resumed.labels, uninterrupted.labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# maskaq quantize / maskaq.pipeline: the QAT state too
+
+
+def _tiny_run(checkpoint_dir=None, resume=False, **overrides):
+    from test_synthesis import tiny_vit
+
+    from maskaq.pipeline import run_pipeline
+    torch.manual_seed(0)
+    teacher = tiny_vit()
+    settings = dict(qat_epochs=4, refresh_every=2, qat_warmup_epochs=1, checkpoint_every_steps=3, progress=False)
+    settings.update(overrides)
+    return run_pipeline(teacher, 4, 4, method="maskaq", preset="quick", checkpoint_dir=checkpoint_dir,
+                        resume=resume, **settings)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after_steps", [1, 5])  # in round 0, in round 1
+def test_pipeline_stopped_mid_qat_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, stop_after_steps):
+    from maskaq import pipeline
+    whole = _tiny_run(tmp_path / "whole").model.state_dict()
+    original = pipeline._Saver.maybe_save
+    calls = []
+
+    def stop(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == stop_after_steps:
+            self.save(self.round_index)  # what the last periodic save held, then the crash
+            raise _Stop
+
+    monkeypatch.setattr(pipeline._Saver, "maybe_save", stop)
+    with pytest.raises(_Stop):
+        _tiny_run(tmp_path / "cut")
+    monkeypatch.setattr(pipeline._Saver, "maybe_save", original)
+    with pytest.raises(FileExistsError, match="earlier run"):
+        _tiny_run(tmp_path / "cut")
+    with pytest.raises(CheckpointMismatchError, match="qat_lr"):
+        _tiny_run(tmp_path / "cut", resume=True, qat_lr=0.5)
+    resumed = _tiny_run(tmp_path / "cut", resume=True).model.state_dict()
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def _quantize_cmd(out, *extra):
+    return [sys.executable, "-m", "maskaq", "quantize", "--model", "vit_fmnist", "--method", "maskaq",
+            "--preset", "quick", "--wbits", "4", "--abits", "4", "--seed", "1", "--out", str(out),
+            "--set", "synth_iters=30", "--set", "synth_batch_size=2", "--set", "qat_epochs=6",
+            "--set", "refresh_every=3", "--set", "checkpoint_every_steps=2", *extra]
+
+
+def _kill_when(proc, path, what):
+    deadline = time.monotonic() + 600
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _student_state(out):
+    from maskaq import zoo
+    from maskaq.quant import load_quantized
+    return load_quantized(out / "model", zoo.load("vit_fmnist")).state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_quantize(tmp_path_factory):
+    from maskaq import zoo
+    if "vit_fmnist" not in zoo.available():
+        pytest.skip("the bundled teacher maskaq/zoo/vit_fmnist.safetensors is not there")
+    whole = tmp_path_factory.mktemp("whole")
+    subprocess.run(_quantize_cmd(whole), env=_env(), check=True, capture_output=True, timeout=900)
+    assert not (whole / "checkpoint").exists()  # a finished run leaves its results, not its checkpoints
+    return whole
+
+
+@pytest.mark.parametrize("kill_at", ["synthesis", "qat"])
+def test_killed_quantize_resumes_to_the_uninterrupted_student(tmp_path, kill_at, uninterrupted_quantize):
+    whole = uninterrupted_quantize
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_quantize_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = (out / "checkpoint" / "round_0" / "batch_00000.safetensors" if kill_at == "synthesis"
+              else out / "checkpoint" / "state.pt")
+    _kill_when(proc, marker, kill_at)
+    assert not (out / "model").exists()
+    refused = subprocess.run(_quantize_cmd(out), env=_env(), capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    subprocess.run(_quantize_cmd(out, "--resume"), env=_env(), check=True, capture_output=True, timeout=900)
+    assert not (out / "checkpoint").exists()
+    resumed, uninterrupted = _student_state(out), _student_state(whole)
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name

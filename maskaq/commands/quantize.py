@@ -2,6 +2,11 @@
 distill (maskaq.pipeline), evaluate on --val, save the student, its report and an image grid.
 
     maskaq quantize --model vit_fmnist --wbits 4 --abits 4 --method maskaq --val fashion-mnist --out runs/w4a4
+
+While it runs, OUT/checkpoint holds its checkpoints (maskaq.checkpoint: synthesis batches, each
+round's images, the QAT state every --set checkpoint_every_steps=N steps and
+checkpoint_every_seconds=T seconds). A killed run continues with the same command plus --resume
+and ends with the student an uninterrupted run makes; a finished run removes OUT/checkpoint.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-limit", type=int, default=None,
                         help="evaluate on the first N validation images only (smoke runs)")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run that stopped in OUT (killed, pre-empted) from OUT/checkpoint; "
+                             "give the first run's arguments")
 
 
 def run(args) -> int:
@@ -55,7 +63,12 @@ def run(args) -> int:
         raise _cli_error(str(exc)) from None
     out = Path(args.out)
     rank, _ = dist_info()
-    result = run_pipeline(model, args.wbits, args.abits, method=args.method, seed=args.seed, config=config)
+    from maskaq.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+    try:
+        result = run_pipeline(model, args.wbits, args.abits, method=args.method, seed=args.seed, config=config,
+                              checkpoint_dir=out / "checkpoint", resume=args.resume)
+    except (FileExistsError, CheckpointMismatchError, CorruptCheckpointError) as exc:
+        raise _cli_error(str(exc)) from None
     report = dict(result.report, preset=args.preset, model=args.model, checkpoint=args.checkpoint)
     if val is not None:
         report["val"] = {"path": args.val, "limit": args.val_limit}
@@ -68,6 +81,8 @@ def run(args) -> int:
         grid = save_image_grid(result.images.images, spec.mean, spec.std, out / "synthetic.png")
         report["files"] = {"model": str(out / "model"), "report": str(out / "report.json"), "grid": str(grid)}
         write_json(out / "report.json", report)
+        from maskaq.checkpoint import RunCheckpoint
+        RunCheckpoint(out / "checkpoint", {}).remove()  # the results are written: the checkpoints go
         line = f"{args.method} W{args.wbits}A{args.abits}: done in {report['seconds']:.0f}s"
         if val is not None:
             line += (f"; top-1 {report['val']['quantized']['top1']:.2f}% "

@@ -179,22 +179,53 @@ class QATTrainer:
         total_steps = local_steps * cfg.qat_epochs
         # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
         offset = local_steps * cfg.qat_warmup_epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
         model = nn.parallel.DistributedDataParallel(self.student) if world > 1 else self.student
+        # epoch / batch: where training stands (the next epoch, and the batches of it already done),
+        # running / count: that epoch's loss sum so far; all of it is in state_dict()
         self._run = {"opt": opt, "sched": sched, "model": model, "step_no": 0, "optimizer_steps": 0,
-                     "epoch_losses": [], "g_aug": torch.Generator(device=self.device)}
+                     "epoch_losses": [], "epoch": 0, "batch": 0, "running": 0.0, "count": 0,
+                     "g_aug": torch.Generator(device=self.device)}
 
-    def train_round(self, data: SyntheticSet, epochs: range) -> None:
-        """Train the student on ``data`` for ``epochs`` (a range of epoch numbers of the whole run)."""
+    def state_dict(self) -> Dict:
+        """Everything a resumed run needs to continue bit-identically (with the student's own state)."""
+        run = self._run
+        if run is None:
+            return {"started": False, "refresh_log": list(self.refresh_log)}
+        keep = ("step_no", "optimizer_steps", "epoch_losses", "epoch", "batch", "running", "count")
+        return dict({k: run[k] for k in keep}, started=True, opt=run["opt"].state_dict(),
+                    sched=run["sched"].state_dict(), refresh_log=list(self.refresh_log))
+
+    def load_state_dict(self, state: Dict, n_images: int) -> None:
+        """Restore state_dict()'s ``state``; ``n_images``: the size of the first round's set (it
+        fixes the schedule, as it did in the run that saved the state)."""
+        self.refresh_log = list(state["refresh_log"])
+        if not state["started"]:
+            return
+        self._start(n_images)
+        run = self._run
+        run["opt"].load_state_dict(state["opt"])
+        run["sched"].load_state_dict(state["sched"])
+        for k in ("step_no", "optimizer_steps", "epoch", "batch", "running", "count"):
+            run[k] = state[k]
+        run["epoch_losses"] = list(state["epoch_losses"])
+
+    def train_round(self, data: SyntheticSet, epochs: range, on_step: Optional[Callable[[], None]] = None) -> None:
+        """Train the student on ``data`` for ``epochs`` (a range of epoch numbers of the whole run).
+        After load_state_dict, epochs and batches already done are skipped. ``on_step()`` is called
+        after every optimizer step (the pipeline checkpoints from there)."""
         if self._run is None:
             self._start(len(data))
         self.data = data
-        self.refresh_log.append({"epoch": epochs.start, "round": len(self.refresh_log), "num_images": len(data),
-                                 "report": data.report})
+        if not self.refresh_log or self.refresh_log[-1]["epoch"] != epochs.start:  # not a resumed round
+            self.refresh_log.append({"epoch": epochs.start, "round": len(self.refresh_log),
+                                     "num_images": len(data), "report": data.report})
         for epoch in epochs:
-            self._train_epoch(epoch)
+            if epoch >= self._run["epoch"]:
+                self._train_epoch(epoch, on_step)
 
-    def _train_epoch(self, epoch: int) -> None:
+    def _train_epoch(self, epoch: int, on_step: Optional[Callable[[], None]] = None) -> None:
         cfg, run, dev = self.config, self._run, self.device
         rank, world = dist_info()
         steps = self._steps_per_epoch(len(self.data))
@@ -203,11 +234,14 @@ class QATTrainer:
             # No optimizer step in the warm-up (public code): only the step counter (which
             # seeds the augmentation and places the schedule) moves on.
             run["step_no"] += local_steps
+            run["epoch"], run["batch"] = epoch + 1, 0
             return
         self.student.train()
-        running, count = 0.0, 0
         with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
-            for index in self._batches(epoch, steps, rank, world):
+            for i, index in enumerate(self._batches(epoch, steps, rank, world)):
+                if i < run["batch"]:  # done before the run was resumed
+                    bar.update(1)
+                    continue
                 run["g_aug"].manual_seed(batch_seed(self.seed, epoch, run["step_no"], stream=SeedStream.QAT_AUGMENT))
                 if self.data.draw is not None:  # an endless stream: fresh images every batch
                     images = self.data.draw(len(index), run["step_no"]).to(dev)
@@ -222,11 +256,15 @@ class QATTrainer:
                 run["sched"].step()
                 run["step_no"] += 1
                 run["optimizer_steps"] += 1
-                running += float(terms["total"].detach())
-                count += 1
+                run["running"] += float(terms["total"].detach())
+                run["count"] += 1
+                run["batch"] = i + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{running / count:.4f}")
-        run["epoch_losses"].append(running / max(count, 1))
+                bar.set_postfix(loss=f"{run['running'] / run['count']:.4f}")
+                if on_step is not None:
+                    on_step()
+        run["epoch_losses"].append(run["running"] / max(run["count"], 1))
+        run["epoch"], run["batch"], run["running"], run["count"] = epoch + 1, 0, 0.0, 0
 
     def report(self) -> Dict:
         run = self._run or {"step_no": 0, "optimizer_steps": 0, "epoch_losses": []}
