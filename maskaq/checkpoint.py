@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from maskaq._files import _json_default, atomic_write_bytes
+from maskaq._files import _json_default, atomic_write_bytes, is_rank0
 from maskaq.synthesis.io import BatchStore, CheckpointMismatchError, CorruptCheckpointError, _differences
 
 __all__ = ["RunCheckpoint", "CheckpointMismatchError", "CorruptCheckpointError"]
@@ -47,6 +47,9 @@ class RunCheckpoint:
         return BatchStore(self.directory / f"round_{int(round_index)}", self.fingerprint)
 
     def save_round_images(self, round_index: int, images) -> None:
+        """Rank 0 writes (every rank holds the gathered set)."""
+        if not is_rank0():
+            return
         if images.draw is None:  # an endless stream is redrawn from its seed instead
             self._sets.save(round_index, images.images, images.labels, {"report": images.report})
         self.batch_store(round_index).remove()  # the whole set replaces its batches
@@ -85,6 +88,6 @@ class RunCheckpoint:
         return saved["state"]
 
     def remove(self) -> None:
-        """Delete the checkpoints (the run finished and its results are written)."""
-        if self.directory.is_dir():
+        """Delete the checkpoints (the run finished and its results are written); rank 0 only."""
+        if is_rank0() and self.directory.is_dir():
             shutil.rmtree(self.directory)

@@ -22,7 +22,7 @@ from maskaq._files import is_rank0
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
-from maskaq.runtime import SeedStream, batch_seed, dist_info
+from maskaq.runtime import SeedStream, barrier, batch_seed, dist_info
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
@@ -285,7 +285,9 @@ def _open_checkpoint(directory, resume: bool, method: str, wbits: int, abits: in
     fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),
                    "settings": settings, "teacher_sha256": weights_digest(teacher)}
     ckpt = RunCheckpoint(directory, fingerprint)
-    if ckpt.holds_a_run() and not resume:
+    earlier = ckpt.holds_a_run()
+    barrier()  # every rank looked before any writes
+    if earlier and not resume:
         raise FileExistsError(f"{ckpt.directory} holds the checkpoints of an earlier run; resume it (--resume, "
                               "resume=True, with its arguments) or choose another directory")
     return ckpt

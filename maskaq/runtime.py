@@ -7,6 +7,8 @@ depend on how many processes share the work. Each kind of draw has its own named
 from __future__ import annotations
 
 import contextlib
+import os
+from datetime import timedelta
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -59,6 +61,39 @@ def dist_info() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1): NCCL on
+    CUDA machines, gloo otherwise. Returns True when this call created the group (the caller then
+    ends it with end_distributed). A collective waits at most MASKAQ_DIST_TIMEOUT_S seconds (default
+    1800) for a rank, so a rank that died cannot hang the others forever; torchrun itself stops
+    the job when one of its processes fails."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=float(os.environ.get("MASKAQ_DIST_TIMEOUT_S", "1800")))
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+def end_distributed(created: bool) -> None:
+    if created and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without one)."""
+    return dist_info()[1]
 
 
 def gather_batches(local: List[Tuple[int, torch.Tensor, torch.Tensor]], world_size: int):

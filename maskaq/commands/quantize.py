@@ -45,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) every process joins one group first."""
+    from maskaq.runtime import end_distributed, init_distributed
+    created = init_distributed()
+    try:
+        return _run(args)
+    finally:
+        end_distributed(created)
+
+
+def _run(args) -> int:
     from maskaq.quant import save_quantized
     from maskaq.synthesis.io import save_image_grid, write_json
 

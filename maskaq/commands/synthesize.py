@@ -42,6 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) every process joins one group first."""
+    from maskaq.runtime import end_distributed, init_distributed
+    created = init_distributed()
+    try:
+        return _run(args)
+    finally:
+        end_distributed(created)
+
+
+def _run(args) -> int:
     from maskaq.cli import CliError
     from maskaq.commands.common import load_model_for_cli, method_and_overrides, resolve_device
     from maskaq.pipeline import build_config
@@ -62,6 +72,8 @@ def run(args) -> int:
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     _refuse_earlier_batches_without_resume(args)
+    from maskaq.runtime import barrier
+    barrier()  # every rank looked before any writes
     device = resolve_device(args.device)
     teacher = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
                                  args.pretrained_file)

@@ -105,17 +105,15 @@ class QATTrainer:
         cfg = self.config
         return cfg.qat_steps_per_epoch or max(1, math.ceil(n_images / cfg.qat_batch_size))
 
-    def _batches(self, epoch: int, steps: int, rank: int, world: int):
-        """Index batches of one epoch: reshuffled passes over the set; rank r takes batches
-        r, r + W, ... and every rank the same number of them (DDP steps in lockstep)."""
+    def _batches(self, epoch: int, steps: int):
+        """Index batches of one epoch (reshuffled passes over the set): the global batches, of the
+        configured size whatever the world size; each rank trains on its share of every one."""
         n, bs = len(self.data), self.config.qat_batch_size
-        local = math.ceil(steps / world)
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, stream=SeedStream.QAT_SHUFFLE))
-        passes = math.ceil(local * world * bs / n) + 1
+        passes = math.ceil(steps * bs / n) + 1
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
-        for i in range(local):
-            j = i * world + rank
-            yield order[j * bs:(j + 1) * bs]
+        for i in range(steps):
+            yield order[i * bs:(i + 1) * bs]
 
     def step_loss(self, images: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
         from maskaq.quant import capture_attention
@@ -175,10 +173,13 @@ class QATTrainer:
             raise ValueError("the student has no trainable parameters")
         opt = torch.optim.SGD(params, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
                               weight_decay=cfg.qat_weight_decay, nesterov=True)
-        local_steps = math.ceil(self._steps_per_epoch(n_images) / world)  # this rank's batches per epoch
-        total_steps = local_steps * cfg.qat_epochs
+        if cfg.qat_batch_size % world:
+            raise ValueError(f"qat_batch_size ({cfg.qat_batch_size}) must be a multiple of the number of "
+                             f"processes ({world}): each trains on an equal share of every global batch")
+        steps = self._steps_per_epoch(n_images)  # global batches per epoch, as in one process
+        total_steps = steps * cfg.qat_epochs
         # The cosine starts at epoch 0; the warm-up epochs take no step but use up their share.
-        offset = local_steps * cfg.qat_warmup_epochs
+        offset = steps * cfg.qat_warmup_epochs
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
         model = nn.parallel.DistributedDataParallel(self.student) if world > 1 else self.student
@@ -225,30 +226,38 @@ class QATTrainer:
             if epoch >= self._run["epoch"]:
                 self._train_epoch(epoch, on_step)
 
+    def _global_batch(self, index: torch.Tensor) -> torch.Tensor:
+        """The images of one global batch, augmented (the generator seeded by the step number)."""
+        run = self._run
+        run["g_aug"].manual_seed(batch_seed(self.seed, run["epoch_now"], run["step_no"], stream=SeedStream.QAT_AUGMENT))
+        if self.data.draw is not None:  # an endless stream: fresh images every batch
+            images = self.data.draw(len(index), run["step_no"])
+        else:
+            images = self.data.images[index]
+        images = images.to(self.device)
+        return self.augment(images, run["g_aug"]) if self.augment is not None else images
+
     def _train_epoch(self, epoch: int, on_step: Optional[Callable[[], None]] = None) -> None:
         cfg, run, dev = self.config, self._run, self.device
         rank, world = dist_info()
         steps = self._steps_per_epoch(len(self.data))
-        local_steps = math.ceil(steps / world)
         if epoch < cfg.qat_warmup_epochs:
             # No optimizer step in the warm-up (public code): only the step counter (which
             # seeds the augmentation and places the schedule) moves on.
-            run["step_no"] += local_steps
+            run["step_no"] += steps
             run["epoch"], run["batch"] = epoch + 1, 0
             return
         self.student.train()
-        with progress_bar(local_steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
-            for i, index in enumerate(self._batches(epoch, steps, rank, world)):
+        run["epoch_now"] = epoch
+        with progress_bar(steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
+            for i, index in enumerate(self._batches(epoch, steps)):
                 if i < run["batch"]:  # done before the run was resumed
                     bar.update(1)
                     continue
-                run["g_aug"].manual_seed(batch_seed(self.seed, epoch, run["step_no"], stream=SeedStream.QAT_AUGMENT))
-                if self.data.draw is not None:  # an endless stream: fresh images every batch
-                    images = self.data.draw(len(index), run["step_no"]).to(dev)
-                else:
-                    images = self.data.images[index].to(dev)
-                if self.augment is not None:
-                    images = self.augment(images, run["g_aug"])
+                images = self._global_batch(index).to(dev)
+                # every rank makes (and augments) the whole global batch, then trains on its rows:
+                # the images are those of a one-process run; DDP averages the rank gradients.
+                images = images[rank::world]
                 terms = self.step_loss(images, run["model"])
                 run["opt"].zero_grad(set_to_none=True)
                 terms["total"].backward()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq.quant.quantizers import LsqActQuantizer, WeightQuantizer, check_bits
+from maskaq.runtime import world_size
 
 __all__ = [
     "QuantLinear",
@@ -165,6 +166,12 @@ def _fq_attention(q, k, v, scale, quantizers, want_logits):
         return ops.fq_attention(q, k, v, scale=scale, return_logits=want_logits)
     step = torch.stack([qz.step for qz in quantizers]).float()
     zero_point = torch.stack([qz.zero_point for qz in quantizers]).float()
+    world = world_size()
+    if world > 1 and step.requires_grad:
+        # the op scales the step gradients by 1/sqrt(numel) of this rank's share; the one-process
+        # run's scale is that of the whole global batch, sqrt(world) times smaller
+        from maskaq.reference import _scale_grad
+        step = _scale_grad(step, world ** -0.5)
     return ops.fq_attention(
         q, k, v, step=step, zero_point=zero_point,
         qmin=[qz.qmin for qz in quantizers], qmax=[qz.qmax for qz in quantizers],

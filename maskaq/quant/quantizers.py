@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from maskaq.reference import lsq_grad_scale  # one definition of METHOD.md's g, shared with the reference
+from maskaq.runtime import world_size
 
 __all__ = [
     "LSQ_GRAD_SCALE",
@@ -155,7 +156,9 @@ def lsq_fake_quant(
     the zero point's gradient is not scaled.
     """
     if grad_scale is None:
-        grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel(), qmax)
+        # Under DDP x is this rank's share of the global batch: g is that of the whole batch, as in
+        # a one-process run, so that N processes train like one.
+        grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel() * world_size(), qmax)
     step = step.to(x.dtype)
     zero_point = zero_point.to(x.dtype)
     return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
