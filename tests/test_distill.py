@@ -264,7 +264,17 @@ def test_quantize_real_needs_data():
         pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick")
     data = [(torch.randn(1, 28, 28), i % 10) for i in range(16)]
     qmodel = pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick", real_data=data, progress=False)
+    assert qmodel.maskaq_report["calibrated_on"] == "gaussian noise"  # the default calib_data
+    qmodel = pipeline.quantize(tiny_vit(), 4, 4, method="real", preset="quick", real_data=data, progress=False,
+                               calib_data="images")
     assert qmodel.maskaq_report["calibrated_on"] == "real images"
+
+
+def test_calibration_data_default_is_noise_but_the_paper_preset_calibrates_on_the_images():
+    from maskaq.pipeline import build_config
+    assert build_config("maskaq", "cpu").pipeline.calib_data == "noise"
+    assert build_config("psaq", "cpu-long").pipeline.calib_data == "noise"
+    assert build_config("maskaq", "paper").pipeline.calib_data == "images"
 
 
 def test_gaussian_baseline_is_an_endless_stream_of_fresh_noise(monkeypatch):
