@@ -15,11 +15,23 @@ from maskaq.cli import CliError
 from maskaq.pipeline import config_keys
 
 __all__ = ["add_model_arguments", "add_weight_arguments", "check_bits_cli", "collect_overrides", "dataset_for_cli",
-           "load_model_for_cli", "method_and_overrides", "parse_override", "resolve_device"]
+           "load_model_for_cli", "method_and_overrides", "parse_override", "resolve_device",
+           "in_process_group"]
 
 
 def _cli_error(msg: str) -> CliError:
     return CliError(msg)
+
+
+def in_process_group(body, args) -> int:
+    """``body(args)``, under torchrun (WORLD_SIZE > 1 in the environment) inside one process group
+    that every process joins first and leaves after."""
+    from maskaq.runtime import end_distributed, init_distributed
+    created = init_distributed()
+    try:
+        return body(args)
+    finally:
+        end_distributed(created)
 
 
 def parse_override(text: str):

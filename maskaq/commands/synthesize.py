@@ -42,13 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    """Under torchrun (WORLD_SIZE > 1 in the environment) every process joins one group first."""
-    from maskaq.runtime import end_distributed, init_distributed
-    created = init_distributed()
-    try:
-        return _run(args)
-    finally:
-        end_distributed(created)
+    from maskaq.commands.common import in_process_group
+    return in_process_group(_run, args)
 
 
 def _run(args) -> int:
