@@ -17,15 +17,18 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from maskaq._files import _json_default, atomic_write_bytes, is_rank0
+from maskaq.runtime import barrier
 from maskaq.synthesis.io import BatchStore, CheckpointMismatchError, CorruptCheckpointError, _differences
 
-__all__ = ["RunCheckpoint", "CheckpointMismatchError", "CorruptCheckpointError"]
+__all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "CheckpointMismatchError",
+           "CorruptCheckpointError"]
 
 
 class RunCheckpoint:
@@ -91,3 +94,53 @@ class RunCheckpoint:
         """Delete the checkpoints (the run finished and its results are written); rank 0 only."""
         if is_rank0() and self.directory.is_dir():
             shutil.rmtree(self.directory)
+
+
+def open_run_checkpoint(directory, resume: bool, method: str, wbits: int, abits: int, seed: int,
+                        settings: Dict[str, Dict[str, Any]], teacher) -> Optional[RunCheckpoint]:
+    """The run's RunCheckpoint (None without a directory), fingerprinted with the run's method, bits,
+    seed, settings (as FullConfig.as_dict()) and teacher weights; an earlier run's directory needs
+    ``resume``."""
+    if directory is None:
+        if resume:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
+        return None
+    from maskaq.synthesis.io import weights_digest
+    settings = json.loads(json.dumps(settings, default=_json_default))
+    for key in ("progress", "checkpoint_every_steps", "checkpoint_every_seconds"):  # do not change the result
+        settings["pipeline"].pop(key, None)
+    fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),
+                   "settings": settings, "teacher_sha256": weights_digest(teacher)}
+    ckpt = RunCheckpoint(directory, fingerprint)
+    earlier = ckpt.holds_a_run()
+    barrier()  # every rank looked before any writes
+    if earlier and not resume:
+        raise FileExistsError(f"{ckpt.directory} holds the checkpoints of an earlier run; resume it (--resume, "
+                              "resume=True, with its arguments) or choose another directory")
+    return ckpt
+
+
+class CheckpointSaver:
+    """Writes a run's QAT state every N optimizer steps or T seconds, and at the end of each round
+    (rank 0 only; nothing without a checkpoint)."""
+
+    def __init__(self, ckpt: Optional[RunCheckpoint], every_steps: int, every_seconds: float, student, trainer):
+        self.ckpt, self.student, self.trainer = ckpt, student, trainer
+        self.every_steps = max(1, int(every_steps))
+        self.every_seconds = float(every_seconds)
+        self.steps, self.last = 0, time.monotonic()
+        self.round_index, self.calibrated_on, self.first_set_size = 0, None, None
+
+    def maybe_save(self) -> None:
+        self.steps += 1
+        if self.steps % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds:
+            self.save(self.round_index)
+
+    def save(self, round_index: int) -> None:
+        """The state to resume at ``round_index`` (the current round mid-way, or the next one)."""
+        if self.ckpt is None or not is_rank0():
+            return
+        self.ckpt.save({"round": round_index, "student": self.student.state_dict(),
+                        "trainer": self.trainer.state_dict(), "calibrated_on": self.calibrated_on,
+                        "first_set_size": self.first_set_size, "torch_rng": torch.get_rng_state()})
+        self.last = time.monotonic()

@@ -1,9 +1,13 @@
 """Top-1/top-5 accuracy of a model on a dataset or loader (`maskaq eval` is maskaq/commands/eval.py)."""
 from __future__ import annotations
 
-import torch
+import sys
+from typing import Dict, Optional
 
-__all__ = ["evaluate"]
+import torch
+from torch import nn
+
+__all__ = ["evaluate", "evaluate_model"]
 
 
 def _as_loader(data, batch_size: int = 256):
@@ -63,3 +67,15 @@ def evaluate(model: torch.nn.Module, loader, device=None, progress: bool = True)
     if total == 0:
         raise ValueError("the loader yielded no samples")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch_size: int = 256,
+                   progress: Optional[bool] = None) -> Dict[str, float]:
+    """Top-1/top-5 (%) of `model` on `dataset` (first `limit` items)."""
+    from torch.utils.data import DataLoader, Subset
+    if limit is not None:
+        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if progress is None:  # a bar only where someone watches
+        progress = sys.stderr.isatty()
+    return evaluate(model, loader, progress=bool(progress))

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from maskaq import methods
-from maskaq._files import is_rank0
+from maskaq.checkpoint import CheckpointSaver, open_run_checkpoint
+from maskaq.evaluation import evaluate_model  # noqa: F401  (public here since the first release)
 from maskaq.distill.trainer import QATConfig, QATTrainer
 from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
-from maskaq.runtime import SeedStream, barrier, batch_seed, dist_info
+from maskaq.runtime import SeedStream, batch_seed, dist_info
 from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
@@ -220,13 +221,14 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         # calibrates the student's activation grids, and QAT trains for the round's epochs.
         make_images = _data_source(method, teacher, spec, cfg, seed)
         trainer = QATTrainer(teacher, student, cfg.qat, seed=seed, progress=cfg.pipeline.progress, spec=spec)
-        ckpt = _open_checkpoint(checkpoint_dir, resume, method, wbits, abits, seed, cfg, teacher)
+        ckpt = open_run_checkpoint(checkpoint_dir, resume, method, wbits, abits, seed, cfg.as_dict(), teacher)
         state = ckpt.load() if ckpt is not None else None
         if state is not None:  # everything up to the saved step is done, calibration included
             student.load_state_dict(state["student"])
             calibrated_on = state["calibrated_on"]
             torch.set_rng_state(state["torch_rng"])
-        saver = _Saver(ckpt, cfg.pipeline, student, trainer)
+        saver = CheckpointSaver(ckpt, cfg.pipeline.checkpoint_every_steps, cfg.pipeline.checkpoint_every_seconds,
+                                student, trainer)
         saver.first_set_size = state["first_set_size"] if state is not None else None
         rounds = trainer.rounds()
         start_round = state["round"] if state is not None else 0
@@ -274,54 +276,6 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
     return PipelineResult(student, report, last_images, cfg)
 
 
-def _open_checkpoint(directory, resume: bool, method: str, wbits: int, abits: int, seed: int, cfg: FullConfig,
-                     teacher: nn.Module):
-    """The run's RunCheckpoint (None without a directory); an earlier run's directory needs `resume`."""
-    if directory is None:
-        if resume:
-            raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
-        return None
-    from maskaq.checkpoint import RunCheckpoint
-    from maskaq.synthesis.io import weights_digest
-    settings = cfg.as_dict()
-    for key in ("progress", "checkpoint_every_steps", "checkpoint_every_seconds"):  # do not change the result
-        settings["pipeline"].pop(key, None)
-    fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),
-                   "settings": settings, "teacher_sha256": weights_digest(teacher)}
-    ckpt = RunCheckpoint(directory, fingerprint)
-    earlier = ckpt.holds_a_run()
-    barrier()  # every rank looked before any writes
-    if earlier and not resume:
-        raise FileExistsError(f"{ckpt.directory} holds the checkpoints of an earlier run; resume it (--resume, "
-                              "resume=True, with its arguments) or choose another directory")
-    return ckpt
-
-
-class _Saver:
-    """Writes the QAT state every N optimizer steps or T seconds, and at the end of each round."""
-
-    def __init__(self, ckpt, pipeline_cfg: PipelineConfig, student: nn.Module, trainer: QATTrainer):
-        self.ckpt, self.student, self.trainer = ckpt, student, trainer
-        self.every_steps = max(1, int(pipeline_cfg.checkpoint_every_steps))
-        self.every_seconds = float(pipeline_cfg.checkpoint_every_seconds)
-        self.steps, self.last = 0, time.monotonic()
-        self.round_index, self.calibrated_on, self.first_set_size = 0, None, None
-
-    def maybe_save(self) -> None:
-        self.steps += 1
-        if self.steps % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds:
-            self.save(self.round_index)
-
-    def save(self, round_index: int) -> None:
-        """The state to resume at ``round_index`` (the current round mid-way, or the next one)."""
-        if self.ckpt is None or not is_rank0():
-            return
-        self.ckpt.save({"round": round_index, "student": self.student.state_dict(),
-                        "trainer": self.trainer.state_dict(), "calibrated_on": self.calibrated_on,
-                        "first_set_size": self.first_set_size, "torch_rng": torch.get_rng_state()})
-        self.last = time.monotonic()
-
-
 def _no_qat_report() -> Dict[str, Any]:
     return {"epochs": 0, "warmup_epochs": 0, "steps": 0, "optimizer_steps": 0, "refresh_epochs": [],
             "epoch_losses": [], "seconds": 0.0, "cpu_seconds": 0.0, "synthesis": []}
@@ -337,19 +291,3 @@ def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", p
     continues a stopped one (see run_pipeline). The run's report is at `qmodel.maskaq_report`.
     """
     return run_pipeline(model, wbits, abits, method=method, preset=preset, seed=seed, **overrides).model
-
-
-# ------------------------------------------------------------------------------------- CLI
-def evaluate_model(model: nn.Module, dataset, limit: Optional[int] = None, batch_size: int = 256,
-                   progress: Optional[bool] = None) -> Dict[str, float]:
-    """Top-1/top-5 (%) of `model` on `dataset` (first `limit` items)."""
-    from torch.utils.data import DataLoader, Subset
-    if limit is not None:
-        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    from maskaq.evaluation import evaluate
-
-    if progress is None:  # a bar only where someone watches
-        import sys
-        progress = sys.stderr.isatty()
-    return evaluate(model, loader, progress=bool(progress))

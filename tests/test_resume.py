@@ -138,9 +138,9 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("stop_after_steps", [1, 5])  # in round 0, in round 1
 def test_pipeline_stopped_mid_qat_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, stop_after_steps):
-    from maskaq import pipeline
+    from maskaq.checkpoint import CheckpointSaver
     whole = _tiny_run(tmp_path / "whole").model.state_dict()
-    original = pipeline._Saver.maybe_save
+    original = CheckpointSaver.maybe_save
     calls = []
 
     def stop(self):
@@ -150,10 +150,10 @@ def test_pipeline_stopped_mid_qat_resumes_to_the_uninterrupted_student(tmp_path,
             self.save(self.round_index)  # what the last periodic save held, then the crash
             raise _Stop
 
-    monkeypatch.setattr(pipeline._Saver, "maybe_save", stop)
+    monkeypatch.setattr(CheckpointSaver, "maybe_save", stop)
     with pytest.raises(_Stop):
         _tiny_run(tmp_path / "cut")
-    monkeypatch.setattr(pipeline._Saver, "maybe_save", original)
+    monkeypatch.setattr(CheckpointSaver, "maybe_save", original)
     with pytest.raises(FileExistsError, match="earlier run"):
         _tiny_run(tmp_path / "cut")
     with pytest.raises(CheckpointMismatchError, match="qat_lr"):
