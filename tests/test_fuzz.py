@@ -148,7 +148,11 @@ def test_int8_linear_epilogue(M, N, activation, requant, unsigned, bits, transpo
     if activation == "none":
         assert torch.equal(got, expected)
     elif got.dtype == torch.float32:
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # GELU = x·Φ(x) in float32: Φ's rounding error (~2 ulp of 1) is multiplied by |x|, so the
+        # absolute error grows with the pre-activation (1e-6 at x = -8.5, where y is only ~1e-3)
+        x = acc.double() * scale.double() + bias.double()
+        error = (got.double() - expected.double()).abs()
+        assert (error <= 1e-6 * expected.double().abs() + 3e-7 * x.abs() + 1e-7).all(), error.max()
     else:  # GELU: an ulp of erf may tip a tie to the neighbouring level
         assert (got.int() - expected.int()).abs().max().item() <= 1
 
