@@ -19,7 +19,7 @@ numbers across runs. ``peak_mb`` = bytes of the stored weights (parameters, buff
 weights, or the ONNX file) + the growth of the peak resident set (CPU, VmHWM reset before the
 runs) or of the CUDA allocator's peak during the runs.
 
-Used by ``maskaq bench`` and ``benchmarks/bench_inference.py``.
+Used by ``maskaq bench`` and ``benchmarks/bench_inference.py``; the measuring half is maskaq/integer/latency.py.
 """
 from __future__ import annotations
 
@@ -28,17 +28,17 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
+from maskaq.integer.latency import (Unavailable, build_impl, create_model, input_shape, measure_memory_mb,
+                                    sync_device, time_interleaved)
+
 CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8",
              "ort_qdq")
-_INTEGER_BITS = {"int_w8a8": (8, 8), "int_w8a7": (8, 7), "int_w4a8": (4, 8)}  # impl -> (wbits, abits)
 # What a run measures without --impls: the integer models against what a user would otherwise
 # deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
 # without them the default table took 6 min 40 s on 2 cores (one of them busy) instead of over 40.
@@ -51,265 +51,12 @@ GPU_BATCHES = (1, 64, 256)
 BASELINE = {"cpu": "fp32", "cuda": "fp16"}
 
 
-class Unavailable(Exception):
-    """An implementation that cannot run here (missing package, no device): skipped with a note."""
-
-
 def _error(message: str) -> Exception:
     from maskaq.cli import CliError
 
     return CliError(message)
 
 
-# ---------------------------------------------------------------------------------------------
-# building the implementations
-# ---------------------------------------------------------------------------------------------
-def create_model(name: str, seed: int) -> torch.nn.Module:
-    """Random-init timm model in eval mode (latency does not depend on the weight values)."""
-    import timm
-
-    torch.manual_seed(seed)
-    try:
-        model = timm.create_model(name, pretrained=False)
-    except Exception as exc:  # timm raises RuntimeError for unknown names
-        raise _error(f"unknown timm model {name!r} ({exc}); try deit_small_patch16_224") from exc
-    return model.eval()
-
-
-def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    if size is None:
-        patch = model.patch_embed
-        size = (patch.proj.in_channels, *patch.img_size)
-    return tuple(int(s) for s in size)
-
-
-def calibration_images(model: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((count, *_input_shape(model)), generator=generator)
-
-
-def build_quantized(model: torch.nn.Module, wbits: int, abits: int, seed: int, calib: int = 4):
-    """Fake-quant copy of ``model`` calibrated on random images (seeded)."""
-    from maskaq.quant import calibrate, quantize_model
-
-    qmodel = quantize_model(model, wbits, abits).eval()
-    with torch.no_grad():
-        calibrate(qmodel, calibration_images(model, calib, seed))
-    return qmodel
-
-
-def build_integer(model: torch.nn.Module, wbits: int, abits: int, seed: int, device: str,
-                  kernel: str = "onednn"):
-    from maskaq.integer.export import export_integer
-
-    qmodel = build_quantized(model, wbits, abits, seed)
-    return export_integer(qmodel.to(device), device=device, kernel=kernel)
-
-
-def _module_bytes(module: torch.nn.Module) -> int:
-    """Stored weight bytes, including the packed weights of torch's dynamic quantized Linear."""
-    from maskaq.integer.modules import stored_bytes
-
-    total = stored_bytes(module)
-    for m in module.modules():
-        packed = getattr(m, "_packed_params", None)
-        if packed is not None and hasattr(m, "weight") and callable(m.weight):
-            weight, bias = m.weight(), m.bias()
-            total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 4)
-    return total
-
-
-class Impl:
-    """A callable model + the bytes of its stored weights."""
-
-    def __init__(self, name, fn, weight_bytes, keep=None):
-        self.name = name
-        self.fn = fn
-        self.weight_bytes = weight_bytes
-        self.keep = keep  # objects that must outlive fn (sessions, temp dirs)
-
-
-def _torch_impl(name, module, dtype=None):
-    def fn(x):
-        with torch.inference_mode():
-            return module(x if dtype is None else x.to(dtype))
-
-    return Impl(name, fn, _module_bytes(module), keep=module)
-
-
-def _onnx_export(model: torch.nn.Module, path: str) -> None:
-    """Export with a dynamic batch axis (legacy TorchScript exporter: fast, no extra deps)."""
-    example = torch.randn((1, *_input_shape(model)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), path, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-
-
-def _ort_impl(name, model, threads, int8: bool, workdir: str):
-    _import_ort()  # before the export: no ONNX Runtime, no work
-    fp32_path = os.path.join(workdir, "model_fp32.onnx")
-    if not os.path.exists(fp32_path):
-        _onnx_export(model, fp32_path)
-    path = fp32_path
-    if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        path = os.path.join(workdir, "model_int8.onnx")
-        if not os.path.exists(path):
-            quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8)
-    return _ort_session_impl(name, path, threads)
-
-
-def _ort_qdq_impl(name, model, seed, threads, workdir: str):
-    """maskaq's W8A8 student exported as an ONNX QDQ graph (maskaq.export_onnx), run by ONNX Runtime."""
-    _import_ort()
-    from maskaq.integer.qdq import export_onnx
-
-    path = os.path.join(workdir, "model_qdq_w8a8.onnx")
-    if not os.path.exists(path):
-        export_onnx(build_quantized(model, 8, 8, seed), path)
-    return _ort_session_impl(name, path, threads)
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise Unavailable("onnxruntime is not installed (pip install maskaq[bench])") from exc
-    return onnxruntime
-
-
-def _ort_session_impl(name, path, threads):
-    ort = _import_ort()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def fn(x):
-        return session.run(None, {"x": x.numpy()})[0]
-
-    return Impl(name, fn, os.path.getsize(path), keep=session)
-
-
-def build_impl(name: str, model: torch.nn.Module, device: str, args, workdir: str) -> Impl:
-    """One implementation of ``model`` on ``device``; raises Unavailable where it cannot run."""
-    seed = args.seed
-    if device == "cpu":
-        if name == "fp32":
-            return _torch_impl(name, model)
-        if name == "fakequant":
-            return _torch_impl(name, build_quantized(model, 8, 8, seed))
-        if name in _INTEGER_BITS:
-            return _torch_impl(name, build_integer(model, *_INTEGER_BITS[name], seed, device, args.kernel))
-        if name == "torch_dynamic_int8":
-            dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-            return _torch_impl(name, dyn)
-        if name in ("ort_fp32", "ort_int8"):
-            return _ort_impl(name, model, args.threads, name == "ort_int8", workdir)
-        if name == "ort_qdq":
-            return _ort_qdq_impl(name, model, seed, args.threads, workdir)
-        raise Unavailable(f"{name} is not a CPU implementation")
-    # CUDA
-    if name in ("fp16", "bf16"):
-        dtype = torch.float16 if name == "fp16" else torch.bfloat16
-        return _torch_impl(name, _copy_to(model, device, dtype), dtype)
-    if name == "fp16_compile":
-        module = _copy_to(model, device, torch.float16)
-        compiled = torch.compile(module)
-        impl = _torch_impl(name, compiled, torch.float16)
-        impl.weight_bytes = _module_bytes(module)
-        return impl
-    if name in ("int_w8a8", "int_w4a8"):
-        return _torch_impl(name, build_integer(model, 4 if name == "int_w4a8" else 8, 8, seed, device))
-    raise Unavailable(f"{name} is not a CUDA implementation")
-
-
-def _copy_to(model, device, dtype):
-    import copy
-
-    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# measuring
-# ---------------------------------------------------------------------------------------------
-def _rss_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_memory_mb(impl: Impl, x: torch.Tensor, device: str) -> float:
-    """Stored weights + the growth of the peak memory while running one batch."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        impl.fn(x)
-        torch.cuda.synchronize()
-        growth = torch.cuda.max_memory_allocated() - before
-    else:
-        if _reset_peak_rss():
-            before = _rss_kb("VmRSS") or 0
-            impl.fn(x)
-            growth = max(0, (_rss_kb("VmHWM") or 0) - before) * 1024
-        else:
-            growth = float("nan")
-    return (impl.weight_bytes + growth) / 2**20
-
-
-def time_interleaved(impls: list[Impl], x: torch.Tensor, device: str, rounds: int, iters: int,
-                     warmup: int) -> dict[str, float]:
-    """Median ms per call of each impl; rounds alternate between impls so load drift hits all."""
-    times = {impl.name: [] for impl in impls}
-    for impl in impls:
-        for _ in range(warmup):
-            impl.fn(x)
-    _sync(device)
-    for _ in range(rounds):
-        for impl in impls:
-            if iters > 1:  # one call to settle caches after the other impl ran (moot for calls of ~0.3 s+)
-                impl.fn(x)
-                _sync(device)
-            for _ in range(iters):
-                start = time.perf_counter()
-                impl.fn(x)
-                _sync(device)
-                times[impl.name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# driver
-# ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names")
     parser.add_argument("--batches", nargs="+", type=int, default=None,
@@ -376,7 +123,7 @@ def _auto_iters(impls, x, device) -> int:
     for impl in impls:
         start = time.perf_counter()
         impl.fn(x)
-        _sync(device)
+        sync_device(device)
         slowest = max(slowest, time.perf_counter() - start)
     return int(min(20, max(1, math.ceil(0.3 / max(slowest, 1e-6)))))
 
@@ -399,8 +146,11 @@ def run_benchmark(args, log=print) -> list[dict]:
     log(f"CPU integer path: {cpu_fields['cpu_capability']}, {args.kernel} {cpu_fields['cpu_int8']}")
     records = []
     for model_name in models:
-        model = create_model(model_name, args.seed)
-        shape = _input_shape(model)
+        try:
+            model = create_model(model_name, args.seed)
+        except ValueError as exc:
+            raise _error(str(exc)) from None
+        shape = input_shape(model)
         with tempfile.TemporaryDirectory(prefix="maskaq_bench_") as workdir:
             for device in devices:
                 impl_names, batches = _plan(device, args)
