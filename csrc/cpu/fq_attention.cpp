@@ -10,6 +10,7 @@
 // zero-point gradients do not depend on the thread count.
 // float32 and float64 (float64 serves gradcheck).
 #include "checks.h"
+#include "float_math.h"
 #include "vec8.h"
 
 #include <ATen/Parallel.h>
@@ -50,24 +51,10 @@ inline T round_small(T x) {
   return (x + RoundMagic<T>::value) - RoundMagic<T>::value;
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the row max). float: Cephes' expf
+// exp(x) for x <= 0 (softmax after subtracting the row max). float: float_math.h's Cephes expf
 // polynomial (about 1 ulp), in plain arithmetic so the loop vectorizes; double: libm.
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.33654f);  // below, exp underflows; 2^-126 is as good as 0 here
-  const float n = round_small(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return y * pow2;
+  return fmath::exp_bounded(std::max(x, -87.33654f));  // below, exp underflows; 2^-126 is as good as 0 here
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }

@@ -7,7 +7,7 @@
 //             their LSQ sums. Per-block partial sums are reduced by one small kernel, in a fixed
 //             order, so the step / zero-point gradients are deterministic.
 #include "common.cuh"
-#include "../cpu/checks.h"
+#include "checks.h"
 
 namespace maskaq {
 namespace cuda {

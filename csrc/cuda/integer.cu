@@ -11,7 +11,7 @@
 // FMAs and divide approximately), so the requantized outputs match it exactly up to erf / exp
 // implementation differences of an ulp.
 #include "common.cuh"
-#include "../cpu/checks.h"
+#include "checks.h"
 
 #include <mma.h>
 

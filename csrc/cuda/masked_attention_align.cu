@@ -18,7 +18,7 @@
 // float16 and bfloat16, where exact ties are common). The CPU kernel sums the same way.
 // Non-finite draws are flagged by the kernel and raised (ValueError, as on CPU) after one read.
 #include "common.cuh"
-#include "../cpu/checks.h"
+#include "checks.h"
 
 namespace maskaq {
 namespace cuda {

@@ -17,7 +17,7 @@
 // bounds, ever) and raises a flag; the op reads the flag once at the end and raises IndexError
 // with the CPU kernel's message.
 #include "common.cuh"
-#include "../cpu/checks.h"
+#include "checks.h"
 
 namespace maskaq {
 namespace cuda {
