@@ -223,17 +223,16 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         trainer = QATTrainer(teacher, student, cfg.qat, seed=seed, progress=cfg.pipeline.progress, spec=spec)
         ckpt = open_run_checkpoint(checkpoint_dir, resume, method, wbits, abits, seed, cfg.as_dict(), teacher)
         state = ckpt.load() if ckpt is not None else None
+        saver = CheckpointSaver(ckpt, cfg.pipeline.checkpoint_every_steps, cfg.pipeline.checkpoint_every_seconds,
+                                student, trainer)
         if state is not None:  # everything up to the saved step is done, calibration included
             student.load_state_dict(state["student"])
             calibrated_on = state["calibrated_on"]
             torch.set_rng_state(state["torch_rng"])
-        saver = CheckpointSaver(ckpt, cfg.pipeline.checkpoint_every_steps, cfg.pipeline.checkpoint_every_seconds,
-                                student, trainer)
-        saver.first_set_size = state["first_set_size"] if state is not None else None
+            saver.first_set_size = state["first_set_size"]
+            trainer.load_state_dict(state["trainer"], saver.first_set_size)
         rounds = trainer.rounds()
         start_round = state["round"] if state is not None else 0
-        if state is not None and start_round >= len(rounds):  # it had finished: only the report is left
-            trainer.load_state_dict(state["trainer"], saver.first_set_size)
         images = None
         for round_index in range(start_round, len(rounds)):
             images = ckpt.round_images(round_index) if ckpt is not None else None
@@ -246,8 +245,6 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
                 calibrate(student, batch.to(dev), init=cfg.pipeline.act_init)
             if saver.first_set_size is None:
                 saver.first_set_size = len(images)
-            if state is not None and round_index == start_round:
-                trainer.load_state_dict(state["trainer"], saver.first_set_size)
             saver.round_index, saver.calibrated_on = round_index, calibrated_on
             trainer.train_round(images, rounds[round_index], on_step=saver.maybe_save if ckpt is not None else None)
             saver.save(round_index + 1)

@@ -167,7 +167,7 @@ class QATTrainer:
         """Optimizer and schedule, made when the first round's images are known (the cosine spans the
         whole run with the steps per epoch of the first set)."""
         cfg = self.config
-        rank, world = dist_info()
+        world = dist_info()[1]
         params = self._trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
@@ -194,9 +194,8 @@ class QATTrainer:
         run = self._run
         if run is None:
             return {"started": False, "refresh_log": list(self.refresh_log)}
-        keep = ("step_no", "optimizer_steps", "epoch_losses", "epoch", "batch", "running", "count")
-        return dict({k: run[k] for k in keep}, started=True, opt=run["opt"].state_dict(),
-                    sched=run["sched"].state_dict(), refresh_log=list(self.refresh_log))
+        return dict({k: run[k] for k in _RUN_COUNTERS}, epoch_losses=list(run["epoch_losses"]), started=True,
+                    opt=run["opt"].state_dict(), sched=run["sched"].state_dict(), refresh_log=list(self.refresh_log))
 
     def load_state_dict(self, state: Dict, n_images: int) -> None:
         """Restore state_dict()'s ``state``; ``n_images``: the size of the first round's set (it
@@ -208,7 +207,7 @@ class QATTrainer:
         run = self._run
         run["opt"].load_state_dict(state["opt"])
         run["sched"].load_state_dict(state["sched"])
-        for k in ("step_no", "optimizer_steps", "epoch", "batch", "running", "count"):
+        for k in _RUN_COUNTERS:
             run[k] = state[k]
         run["epoch_losses"] = list(state["epoch_losses"])
 
@@ -226,10 +225,10 @@ class QATTrainer:
             if epoch >= self._run["epoch"]:
                 self._train_epoch(epoch, on_step)
 
-    def _global_batch(self, index: torch.Tensor) -> torch.Tensor:
+    def _global_batch(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """The images of one global batch, augmented (the generator seeded by the step number)."""
         run = self._run
-        run["g_aug"].manual_seed(batch_seed(self.seed, run["epoch_now"], run["step_no"], stream=SeedStream.QAT_AUGMENT))
+        run["g_aug"].manual_seed(batch_seed(self.seed, epoch, run["step_no"], stream=SeedStream.QAT_AUGMENT))
         if self.data.draw is not None:  # an endless stream: fresh images every batch
             images = self.data.draw(len(index), run["step_no"])
         else:
@@ -238,7 +237,7 @@ class QATTrainer:
         return self.augment(images, run["g_aug"]) if self.augment is not None else images
 
     def _train_epoch(self, epoch: int, on_step: Optional[Callable[[], None]] = None) -> None:
-        cfg, run, dev = self.config, self._run, self.device
+        cfg, run = self.config, self._run
         rank, world = dist_info()
         steps = self._steps_per_epoch(len(self.data))
         if epoch < cfg.qat_warmup_epochs:
@@ -248,13 +247,12 @@ class QATTrainer:
             run["epoch"], run["batch"] = epoch + 1, 0
             return
         self.student.train()
-        run["epoch_now"] = epoch
         with progress_bar(steps, f"QAT epoch {epoch + 1}/{cfg.qat_epochs}", self.progress) as bar:
             for i, index in enumerate(self._batches(epoch, steps)):
                 if i < run["batch"]:  # done before the run was resumed
                     bar.update(1)
                     continue
-                images = self._global_batch(index).to(dev)
+                images = self._global_batch(index, epoch)
                 # every rank makes (and augments) the whole global batch, then trains on its rows:
                 # the images are those of a one-process run; DDP averages the rank gradients.
                 images = images[rank::world]
@@ -288,6 +286,10 @@ class QATTrainer:
             "cpu_seconds": time.process_time() - self._cpu_started,
             "synthesis": [{k: v for k, v in r["report"].items()} for r in self.refresh_log],
         }
+
+
+# The training position and loss counters of QATTrainer._run that state_dict() carries as they are.
+_RUN_COUNTERS = ("step_no", "optimizer_steps", "epoch", "batch", "running", "count")
 
 
 def _cosine(step: int, total: int, min_factor: float) -> float:
