@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from maskaq._files import _json_default, atomic_write_bytes, is_rank0
+from maskaq._files import atomic_write_bytes, is_rank0
 from maskaq.runtime import barrier
-from maskaq.synthesis.io import BatchStore, CheckpointMismatchError, CorruptCheckpointError, _differences
+from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, check_fingerprint,
+                                 jsonable)
 
 __all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "CheckpointMismatchError",
            "CorruptCheckpointError"]
@@ -34,7 +34,7 @@ __all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "Checkpoin
 class RunCheckpoint:
     def __init__(self, directory, fingerprint: Dict[str, Any]):
         self.directory = Path(directory)
-        self.fingerprint = json.loads(json.dumps(fingerprint, default=_json_default, sort_keys=True))
+        self.fingerprint = jsonable(fingerprint)
         self._sets = BatchStore(self.directory / "sets", self.fingerprint)
 
     @property
@@ -84,10 +84,7 @@ class RunCheckpoint:
             raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (truncated or damaged); "
                                          "delete it to restart from the last finished synthesis")
         saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") != self.fingerprint:
-            raise CheckpointMismatchError(f"checkpoint {path} was written by a run with other settings "
-                                          f"({_differences(saved.get('fingerprint', {}), self.fingerprint)}); "
-                                          "resume with the first run's arguments or use another directory")
+        check_fingerprint(path, saved.get("fingerprint", {}), self.fingerprint)
         return saved["state"]
 
     def remove(self) -> None:
@@ -106,7 +103,7 @@ def open_run_checkpoint(directory, resume: bool, method: str, wbits: int, abits:
             raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
         return None
     from maskaq.synthesis.io import weights_digest
-    settings = json.loads(json.dumps(settings, default=_json_default))
+    settings = jsonable(settings)  # a copy: the keys below are dropped from it, not from the caller's
     for key in ("progress", "checkpoint_every_steps", "checkpoint_every_seconds"):  # do not change the result
         settings["pipeline"].pop(key, None)
     fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),

@@ -95,7 +95,7 @@ class BatchStore:
 
     def __init__(self, directory, fingerprint: Dict):
         self.directory = Path(directory)
-        self.fingerprint = json.loads(json.dumps(fingerprint, default=_json_default, sort_keys=True))
+        self.fingerprint = jsonable(fingerprint)
 
     def path(self, batch_index: int) -> Path:
         return self.directory / f"batch_{int(batch_index):05d}.safetensors"
@@ -136,11 +136,7 @@ class BatchStore:
                                          "batch") from None
         if meta.get("sha256") != _digest(tensors):
             raise CorruptCheckpointError(f"checkpoint {path} fails its checksum; delete it to redo that batch")
-        theirs = json.loads(meta.get("fingerprint", "{}"))
-        if theirs != self.fingerprint:
-            raise CheckpointMismatchError(f"checkpoint {path} was written by a run with other settings "
-                             f"({_differences(theirs, self.fingerprint)}); resume with the first run's "
-                             "arguments or use another directory")
+        check_fingerprint(path, json.loads(meta.get("fingerprint", "{}")), self.fingerprint)
         info = json.loads(meta.get("info", "{}"))
         if info.get("failed"):
             return None, None, info
@@ -163,6 +159,20 @@ def _digest(tensors: Dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def jsonable(obj) -> Dict:
+    """``obj`` as JSON would give it back (tuples as lists, tensors and paths converted): the form a
+    fingerprint is compared in after a round trip through a checkpoint file."""
+    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
+
+
+def check_fingerprint(path, theirs: Dict, ours: Dict) -> None:
+    """Refuse a checkpoint ``path`` written by a run with another fingerprint, saying what differs."""
+    if theirs != ours:
+        raise CheckpointMismatchError(f"checkpoint {path} was written by a run with other settings "
+                                      f"({_differences(theirs, ours)}); resume with the first run's "
+                                      "arguments or use another directory")
 
 
 def _differences(theirs: Dict, ours: Dict, prefix: str = "") -> str:
