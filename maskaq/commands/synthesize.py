@@ -96,11 +96,12 @@ def _run(args) -> int:
 
 def _refuse_earlier_batches_without_resume(args) -> None:
     from maskaq.cli import CliError
-    batches = Path(args.out) / "batches"
-    finished = sorted(batches.glob("batch_*.safetensors")) if batches.is_dir() else []
+    from maskaq.synthesis.io import BatchStore
+    earlier = BatchStore(Path(args.out) / "batches", {})  # only counted here: no fingerprint needed
+    finished = earlier.finished()
     if finished and not args.resume:
-        raise CliError(f"{batches} holds {len(finished)} finished batches of an earlier run; pass --resume "
-                       "to continue it (with its arguments) or choose another --out")
+        raise CliError(f"{earlier.directory} holds {len(finished)} finished batches of an earlier run; pass "
+                       "--resume to continue it (with its arguments) or choose another --out")
 
 
 def _batch_store(args, cfg, teacher):
