@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -132,16 +131,10 @@ GPU_CAPACITIES_GB = (40, 80)
 MB = 2 ** 20
 
 
-def _rss_mb() -> float:
-    """This process's resident set size now."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / MB
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set now ("VmRSS") or its peak so far ("VmHWM"), in MB."""
+    from maskaq.integer.latency import rss_kb
+    return (rss_kb(field) or 0) / 1024
 
 
 def _available_mb() -> float:
@@ -170,12 +163,12 @@ def measure_memory_point(model_name: str, batch: int, device: torch.device) -> d
     synth = Synthesizer(teacher, cfg, progress=False, on_step=on_step)
     _sync(device)
     if device.type == "cpu":
-        base, peak_before = _rss_mb(), _peak_rss_mb()
+        base, peak_before = _rss_mb(), _rss_mb("VmHWM")
     else:
         torch.cuda.reset_peak_memory_stats(device)
         base, peak_before = torch.cuda.memory_allocated(device) / MB, 0.0
     synth.synthesize_batch(seed=0, student=student)
-    peak = _peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / MB
+    peak = _rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / MB
     return {"model": model_name, "device": device.type, "impl": "fused", "precision": "fp32",
             "checkpointing": False, "batch": batch, "peak_mb": peak - base, "s_per_step": marks[1] - marks[0],
             "weights_mb": weights_mb,

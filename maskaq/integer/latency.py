@@ -201,7 +201,8 @@ def _copy_to(model, device, dtype):
 # ---------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------
-def _rss_kb(field: str) -> int | None:
+def rss_kb(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB ("VmRSS": now, "VmHWM": the peak), None where absent."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -239,9 +240,9 @@ def measure_memory_mb(impl: Impl, x: torch.Tensor, device: str) -> float:
         growth = torch.cuda.max_memory_allocated() - before
     else:
         if _reset_peak_rss():
-            before = _rss_kb("VmRSS") or 0
+            before = rss_kb("VmRSS") or 0
             impl.fn(x)
-            growth = max(0, (_rss_kb("VmHWM") or 0) - before) * 1024
+            growth = max(0, (rss_kb("VmHWM") or 0) - before) * 1024
         else:
             growth = float("nan")
     return (impl.weight_bytes + growth) / 2**20
