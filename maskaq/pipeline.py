@@ -11,7 +11,7 @@ cpu-long (about 3× cpu), paper (the public code's settings as it runs). Every k
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -19,120 +19,19 @@ from torch import nn
 
 from maskaq import methods
 from maskaq.checkpoint import CheckpointSaver, open_run_checkpoint
-from maskaq.evaluation import evaluate_model  # noqa: F401  (public here since the first release)
-from maskaq.distill.trainer import QATConfig, QATTrainer
-from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
+# The settings and evaluation are re-exported: they were public here since the first release.
+from maskaq.config import PRESETS, FullConfig, PipelineConfig, build_config, config_keys  # noqa: F401
+from maskaq.evaluation import evaluate_model  # noqa: F401
+from maskaq.distill.trainer import QATTrainer
+from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
 from maskaq.runtime import SeedStream, batch_seed, dist_info
-from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
+from maskaq.synthesis.synthesizer import SyntheticSet, Synthesizer
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "evaluate_model"]
 
 METHODS = methods.names()  # the method registry, maskaq.methods
-
-
-@dataclass
-class PipelineConfig:
-    """Settings of the pipeline itself (synthesis, PSAQ and QAT have their own dataclasses)."""
-    first_last_8bit: bool = False
-    weight_method: str = "minmax"
-    calib_images: int = 32  # LSQ init from this many images of the (first) synthetic set
-    # Activation-step init, chosen by measurement (bundled teacher, W4A4 maskaq, seed 0): min-max
-    # 86.14%, METHOD.md's LSQ init 78.75% (its grid tops out far below the softmax peaks). Also
-    # "lsq" and "lsq_pminmax" (LSQ with min-max for P).
-    act_init: str = "minmax"
-    recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
-    # What the round-0 calibration sees: "images" (the method's own, as the public code's first QAT
-    # batch; preset paper), "noise" (Gaussian noise) or "mixed" (both in one batch: min-max spans the
-    # union). Noise by measurement (preset cpu, seeds 0-2, benchmarks/results/accuracy_dfq_noisecal.md):
-    # at W3A3 real-data QAT 77.65 -> 80.33 %, psaq 76.69 -> 79.9, maskaq 76.76 -> 77.21; at W4A4 every
-    # method gains or holds. Min-max on 32 images of a method's own set spans their outliers, which
-    # costs the 3-bit grids more than noise's ranges do.
-    calib_data: str = "noise"
-    real_data: Any = None  # Dataset of (image, label) for method "real"
-    progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
-    # With a checkpoint directory: the QAT state is saved every this many optimizer steps and at
-    # least every this many seconds (and at the end of every round).
-    checkpoint_every_steps: int = 100
-    checkpoint_every_seconds: float = 300.0
-
-
-_SECTIONS = {"synthesis": SynthesisConfig, "psaq": PsaqConfig, "qat": QATConfig, "pipeline": PipelineConfig}
-
-
-def config_keys() -> Dict[str, str]:
-    """Every override key -> its section."""
-    keys = {}
-    for section, cls in _SECTIONS.items():
-        for f in fields(cls):
-            assert f.name not in keys, f"duplicate config key {f.name}"
-            keys[f.name] = section
-    return keys
-
-
-# Preset values over the defaults (= paper). `cpu` is sized for the bundled Fashion-MNIST teacher
-# on 2 CPU cores, and is what benchmarks/accuracy_dfq.py measures: W4A4 maskaq = 2 synthesis
-# rounds × 1 batch of 64 × 150 steps + 120 QAT steps, ≈ 4.5 minutes on one core (shared with
-# another job); psaq runs 2 rounds × 100 steps.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    "paper": {"calib_data": "images"},  # the public code calibrates on its first QAT batch
-    # qat_lr 1e-4: with 64 images and 116 optimizer steps the public 1e-3 overfits the synthetic set
-    # (W3A3 seed 0: gaussian 71.88% -> 78.94%, maskaq 71.38% -> 75.83% at 1e-4).
-    "cpu": dict(num_images=64, synth_batch_size=64, synth_iters=150, psaq_iters=100,
-                qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32),
-    # cpu-long: 4x cpu's synthesis and 2x its QAT (2 batches of 64 images, 300 synthesis steps,
-    # 2 rounds, 240 QAT steps): one W3A3 maskaq run takes 14 minutes on one core.
-    "cpu-long": dict(num_images=128, synth_batch_size=64, synth_iters=300, psaq_iters=200,
-                     qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32),
-    "quick": dict(num_images=8, synth_batch_size=4, synth_iters=3, psaq_iters=2, psaq_rounds=2,
-                  qat_epochs=2, qat_batch_size=4, qat_warmup_epochs=0, refresh_every=1, calib_images=4),
-}
-
-@dataclass
-class FullConfig:
-    synthesis: SynthesisConfig
-    psaq: PsaqConfig
-    qat: QATConfig
-    pipeline: PipelineConfig
-
-    def as_dict(self) -> Dict[str, Any]:
-        out = {}
-        for name in _SECTIONS:
-            section = asdict(getattr(self, name))
-            section.pop("real_data", None)
-            out[name] = section
-        return out
-
-
-def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> FullConfig:
-    """The settings of one run: defaults ← preset ← method ← overrides (unknown keys refused)."""
-    record = methods.get(method)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    keys = config_keys()
-    unknown = sorted(k for k in overrides if k not in keys)
-    if unknown:
-        hints = [f"{k!r}{methods.did_you_mean(k, keys)}" for k in unknown]
-        raise TypeError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(keys))}")
-    values = dict(PRESETS[preset])
-    values.update(record.settings)
-    values.update(overrides)
-    parts = {name: {} for name in _SECTIONS}
-    for k, v in values.items():
-        parts[keys[k]][k] = v
-    synthesis = SynthesisConfig(**parts["synthesis"]).validate()
-    psaq = PsaqConfig(**parts["psaq"]).validate()
-    qat = QATConfig(**parts["qat"]).validate()
-    pipeline = PipelineConfig(**parts["pipeline"])
-    if pipeline.calib_data not in ("images", "noise", "mixed"):
-        raise ValueError(f"calib_data must be images, noise or mixed, got {pipeline.calib_data!r}")
-    if pipeline.calib_images < 1:
-        raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
-    from maskaq.quant.convert import CALIBRATION_INITS
-    if pipeline.act_init not in CALIBRATION_INITS:
-        raise ValueError(f"act_init must be one of {', '.join(CALIBRATION_INITS)}, got {pipeline.act_init!r}")
-    return FullConfig(synthesis, psaq, qat, pipeline)
 
 
 @dataclass
@@ -253,10 +152,19 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
             images = (ckpt.round_images(last) if ckpt is not None else None) or make_images(student, last)
         student.eval()
         qat_report, last_images = trainer.report(), images
-    rank, world = dist_info()
+    report = _run_report(method, wbits, abits, preset if config is None else "custom", seed, dev, calibrated_on,
+                         qat_report, started, cpu_started, cfg)
+    student.maskaq_report = report
+    return PipelineResult(student, report, last_images, cfg)
+
+
+def _run_report(method, wbits, abits, preset, seed, dev, calibrated_on, qat_report, started, cpu_started,
+                cfg: FullConfig) -> Dict[str, Any]:
+    """The JSON-able report of one run (student.maskaq_report)."""
+    _, world = dist_info()
     synth_reports = qat_report.get("synthesis", [])
     report = {
-        "method": method, "wbits": int(wbits), "abits": int(abits), "preset": preset if config is None else "custom",
+        "method": method, "wbits": int(wbits), "abits": int(abits), "preset": preset,
         "seed": int(seed), "device": str(dev), "world_size": world, "torch_threads": torch.get_num_threads(),
         "calibrated_on": calibrated_on,
         "nan_retries": sum(int(r.get("nan_retries", 0)) for r in synth_reports),
@@ -269,8 +177,7 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         "config": cfg.as_dict(),
     }
     report["qat_seconds"] = qat_report["seconds"] - report["synthesis_seconds"]
-    student.maskaq_report = report
-    return PipelineResult(student, report, last_images, cfg)
+    return report
 
 
 def _no_qat_report() -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from maskaq import methods
 from maskaq.cli import CliError
-from maskaq.pipeline import config_keys
+from maskaq.config import config_keys
 
 __all__ = ["add_model_arguments", "add_weight_arguments", "check_bits_cli", "collect_overrides", "dataset_for_cli",
            "load_model_for_cli", "method_and_overrides", "parse_override", "resolve_device",
@@ -140,13 +140,13 @@ def collect_overrides(items) -> Dict[str, Any]:
     for k in overrides:
         if k not in keys or k == "real_data":
             raise _cli_error(f"unknown setting {k!r} in --set{methods.did_you_mean(k, keys)}; "
-                             "see maskaq.pipeline.config_keys()")
+                             "see maskaq.config.config_keys()")
     return overrides
 
 
 def method_and_overrides(args, *, synthesizes: bool = False):
     """(method record, --set overrides) of a run after checking --method, --preset and the bits."""
-    from maskaq.pipeline import PRESETS
+    from maskaq.config import PRESETS
 
     try:
         record = methods.get(args.method, synthesizes=synthesizes)
