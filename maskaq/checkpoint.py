@@ -5,7 +5,8 @@ A run's directory holds:
                        few steps and minutes: a SHA-256 line, then the torch.save payload;
   sets/batch_0000R     the images of round R once made (not for endless noise streams, which are
                        redrawn from their seed);
-  round_R/batch_0000B  the finished synthesis batches of round R while it is made.
+  round_R/batch_0000B  the finished synthesis batches of round R while it is made, and the batch
+                       in progress (batch_0000B.partial.pt, every few steps and minutes).
 Every file is written atomically (temp file, fsync, rename) and carries the run's fingerprint:
 the method, bits, seed, settings and the teacher's weights digest. Resuming with other settings
 or another model is refused with a message that says what differs (CheckpointMismatchError), a
@@ -13,8 +14,6 @@ damaged file is named (CorruptCheckpointError).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import shutil
 import time
 from pathlib import Path
@@ -22,19 +21,20 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from maskaq._files import atomic_write_bytes, is_rank0
+from maskaq._files import is_rank0
 from maskaq.runtime import barrier
-from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, check_fingerprint,
-                                 jsonable)
+from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, jsonable,
+                                 load_checked, save_checked)
 
 __all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "CheckpointMismatchError",
            "CorruptCheckpointError"]
 
 
 class RunCheckpoint:
-    def __init__(self, directory, fingerprint: Dict[str, Any]):
+    def __init__(self, directory, fingerprint: Dict[str, Any], every_steps: int = 100, every_seconds: float = 300.0):
         self.directory = Path(directory)
         self.fingerprint = jsonable(fingerprint)
+        self.every_steps, self.every_seconds = every_steps, every_seconds  # for the batches in progress
         self._sets = BatchStore(self.directory / "sets", self.fingerprint)
 
     @property
@@ -47,7 +47,8 @@ class RunCheckpoint:
 
     def batch_store(self, round_index: int) -> BatchStore:
         """Where round ``round_index``'s synthesis keeps its finished batches."""
-        return BatchStore(self.directory / f"round_{int(round_index)}", self.fingerprint)
+        return BatchStore(self.directory / f"round_{int(round_index)}", self.fingerprint, self.every_steps,
+                          self.every_seconds)
 
     def save_round_images(self, round_index: int, images) -> None:
         """Rank 0 writes (every rank holds the gathered set)."""
@@ -67,25 +68,12 @@ class RunCheckpoint:
         return SyntheticSet(images, labels, info.get("report", {}))
 
     def save(self, state: Dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save({"fingerprint": self.fingerprint, "state": state}, buffer)
-        payload = buffer.getvalue()
-        atomic_write_bytes(self.state_path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        save_checked(self.state_path, self.fingerprint, state)
 
     def load(self) -> Optional[Dict[str, Any]]:
         """The last saved state, or None when no QAT state was saved yet (the run stopped in its
         first synthesis; its batches are picked up from batch_store)."""
-        path = self.state_path
-        if not path.is_file():
-            return None
-        data = path.read_bytes()
-        digest, _, payload = data.partition(b"\n")
-        if hashlib.sha256(payload).hexdigest().encode() != digest:
-            raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (truncated or damaged); "
-                                         "delete it to restart from the last finished synthesis")
-        saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-        check_fingerprint(path, saved.get("fingerprint", {}), self.fingerprint)
-        return saved["state"]
+        return load_checked(self.state_path, self.fingerprint, "delete it to restart from the last finished synthesis")
 
     def remove(self) -> None:
         """Delete the checkpoints (the run finished and its results are written); rank 0 only."""
@@ -104,11 +92,13 @@ def open_run_checkpoint(directory, resume: bool, method: str, wbits: int, abits:
         return None
     from maskaq.synthesis.io import weights_digest
     settings = jsonable(settings)  # a copy: the keys below are dropped from it, not from the caller's
+    every_steps = settings["pipeline"].get("checkpoint_every_steps", 100)
+    every_seconds = settings["pipeline"].get("checkpoint_every_seconds", 300.0)
     for key in ("progress", "checkpoint_every_steps", "checkpoint_every_seconds"):  # do not change the result
         settings["pipeline"].pop(key, None)
     fingerprint = {"method": method, "wbits": int(wbits), "abits": int(abits), "seed": int(seed),
                    "settings": settings, "teacher_sha256": weights_digest(teacher)}
-    ckpt = RunCheckpoint(directory, fingerprint)
+    ckpt = RunCheckpoint(directory, fingerprint, every_steps, every_seconds)
     earlier = ckpt.holds_a_run()
     barrier()  # every rank looked before any writes
     if earlier and not resume:

@@ -72,6 +72,73 @@ def test_synthesizer_reads_finished_batches_instead_of_redoing_them(tmp_path, mo
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
 
 
+class _Killed(Exception):
+    """Stands in for a kill in the middle of a batch."""
+
+
+def _synthesizer(kind, student_in_loop=False):
+    from test_synthesis import tiny_vit
+
+    from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer
+    from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
+    cfg = SynthesisConfig(num_images=6, synth_batch_size=2, synth_iters=12)
+    if kind == "psaq":  # 2 rounds of 6 steps: the kill lands in the second round
+        return PsaqSynthesizer(tiny_vit(), cfg, PsaqConfig(psaq_rounds=2, psaq_iters=6), progress=False)
+    return Synthesizer(tiny_vit(), cfg, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["maskaq", "psaq"])
+def test_batch_stopped_mid_way_resumes_from_its_saved_step_to_the_same_images(tmp_path, kind):
+    from maskaq.quant import calibrate, quantize_model
+    from test_synthesis import tiny_vit
+    student = None
+    if kind == "maskaq":  # Q in the loop: the alignment's random mask draws are part of the state
+        student = quantize_model(tiny_vit(), 4, 4).eval()
+        calibrate(student, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    whole = _synthesizer(kind).synthesize(seed=5, student=student)
+
+    synth = _synthesizer(kind)
+    store = BatchStore(tmp_path, {"run": 1}, every_steps=4, every_seconds=1e9)
+    calls = []
+
+    def kill_in_batch_1_at_step_10(attempt, step, x):
+        calls.append(step)
+        if len(calls) == 12 + 11:  # batch 0's 12 steps, then batch 1's steps 0..10
+            raise _Killed
+
+    synth.on_step = kill_in_batch_1_at_step_10
+    with pytest.raises(_Killed):
+        synth.synthesize(seed=5, student=student, store=store)
+    assert store.finished() == [0] and store.in_progress() == [1]
+    assert store.progress(1).saved["step"] == 8  # saved before steps 4 and 8; step 10 was lost
+
+    steps_run = []
+    synth.on_step = lambda attempt, step, x: steps_run.append(step)
+    resumed = synth.synthesize(seed=5, student=student, store=store)
+    assert steps_run == list(range(8, 12)) + list(range(12))  # batch 1 from step 8, then batch 2
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.labels, whole.labels)
+    assert store.in_progress() == []  # a finished batch drops its state in progress
+
+
+def test_batch_in_progress_damaged_or_of_another_run_is_refused(tmp_path):
+    synth = _synthesizer("maskaq")
+    store = BatchStore(tmp_path, {"run": 1}, every_steps=4, every_seconds=1e9)
+
+    def kill(attempt, step, x):
+        if step == 5:
+            raise _Killed
+
+    synth.on_step = kill
+    with pytest.raises(_Killed):
+        synth.synthesize(seed=5, store=store)
+    path = store.progress_path(0)
+    with pytest.raises(CheckpointMismatchError, match="run: 1 there, 2 now"):
+        BatchStore(tmp_path, {"run": 2}).progress(0)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptCheckpointError, match="batch_00000.partial.pt.*checksum"):
+        store.progress(0)
+
+
 def _synthesize_cmd(out, *extra):
     # the bundled teacher: a model with the same weights in every process (a timm name with random
     # init would differ, and its checkpoints would rightly be refused as another model's)
@@ -93,16 +160,19 @@ def test_killed_synthesis_resumes_to_the_uninterrupted_images(tmp_path):
     assert not (whole / "batches").exists()  # a finished run leaves its results, not its checkpoints
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_synthesize_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    every_5 = ("--set", "checkpoint_every_steps=5")  # the batch in progress every 5 of its 25 steps
+    proc = subprocess.Popen(_synthesize_cmd(out, *every_5), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not (out / "batches" / "batch_00000.safetensors").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+    while not [p for p in (out / "batches").glob("batch_*.partial.pt") if p.name != "batch_00000.partial.pt"]:
+        assert proc.poll() is None, "the run ended before a later batch saved its progress"
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted((out / "batches").glob("batch_*.safetensors"))
     assert 1 <= len(done) < 4 and not (out / "images.safetensors").exists()
+    assert list((out / "batches").glob("batch_*.partial.pt"))  # killed mid-batch
 
     refused = subprocess.run(_synthesize_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
@@ -110,7 +180,8 @@ def test_killed_synthesis_resumes_to_the_uninterrupted_images(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "other settings" in other.stderr and "tv_weight" in other.stderr
 
-    subprocess.run(_synthesize_cmd(out, "--resume"), env=_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(_synthesize_cmd(out, "--resume", *every_5), env=_env(), check=True, capture_output=True,
+                   timeout=600)
     resumed, uninterrupted = (load_synthetic_set(d / "images.safetensors") for d in (out, whole))
     assert torch.equal(resumed.images, uninterrupted.images)
     assert torch.equal(resumed.labels, uninterrupted.labels)

@@ -7,8 +7,10 @@ masked attention alignment. With torchrun every rank synthesizes its share of th
 (seeds depend only on --seed and the batch index) and rank 0 writes the files.
 
 Every finished batch is checkpointed in OUT/batches (atomically, with a checksum and the run's
-settings and teacher weights digest): a run that was killed continues with the same arguments
-plus --resume and ends with the images an uninterrupted run makes. Without --resume a directory
+settings and teacher weights digest), and so is the batch in progress every --set
+checkpoint_every_steps=N steps (default 100) or checkpoint_every_seconds=T (300): a run that was
+killed continues with the same arguments plus --resume and ends with the images an uninterrupted
+run makes. Without --resume a directory
 holding such batches is refused; a damaged batch or one of a run with other settings is named
 in a one-line error (exit 2). A finished run removes OUT/batches.
 """
@@ -98,10 +100,11 @@ def _refuse_earlier_batches_without_resume(args) -> None:
     from maskaq.cli import CliError
     from maskaq.synthesis.io import BatchStore
     earlier = BatchStore(Path(args.out) / "batches", {})  # only counted here: no fingerprint needed
-    finished = earlier.finished()
-    if finished and not args.resume:
-        raise CliError(f"{earlier.directory} holds {len(finished)} finished batches of an earlier run; pass "
-                       "--resume to continue it (with its arguments) or choose another --out")
+    finished, in_progress = earlier.finished(), earlier.in_progress()
+    if (finished or in_progress) and not args.resume:
+        raise CliError(f"{earlier.directory} holds {len(finished)} finished batches of an earlier run (and "
+                       f"{len(in_progress)} in progress); pass --resume to continue it (with its arguments) or "
+                       "choose another --out")
 
 
 def _batch_store(args, cfg, teacher):
@@ -112,7 +115,8 @@ def _batch_store(args, cfg, teacher):
                    "seed": args.seed, "wbits": args.wbits, "abits": args.abits,
                    "synthesis": cfg.as_dict()["synthesis"], "psaq": cfg.as_dict()["psaq"],
                    "calib_images": cfg.pipeline.calib_images, "act_init": cfg.pipeline.act_init}
-    return BatchStore(Path(args.out) / "batches", fingerprint)
+    return BatchStore(Path(args.out) / "batches", fingerprint, cfg.pipeline.checkpoint_every_steps,
+                      cfg.pipeline.checkpoint_every_seconds)
 
 
 def _make_images(args, cfg, record, teacher, spec, device, store):

@@ -22,7 +22,7 @@ from maskaq.runtime import SeedStream, batch_seed
 from maskaq.spec import ModelSpec
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import scaled_pixels
-from maskaq.synthesis.synthesizer import NonFiniteError, SynthesisConfig, SyntheticSet, Synthesizer
+from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
 
 __all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images"]
 
@@ -107,8 +107,8 @@ class PsaqSynthesizer(Synthesizer):
             return p.psaq_lr * (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(p.psaq_iters - warm, 1))) * p.psaq_lr
 
-    def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None):
-        p, cfg, spec, dev = self.psaq, self.config, self.spec, self.device
+    def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None, progress=None):
+        p, spec, dev = self.psaq, self.spec, self.device
         from maskaq.quant import capture_attention
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
@@ -120,40 +120,27 @@ class PsaqSynthesizer(Synthesizer):
         lo_t, hi_t = p.psaq_tv_target
         u = float(torch.rand((), generator=g, device=dev))
         tv_target = (lo_t + (hi_t - lo_t) * u) * math.sqrt(numel_ratio)
-        lo = spec.pixel_min.to(dev).view(1, -1, 1, 1)
-        hi = spec.pixel_max.to(dev).view(1, -1, 1, 1)
-        history, final, step_no = [], {}, 0
-        for r in range(p.psaq_rounds):
+
+        def step_fn(step):  # round r, step it of psaq_iters: the schedule and the jitter restart per round
+            r, it = divmod(step, p.psaq_iters)
             lim = scaled_pixels(p.psaq_jitter[min(r, len(p.psaq_jitter) - 1)], min(spec.image_size))
-            for it in range(p.psaq_iters):
-                for group in opt.param_groups:
-                    group["lr"] = self._lr_at(it)
-                # PSAQ rolls both axes by the same offset.
-                off = int(torch.randint(-lim, lim + 1, (1,), generator=g, device=dev))
-                x_jit = torch.roll(x, shifts=(off, off), dims=(2, 3))
-                if p.psaq_flip and float(torch.rand((), generator=g, device=dev)) > 0.5:
-                    x_jit = torch.flip(x_jit, dims=(3,))
-                opt.zero_grad(set_to_none=True)
-                with capture_attention(self.teacher, logits=False, outputs=True) as cap:
-                    logits = self.teacher(x_jit)
-                ce = F.cross_entropy(logits, labels)
-                ent = L.psaq_entropy_loss(cap.outputs, spec.num_prefix_tokens,
-                                          bandwidth=p.kde_bandwidth, num_points=p.kde_points)
-                tv = torch.abs(L.psaq_total_variation(x_jit) - tv_target)
-                total = ent + ce + p.psaq_tv_weight * tv
-                total.backward()
-                opt.step()
-                with torch.no_grad():
-                    if cfg.clamp:
-                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                if self.on_step is not None:
-                    self.on_step(attempt, step_no, x)
-                history.append(total.detach())
-                if not (bool(torch.isfinite(total)) and bool(torch.isfinite(x).all())):
-                    raise NonFiniteError(f"non-finite batch at step {step_no}")
-                final = {"total": total, "ce": ce, "entropy": ent, "tv": tv}
-                step_no += 1
-                if bar is not None:
-                    bar.update(1)
-        history = torch.stack(history).float().cpu().tolist()
-        return x.detach(), labels, history, {k: float(v.detach()) for k, v in final.items()}
+            for group in opt.param_groups:
+                group["lr"] = self._lr_at(it)
+            # PSAQ rolls both axes by the same offset.
+            off = int(torch.randint(-lim, lim + 1, (1,), generator=g, device=dev))
+            x_jit = torch.roll(x, shifts=(off, off), dims=(2, 3))
+            if p.psaq_flip and float(torch.rand((), generator=g, device=dev)) > 0.5:
+                x_jit = torch.flip(x_jit, dims=(3,))
+            opt.zero_grad(set_to_none=True)
+            with capture_attention(self.teacher, logits=False, outputs=True) as cap:
+                logits = self.teacher(x_jit)
+            ce = F.cross_entropy(logits, labels)
+            ent = L.psaq_entropy_loss(cap.outputs, spec.num_prefix_tokens,
+                                      bandwidth=p.kde_bandwidth, num_points=p.kde_points)
+            tv = torch.abs(L.psaq_total_variation(x_jit) - tv_target)
+            total = ent + ce + p.psaq_tv_weight * tv
+            total.backward()
+            opt.step()
+            return {"total": total, "ce": ce, "entropy": ent, "tv": tv}
+
+        return self._run_steps(x, labels, g, opt, None, step_fn, attempt, bar, progress)

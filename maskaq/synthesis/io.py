@@ -3,10 +3,12 @@ the per-batch checkpoints a synthesis run resumes from (BatchStore)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,9 +16,8 @@ import torch
 from maskaq._files import _json_default, atomic_write_bytes, write_json
 
 __all__ = ["atomic_write_bytes", "write_json", "save_image_grid", "save_synthetic_set", "load_synthetic_set",
-           "BatchStore", "CheckpointMismatchError", "CorruptCheckpointError"]
-
-
+           "BatchStore", "BatchProgress", "CheckpointMismatchError", "CorruptCheckpointError", "save_checked",
+           "load_checked"]
 
 
 def save_image_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], path,
@@ -83,27 +84,37 @@ class CheckpointMismatchError(ValueError):
 
 
 class BatchStore:
-    """The finished batches of a synthesis run, one file each, so a killed run resumes where it stopped.
+    """The batches of a synthesis run, so that a killed run resumes where it stopped.
 
-    ``directory/batch_00007.safetensors`` holds batch 7's images and labels, its info (seed,
-    attempts, losses) and the run's ``fingerprint`` (a JSON-able dict of everything that makes the
-    images: model, method, seed, settings), written atomically with a SHA-256 of the tensors. A
-    file whose checksum fails is a CorruptCheckpointError naming it; a file of another run (other
-    fingerprint) is a CheckpointMismatchError saying which settings differ. Nothing is ever overwritten with a
+    ``directory/batch_00007.safetensors`` holds finished batch 7's images and labels, its info
+    (seed, attempts, losses) and the run's ``fingerprint`` (a JSON-able dict of everything that
+    makes the images: model, method, seed, settings), written atomically with a SHA-256 of the
+    tensors. ``directory/batch_00007.partial.pt`` holds the batch while it is optimized (images,
+    optimizer, schedule, step, generator), rewritten every ``every_steps`` steps and at least every
+    ``every_seconds`` seconds (BatchProgress), and removed once the batch is finished. A file whose
+    checksum fails is a CorruptCheckpointError naming it; a file of another run (other fingerprint)
+    is a CheckpointMismatchError saying which settings differ. Nothing is ever overwritten with a
     different batch.
     """
 
-    def __init__(self, directory, fingerprint: Dict):
+    def __init__(self, directory, fingerprint: Dict, every_steps: int = 100, every_seconds: float = 300.0):
         self.directory = Path(directory)
         self.fingerprint = jsonable(fingerprint)
+        self.every_steps = max(1, int(every_steps))
+        self.every_seconds = float(every_seconds)
 
     def path(self, batch_index: int) -> Path:
         return self.directory / f"batch_{int(batch_index):05d}.safetensors"
+
+    def progress_path(self, batch_index: int) -> Path:
+        return self.directory / f"batch_{int(batch_index):05d}.partial.pt"
 
     def remove(self) -> None:
         """Delete the batch files and the directory (once the run's results are written)."""
         for index in self.finished():
             self.path(index).unlink(missing_ok=True)
+        for index in self.in_progress():
+            self.progress_path(index).unlink(missing_ok=True)
         if self.directory.is_dir() and not any(self.directory.iterdir()):
             self.directory.rmdir()
 
@@ -113,12 +124,21 @@ class BatchStore:
             return []
         return sorted(int(p.stem.split("_")[1]) for p in self.directory.glob("batch_*.safetensors"))
 
+    def in_progress(self) -> list:
+        """Indices of the batches with a state in progress on disk."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name.split("_")[1].split(".")[0]) for p in self.directory.glob("batch_*.partial.pt"))
+
     def save(self, batch_index: int, images, labels, info: Dict) -> Path:
+        """A finished batch; its state in progress is no longer needed."""
         from safetensors.torch import save
         tensors = {"images": _cpu_or_empty(images), "labels": _cpu_or_empty(labels, torch.long)}
         meta = {"fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "info": json.dumps(info, default=_json_default), "sha256": _digest(tensors)}
-        return atomic_write_bytes(self.path(batch_index), save(tensors, metadata=meta))
+        path = atomic_write_bytes(self.path(batch_index), save(tensors, metadata=meta))
+        self.progress_path(batch_index).unlink(missing_ok=True)
+        return path
 
     def load(self, batch_index: int):
         """(images, labels, info) of a finished batch, or None when it is not on disk. Failed
@@ -141,6 +161,62 @@ class BatchStore:
         if info.get("failed"):
             return None, None, info
         return tensors["images"], tensors["labels"], info
+
+    def progress(self, batch_index: int) -> "BatchProgress":
+        """Batch ``batch_index`` in progress: what an earlier run saved of it, and saving it now."""
+        return BatchProgress(self, batch_index)
+
+
+class BatchProgress:
+    """One batch while it is optimized: the state an earlier run saved of it (``saved``, or None), and
+    ``save(step, state)`` that writes the state every ``every_steps`` steps or ``every_seconds``.
+
+    The synthesizer sets ``attempt`` and ``nan_retries`` (NaN recovery re-seeds a batch) before
+    each attempt; a saved state resumes only the attempt that wrote it."""
+
+    def __init__(self, store: BatchStore, batch_index: int):
+        self.store, self.batch_index = store, int(batch_index)
+        self.saved = load_checked(store.progress_path(batch_index), store.fingerprint,
+                                  "delete it to redo that batch from its start")
+        self.attempt = self.saved["attempt"] if self.saved is not None else 0
+        self.nan_retries = self.saved["nan_retries"] if self.saved is not None else 0
+        self._last = time.monotonic()
+
+    def resume_state(self, attempt: int) -> Optional[Dict[str, Any]]:
+        saved = self.saved
+        return saved if saved is not None and saved["attempt"] == attempt else None
+
+    def save(self, step: int, state: Callable[[], Dict[str, Any]]) -> bool:
+        """Write ``state()`` (the batch about to run step ``step``) when it is due; True if written."""
+        store = self.store
+        if step % store.every_steps and time.monotonic() - self._last < store.every_seconds:
+            return False
+        payload = dict(state(), step=int(step), attempt=self.attempt, nan_retries=self.nan_retries)
+        save_checked(store.progress_path(self.batch_index), store.fingerprint, payload)
+        self._last = time.monotonic()
+        return True
+
+
+def save_checked(path, fingerprint: Dict, state: Dict[str, Any]) -> Path:
+    """``state`` (torch.save) with the run's fingerprint, written atomically after a SHA-256 line."""
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": fingerprint, "state": state}, buffer)
+    payload = buffer.getvalue()
+    return atomic_write_bytes(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def load_checked(path, fingerprint: Dict, remedy: str) -> Optional[Dict[str, Any]]:
+    """The state save_checked wrote at ``path`` (None when there is no file). A damaged file is a
+    CorruptCheckpointError that ends with ``remedy``; another run's, a CheckpointMismatchError."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest, _, payload = path.read_bytes().partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (truncated or damaged); {remedy}")
+    saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    check_fingerprint(path, saved.get("fingerprint", {}), fingerprint)
+    return saved["state"]
 
 
 def weights_digest(model) -> str:

@@ -191,7 +191,7 @@ class Synthesizer:
         std = torch.tensor(spec.std, device=dev).view(1, -1, 1, 1)
         return (cfg.init_pixel - mean) / std + cfg.init_std * x
 
-    def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None):
+    def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None, progress=None):
         cfg, spec, dev = self.config, self.spec, self.device
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
@@ -203,16 +203,47 @@ class Synthesizer:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.synth_iters, eta_min=cfg.synth_lr_min)
         aug = SynthesisAugment(cfg.synth_iters, min(spec.patch_size), jitter=cfg.jitter,
                                noise_std=cfg.noise_std, color_jitter=cfg.color_jitter)
-        lo = spec.pixel_min.to(dev).view(1, -1, 1, 1)
-        hi = spec.pixel_max.to(dev).view(1, -1, 1, 1)
-        history = []
-        last = {}
-        for step in range(cfg.synth_iters):
+
+        def step_fn(step):
             opt.zero_grad(set_to_none=True)
             terms = self.losses(x, aug(x, step, g), labels, student, step, g)
             terms["total"].backward()
             opt.step()
             sched.step()
+            return terms
+
+        return self._run_steps(x, labels, g, opt, sched, step_fn, attempt, bar, progress)
+
+    def _run_steps(self, x, labels, g, opt, sched, step_fn, attempt: int, bar=None, progress=None):
+        """The step loop of every synthesis (MaskAQ's, PSAQ's): ``step_fn(step)`` makes one
+        optimizer step on ``x`` and returns the loss terms; then x is clamped to the pixel range and
+        checked for NaN. With ``progress`` (a BatchProgress) the loop starts from the state an
+        earlier run saved of this attempt (images, optimizer, schedule, generator, step) and saves
+        its own every few steps: a resumed batch ends with the images an uninterrupted one has.
+        Returns (images, labels, loss history, final loss terms)."""
+        cfg, dev = self.config, self.device
+        lo = self.spec.pixel_min.to(dev).view(1, -1, 1, 1)
+        hi = self.spec.pixel_max.to(dev).view(1, -1, 1, 1)
+        history, last, start = [], {}, 0
+        saved = progress.resume_state(attempt) if progress is not None else None
+        if saved is not None:
+            with torch.no_grad():
+                x.copy_(saved["x"])
+            opt.load_state_dict(saved["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(saved["scheduler"])
+            g.set_state(saved["generator"])
+            history, start = list(saved["history"].to(dev).unbind()), int(saved["step"])
+            if bar is not None:
+                bar.update(start)
+
+        def state():
+            return {"x": x.detach().cpu(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "generator": g.get_state(), "history": torch.stack(history).cpu()}
+
+        for step in range(start, cfg.synth_iters):
+            terms = step_fn(step)
             with torch.no_grad():
                 if cfg.clamp:
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
@@ -225,21 +256,30 @@ class Synthesizer:
             last = terms
             if bar is not None:
                 bar.update(1)
+            if progress is not None and step + 1 < cfg.synth_iters:
+                progress.save(step + 1, state)
         history = torch.stack(history).float().cpu().tolist()
         final = {k: float(v.detach()) for k, v in last.items()}
         return x.detach(), labels, history, final
 
     def synthesize_batch(self, seed: int = 0, batch_index: int = 0, student: Optional[nn.Module] = None,
-                         batch_size: Optional[int] = None, bar=None):
-        """One batch with NaN recovery. Returns (images, labels, info) or (None, None, info)."""
+                         batch_size: Optional[int] = None, bar=None, progress=None):
+        """One batch with NaN recovery. Returns (images, labels, info) or (None, None, info).
+
+        ``progress`` (a BatchProgress of a BatchStore): resume the batch from the state an earlier
+        run saved of it, and save it every few steps."""
         cfg = self.config
         batch = int(batch_size or cfg.synth_batch_size)
-        info = {"batch_index": batch_index, "nan_retries": 0, "failed": False}
+        first = progress.attempt if progress is not None else 0
+        info = {"batch_index": batch_index, "nan_retries": progress.nan_retries if progress is not None else 0,
+                "failed": False}
         with frozen(self.teacher, student):
-            for attempt in range(cfg.max_nan_retries + 1):
+            for attempt in range(first, cfg.max_nan_retries + 1):
                 s = batch_seed(seed, batch_index, attempt)
+                if progress is not None:
+                    progress.attempt, progress.nan_retries = attempt, info["nan_retries"]
                 try:
-                    x, y, history, final = self._optimize(s, batch, student, attempt, bar)
+                    x, y, history, final = self._optimize(s, batch, student, attempt, bar, progress)
                 except NonFiniteError as exc:
                     info["nan_retries"] += 1
                     warnings.warn(f"synthesis batch {batch_index}: {exc}; re-seeding (attempt "
@@ -275,7 +315,8 @@ class Synthesizer:
                     if bar is not None:
                         bar.update(cfg.synth_iters)
                 else:
-                    x, y, info = self.synthesize_batch(seed, i, student, sizes[i], bar)
+                    x, y, info = self.synthesize_batch(seed, i, student, sizes[i], bar,
+                                                       store.progress(i) if store is not None else None)
                     if store is not None:
                         store.save(i, x, y, info)
                 infos.append(info)
