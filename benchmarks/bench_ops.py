@@ -50,9 +50,16 @@ ABITS = 4
 # One fwd+bwd step per op and implementation. Each builder returns a closure.
 
 
+def _op(op_name, impl):
+    """The op `op_name` as `impl`: the extension, its plain-PyTorch reference or the per-sample loop."""
+    if impl == "loop":
+        return getattr(loop_baselines, f"{op_name}_loop")
+    return getattr(ops if impl == "extension" else reference, op_name)
+
+
 def fq_attention_step(impl, dims, device, quantized, gen):
     B, H, N, d = dims
-    fn = {"extension": ops.fq_attention, "reference": reference.fq_attention}[impl]
+    fn = _op("fq_attention", impl)
     q, k, v = (torch.randn(B, H, N, d, generator=gen, device=device).requires_grad_() for _ in range(3))
     inputs = [q, k, v]
     kw = {}
@@ -80,11 +87,7 @@ def entropy_step(impl, dims, device, gen):
     B, H, N, _ = dims
     logits = (torch.randn(B, H, N, N, generator=gen, device=device) * 3).requires_grad_()
     draw = torch.Generator(device=device).manual_seed(0)
-    fn = {
-        "extension": ops.patch_similarity_entropy,
-        "reference": reference.patch_similarity_entropy,
-        "loop": loop_baselines.patch_similarity_entropy_loop,
-    }[impl]
+    fn = _op("patch_similarity_entropy", impl)
 
     def step_fn():
         h = fn(logits, num_prefix_tokens=1, num_rows=64, generator=draw)
@@ -99,11 +102,7 @@ def align_step(impl, dims, device, gen):
     cls_t = torch.randn(NUM_BLOCKS, B, H, M, generator=gen, device=device)
     cls_q = torch.randn(NUM_BLOCKS, B, H, M, generator=gen, device=device).requires_grad_()
     draw = torch.Generator(device=device).manual_seed(0)
-    fn = {
-        "extension": ops.masked_attention_align,
-        "reference": reference.masked_attention_align,
-        "loop": loop_baselines.masked_attention_align_loop,
-    }[impl]
+    fn = _op("masked_attention_align", impl)
 
     def step_fn():
         loss, _ = fn(cls_t, cls_q, ratio=0.5, keep=0.7, generator=draw)
@@ -118,14 +117,14 @@ def epilogue_step(impl, dims, device, gen):
     acc = torch.randint(-(1 << 20), 1 << 20, (M, C), generator=gen, device=device, dtype=torch.int32)
     scale = torch.rand(C, generator=gen, device=device) * 1e-5
     bias = torch.randn(C, generator=gen, device=device)
-    fn = {"extension": ops.int8_linear_epilogue, "reference": reference.int8_linear_epilogue}[impl]
+    fn = _op("int8_linear_epilogue", impl)
     return lambda: fn(acc, scale, bias, "gelu", 0.05, 3, 0, 255)
 
 
 def int8_attention_step(impl, dims, device, gen):
     q, k, v = (torch.randint(-128, 128, dims, generator=gen, device=device, dtype=torch.int8) for _ in range(3))
     scale_qk = 2.0 / (math.sqrt(dims[3]) * 74.0 ** 2)
-    fn = {"extension": ops.int8_attention, "reference": reference.int8_attention}[impl]
+    fn = _op("int8_attention", impl)
     return lambda: fn(q, k, v, scale_qk, 1.0 / 255, 0, 0, 255, 1, -2, 3)
 
 

@@ -24,6 +24,12 @@ def _student(wbits, abits, seed=0, **kwargs):
     return model, qmodel
 
 
+def _exported_w8a8(seed):
+    """(fake-quant student, its integer export) of a calibrated W8A8 small ViT."""
+    _, qmodel = _student(8, 8, seed=seed)
+    return qmodel, export_integer(qmodel)
+
+
 def _exact_linear(wbits, abits, signed, zero_point, bias, seed=0):
     """A QuantLinear whose arithmetic is exact in float32: power-of-two weight steps, a power-of-two
     input step, an integer zero point and a bias on a coarse binary grid (or none)."""
@@ -213,8 +219,7 @@ def test_int_attention_matches_fake_quant_attention(abits, fold):
 
 
 def test_int_mlp_fused_equals_unfused_path():
-    _, qmodel = _student(8, 8, seed=3)
-    imodel = export_integer(qmodel)
+    qmodel, imodel = _exported_w8a8(seed=3)
     mlp = imodel.blocks[0].mlp
     assert isinstance(mlp, IntMlp)
     x = torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(0))
@@ -286,8 +291,7 @@ def test_pack_int4_round_trip():
 
 
 def test_set_kernel_switches_and_keeps_results():
-    _, qmodel = _student(8, 8, seed=7)
-    imodel = export_integer(qmodel)
+    qmodel, imodel = _exported_w8a8(seed=7)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         a = imodel(x)
@@ -415,8 +419,7 @@ def test_bench_builds_and_runs_integer_impl():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_int_model_matches_cpu_int_model():
-    _, qmodel = _student(8, 8, seed=8)
-    imodel = export_integer(qmodel)
+    qmodel, imodel = _exported_w8a8(seed=8)
     x = torch.randn(32, 1, 28, 28)
     with torch.no_grad():
         cpu = imodel(x)
