@@ -10,10 +10,15 @@ For each data source (maskaq, mimiq, psaq, gaussian, real) on the preset's setti
    predicted classes, in bits; log2(10) = 3.32 is perfectly balanced) on the images;
 4. QAT on the images (the preset's QAT, same student init) while tracking the KD loss and
    top-1 agreement with the teacher on 1,000 held-out real test images, every few steps,
-   next to the same numbers for the PTQ start point.
+   next to the same numbers for the PTQ start point;
+5. where MaskAQ's alignment mask falls on real images: the share of background patches (mean
+   pixel < 0.05) among the top-k patches of the teacher's CLS-row logits (mean over blocks and
+   heads, as L_align; k = ratio·N' for the mask's ratios 0.5 → 0.1), against their share of all
+   patches, per block, and with the CLS row's softmax probabilities instead of its logits.
 
     python benchmarks/diagnose_dfq.py --bits W3A3 --seed 0         # about 10 minutes on 1 core
     python benchmarks/diagnose_dfq.py --quick                      # smoke run
+    python benchmarks/diagnose_dfq.py --sources                    # real images only (2, 3, 5): seconds
 
 Prints tables and writes JSON (default benchmarks/results/diagnose_dfq_<bits>.json).
 """
@@ -43,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--bits", default="W3A3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--sources", nargs="+", default=SOURCES)
+    p.add_argument("--sources", nargs="*", default=SOURCES)
     p.add_argument("--held-out", type=int, default=1000, help="real test images for the KD curve")
     p.add_argument("--every", type=int, default=20, help="KD curve: evaluate every N QAT steps")
     p.add_argument("--quick", action="store_true", help="quick preset, 200 held-out images")
@@ -106,6 +111,31 @@ def gradient_shares(synth, student, seed: int) -> list:
     return rows, synth
 
 
+def mask_focus(teacher, images: torch.Tensor, spec) -> dict:
+    """Where the alignment mask falls on ``images`` (real): background share of its top-k patches."""
+    from maskaq.quant import capture_attention
+    with torch.no_grad(), capture_attention(teacher, logits=True, outputs=False) as cap:
+        teacher(images)
+    logits = torch.stack(list(cap.logits))[:, :, :, 0, spec.num_prefix_tokens:]  # (L, B, H, N') CLS rows
+    pixels = images * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(1, -1, 1, 1)
+    background = F.avg_pool2d(pixels.mean(1, keepdim=True), spec.patch_size).flatten(1) < 0.05  # (B, N')
+    head_dim = teacher.blocks[0].attn.head_dim
+    probs = torch.softmax(torch.stack(list(cap.logits))[:, :, :, 0] * head_dim ** -0.5, -1)[..., spec.num_prefix_tokens:]
+    n = logits.shape[-1]
+
+    def share(score, ratio):
+        k = max(1, int(n * ratio))
+        return float(background.gather(1, score.topk(k, dim=1).indices).float().mean())
+
+    ratios = (0.5, 0.3, 0.1)
+    return {"background_share_all": float(background.float().mean()),
+            "mask_logits": {str(r): share(logits.mean(dim=(0, 2)), r) for r in ratios},
+            "mask_probs": {str(r): share(probs.mean(dim=(0, 2)), r) for r in ratios},
+            "per_block_logits_r0.1": [share(block.mean(1), 0.1) for block in logits],
+            "cls_logit_background_minus_object": [
+                float(block.mean(1)[background].mean() - block.mean(1)[~background].mean()) for block in logits]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -129,6 +159,7 @@ def main(argv=None) -> int:
     real_sample = torch.stack([train[i][0] for i in range(512)])
     results["real_images"] = {**pixel_stats(real_sample, spec.mean, spec.std),
                               **teacher_view(teacher, real_sample, spec.num_classes)}
+    results["mask_focus_real"] = mask_focus(teacher, real_sample, spec)
 
     for source in args.sources:
         started = time.perf_counter()
@@ -149,7 +180,7 @@ def main(argv=None) -> int:
             data = synth.synthesize(cfg.synthesis.num_images, args.seed, student=student if in_loop else None)
             entry["gradient_shares"] = rows
         else:
-            data = _data_source(source, teacher, cfg, args.seed)(student, 0)
+            data = _data_source(source, teacher, spec, cfg, args.seed)(student, 0)
         entry.update(pixel_stats(data.images, spec.mean, spec.std))
         entry.update(teacher_view(teacher, data.images, spec.num_classes))
         # QAT from the same kind of start the pipeline uses (calibrated on this source's images),
@@ -183,13 +214,27 @@ def main(argv=None) -> int:
         print(f"{source}: {entry['seconds']:.0f}s", flush=True)
 
     print_tables(results)
-    path = Path(args.json) if args.json else RESULTS / f"diagnose_dfq_{args.bits.upper()}{'_quick' if args.quick else ''}.json"
+    stem = f"diagnose_dfq_{args.bits.upper()}" if args.sources else "diagnose_dfq_real_only"
+    path = Path(args.json) if args.json else RESULTS / f"{stem}{'_quick' if args.quick else ''}.json"
     write_json(path, results)
     print(f"wrote {path}")
     return 0
 
 
 def print_tables(results) -> None:
+    m = results["mask_focus_real"]
+    print(f"\nWhere MaskAQ's alignment mask falls on 512 real images: share of background patches among the "
+          f"top-k (all patches: {m['background_share_all']:.2f})")
+    print("| mask from the CLS row's | r = 0.5 | r = 0.3 | r = 0.1 |")
+    print("|---|---|---|---|")
+    for key, name in (("mask_logits", "logits, mean of blocks and heads (MaskAQ)"),
+                      ("mask_probs", "softmax probabilities, mean of blocks and heads")):
+        print(f"| {name} | " + " | ".join(f"{m[key][r]:.2f}" for r in ("0.5", "0.3", "0.1")) + " |")
+    print("| per block, logits, r = 0.1 | " + ", ".join(f"{v:.2f}" for v in m["per_block_logits_r0.1"]) + " | | |")
+    print("| per block, mean CLS logit on background minus on object | "
+          + ", ".join(f"{v:+.2f}" for v in m["cls_logit_background_minus_object"]) + " | | |")
+    if not results["sources"]:
+        return
     print(f"\nImages (pixel space) and the teacher's view of them, {results['bits']} seed {results['seed']}, "
           f"preset {results['preset']}")
     print("| images | pixel mean | pixel std | near-black | TV/pixel | teacher conf. | class balance (bits) | largest class |")
