@@ -111,6 +111,15 @@ struct QuantSpec {
 // The range of qmin/qmax that the kernels' exact rounding supports (far beyond 8 bits).
 constexpr int64_t kMaxQuantLevel = 1 << 16;
 
+// q, k and v share one shape (B, H, N, d) with N >= 1 tokens and d >= 1 channels.
+inline void check_one_attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+                    "q, k and v must have one shape (B, H, N, d), got ", shape_of(q), ", ",
+                    shape_of(k), ", ", shape_of(v));
+  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
+                    "channels, got shape ", shape_of(q));
+}
+
 // Checks q, k, v (B, H, N, d) and the optional quantizer arguments; returns (B, H, N, d).
 inline std::array<int64_t, 4> check_fq_attention_tensors(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& step,
@@ -123,11 +132,7 @@ inline std::array<int64_t, 4> check_fq_attention_tensors(
   check_input(v, "v", device, 4, "(B, H, N, d)", dtypes);
   check_same_dtype(k, "k", q, "q");
   check_same_dtype(v, "v", q, "q");
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-                    "q, k and v must have one shape (B, H, N, d), got ", shape_of(q), ", ",
-                    shape_of(k), ", ", shape_of(v));
-  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
-                    "channels, got shape ", shape_of(q));
+  check_one_attention_shape(q, k, v);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   const bool quantized = step.has_value() && step->defined();
   const bool has_zp = zero_point.has_value() && zero_point->defined();
@@ -363,14 +368,18 @@ struct Requant {
   float step, zero_point, lo, hi, t_lo, t_hi;
 };
 
+inline Requant requant_grid(double step, int64_t zero_point, int64_t qmin, int64_t qmax) {
+  return Requant{static_cast<float>(step),
+                 static_cast<float>(zero_point),
+                 static_cast<float>(qmin),
+                 static_cast<float>(qmax),
+                 static_cast<float>(qmin - zero_point - 1),
+                 static_cast<float>(qmax - zero_point + 1)};
+}
+
 inline Requant requant_grid(const EpilogueSpec& spec) {
   if (!spec.requantize) return Requant{1.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  return Requant{static_cast<float>(spec.step),
-                 static_cast<float>(spec.zero_point),
-                 static_cast<float>(spec.qmin),
-                 static_cast<float>(spec.qmax),
-                 static_cast<float>(spec.qmin - spec.zero_point - 1),
-                 static_cast<float>(spec.qmax - spec.zero_point + 1)};
+  return requant_grid(spec.step, spec.zero_point, spec.qmin, spec.qmax);
 }
 
 // acc (M, N) int32, scale / bias (N,) float32, one device. Returns the parsed parameters.
@@ -456,11 +465,7 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
     check_dim(*entry, name, 4, "(B, H, N, d) int8");
     check_contiguous(*entry, name);
   }
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-                    "q, k and v must have one shape (B, H, N, d), got ", shape_of(q), ", ",
-                    shape_of(k), ", ", shape_of(v));
-  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
-                    "channels, got shape ", shape_of(q));
+  check_one_attention_shape(q, k, v);
   TORCH_CHECK_VALUE(std::isfinite(scale_qk), "scale_qk must be finite, got ", scale_qk);
   TORCH_CHECK_VALUE(std::isfinite(p_step) && p_step > 0, "p_step must be positive and finite, got ",
                     p_step);

@@ -31,25 +31,7 @@ const std::initializer_list<at::ScalarType> kCpuDtypes = {at::kFloat, at::kDoubl
 // ---------------------------------------------------------------------------------------
 // Scalar helpers written so the compiler vectorizes the loops that call them.
 
-// Round half to even for |x| <= 2^22 (float) / 2^51 (double): adding 1.5 * 2^mantissa
-// pushes the fraction out of the mantissa under the default rounding mode. Matches
-// torch.round on the clamped quantizer inputs (|x| <= 2^16) and, unlike nearbyint,
-// vectorizes on every x86-64.
-template <typename T>
-struct RoundMagic;
-template <>
-struct RoundMagic<float> {
-  static constexpr float value = 12582912.0f;
-};
-template <>
-struct RoundMagic<double> {
-  static constexpr double value = 6755399441055744.0;
-};
-
-template <typename T>
-inline T round_small(T x) {
-  return (x + RoundMagic<T>::value) - RoundMagic<T>::value;
-}
+using fmath::round_small;  // round half to even, as torch.round on the clamped quantizer inputs
 
 // exp(x) for x <= 0 (softmax after subtracting the row max). float: float_math.h's Cephes expf
 // polynomial (about 1 ulp), in plain arithmetic so the loop vectorizes; double: libm.
@@ -288,12 +270,22 @@ struct Problem {
   int64_t operand_numel(int i) const { return B * H * N * (i == 2 ? N : d); }
 };
 
-// The four quantizers (q, k, P, v) of a quantized problem; left default without quantization.
+// What both passes read: the four quantizers (q, k, P, v; left default without quantization), the
+// softmax scale and the inputs' data.
 template <typename T>
-void make_quantizers(const Problem& pb, Quantizer<T> (&fq)[4]) {
-  if (!pb.spec.enabled) return;
-  for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i);
-}
+struct SliceInputs {
+  SliceInputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& pb)
+      : quant(pb.spec.enabled), scale(static_cast<T>(pb.scale)), opts(q.options()),
+        qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()) {
+    if (quant) for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i);
+  }
+
+  bool quant;
+  T scale;
+  at::TensorOptions opts;
+  const T *qp, *kp, *vp;
+  Quantizer<T> fq[4];
+};
 
 // The q, k, v operands of one (batch, head) slice as 2-D (N, d) tensors: fake-quantized copies in
 // per-thread buffers when quantizing, else views of the inputs.
@@ -305,11 +297,13 @@ class SliceOperands {
     if (quant_) qh_ = at::empty({N, d}, opts), kh_ = at::empty({N, d}, opts), vh_ = at::empty({N, d}, opts);
   }
 
-  void load(const T* qs, const T* ks, const T* vs, const Quantizer<T> (&fq)[4]) {
+  // The slice that starts at element `off` of the inputs.
+  void load(const SliceInputs<T>& in, int64_t off) {
+    const T *qs = in.qp + off, *ks = in.kp + off, *vs = in.vp + off;
     if (quant_) {
-      fake_quant(qs, qh_.data_ptr<T>(), N_ * d_, fq[0]);
-      fake_quant(ks, kh_.data_ptr<T>(), N_ * d_, fq[1]);
-      fake_quant(vs, vh_.data_ptr<T>(), N_ * d_, fq[3]);
+      fake_quant(qs, qh_.data_ptr<T>(), N_ * d_, in.fq[0]);
+      fake_quant(ks, kh_.data_ptr<T>(), N_ * d_, in.fq[1]);
+      fake_quant(vs, vh_.data_ptr<T>(), N_ * d_, in.fq[3]);
       q = qh_, k = kh_, v = vh_;
     } else {
       q = wrap(qs, N_, d_, opts_), k = wrap(ks, N_, d_, opts_), v = wrap(vs, N_, d_, opts_);
@@ -332,34 +326,27 @@ template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor* logits, const Problem& pb) {
   const int64_t N = pb.N, d = pb.d, slices = pb.B * pb.H;
-  const bool quant = pb.spec.enabled;
-  const auto opts = q.options();
-  const T scale = static_cast<T>(pb.scale);
-  Quantizer<T> fq[4];
-  make_quantizers(pb, fq);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
+  const SliceInputs<T> in(q, k, v, pb);
   T* op = out.data_ptr<T>();
   T* lp = logits != nullptr ? logits->data_ptr<T>() : nullptr;
 
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     // Per-thread workspace: quantized operands and one N x N block (logits, then P).
-    SliceOperands<T> x(quant, N, d, opts);
-    at::Tensor pbuf = at::empty({N, N}, opts);
+    SliceOperands<T> x(in.quant, N, d, in.opts);
+    at::Tensor pbuf = at::empty({N, N}, in.opts);
     at::Tensor abuf = lp != nullptr ? at::Tensor() : pbuf;  // without returned logits, P overwrites A
     T* pptr = pbuf.data_ptr<T>();
     for (int64_t s = begin; s < end; ++s) {
       const int64_t off = s * N * d;
-      x.load(qp + off, kp + off, vp + off, fq);
-      at::Tensor a2 = lp != nullptr ? wrap(lp + s * N * N, N, N, opts) : abuf;
+      x.load(in, off);
+      at::Tensor a2 = lp != nullptr ? wrap(lp + s * N * N, N, N, in.opts) : abuf;
       at::mm_out(a2, x.q, x.k.t());
       const T* ap = a2.data_ptr<T>();
       for (int64_t i = 0; i < N; ++i) {
-        softmax_row(ap + i * N, pptr + i * N, N, scale);
-        if (quant) fake_quant(pptr + i * N, pptr + i * N, N, fq[2]);
+        softmax_row(ap + i * N, pptr + i * N, N, in.scale);
+        if (in.quant) fake_quant(pptr + i * N, pptr + i * N, N, in.fq[2]);
       }
-      at::Tensor o2 = wrap(op + off, N, d, opts);
+      at::Tensor o2 = wrap(op + off, N, d, in.opts);
       at::mm_out(o2, pbuf, x.v);
     }
   });
@@ -394,54 +381,47 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
                      const at::Tensor& k, const at::Tensor& v, at::Tensor& gq, at::Tensor& gk,
                      at::Tensor& gv, std::vector<double>& sums, const Problem& pb) {
   const int64_t N = pb.N, d = pb.d, slices = pb.B * pb.H;
-  const bool quant = pb.spec.enabled;
-  const auto opts = q.options();
-  const T scale = static_cast<T>(pb.scale);
-  Quantizer<T> fq[4];
-  make_quantizers(pb, fq);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
+  const SliceInputs<T> in(q, k, v, pb);
   const T* gop = grad_out.data_ptr<T>();
   T* gqp = gq.data_ptr<T>();
   T* gkp = gk.data_ptr<T>();
   T* gvp = gv.data_ptr<T>();
 
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-    SliceOperands<T> x(quant, N, d, opts);
-    at::Tensor pbuf = at::empty({N, N}, opts);                          // A, then P
-    at::Tensor phbuf = quant ? at::empty({N, N}, opts) : pbuf;          // P̂
-    at::Tensor gbuf = at::empty({N, N}, opts);                          // dP̂ -> dP -> dA
+    SliceOperands<T> x(in.quant, N, d, in.opts);
+    at::Tensor pbuf = at::empty({N, N}, in.opts);                        // A, then P
+    at::Tensor phbuf = in.quant ? at::empty({N, N}, in.opts) : pbuf;     // P̂
+    at::Tensor gbuf = at::empty({N, N}, in.opts);                        // dP̂ -> dP -> dA
     T* pptr = pbuf.data_ptr<T>();
     T* phptr = phbuf.data_ptr<T>();
     T* gptr = gbuf.data_ptr<T>();
     for (int64_t s = begin; s < end; ++s) {
       const int64_t off = s * N * d;
       double* acc = &sums[s * 8];  // (α, z) sums of the q, k, p, v quantizers
-      x.load(qp + off, kp + off, vp + off, fq);
+      x.load(in, off);
       at::mm_out(pbuf, x.q, x.k.t());
       for (int64_t i = 0; i < N; ++i) {
-        softmax_row(pptr + i * N, pptr + i * N, N, scale);
-        if (quant) fake_quant(pptr + i * N, phptr + i * N, N, fq[2]);
+        softmax_row(pptr + i * N, pptr + i * N, N, in.scale);
+        if (in.quant) fake_quant(pptr + i * N, phptr + i * N, N, in.fq[2]);
       }
-      at::Tensor go2 = wrap(gop + off, N, d, opts);
-      at::Tensor gv2 = wrap(gvp + off, N, d, opts);
+      at::Tensor go2 = wrap(gop + off, N, d, in.opts);
+      at::Tensor gv2 = wrap(gvp + off, N, d, in.opts);
       at::mm_out(gbuf, go2, x.v.t());     // dP̂
       at::mm_out(gv2, phbuf.t(), go2);   // dv̂
       const T* gl = grad_logits != nullptr ? grad_logits + s * N * N : nullptr;
       for (int64_t i = 0; i < N; ++i) {
-        if (quant) fake_quant_backward(pptr + i * N, gptr + i * N, N, fq[2], &acc[4], &acc[5]);
+        if (in.quant) fake_quant_backward(pptr + i * N, gptr + i * N, N, in.fq[2], &acc[4], &acc[5]);
         softmax_backward_row(pptr + i * N, gptr + i * N, gl != nullptr ? gl + i * N : nullptr, N,
-                             scale);
+                             in.scale);
       }
-      at::Tensor gq2 = wrap(gqp + off, N, d, opts);
-      at::Tensor gk2 = wrap(gkp + off, N, d, opts);
+      at::Tensor gq2 = wrap(gqp + off, N, d, in.opts);
+      at::Tensor gk2 = wrap(gkp + off, N, d, in.opts);
       at::mm_out(gq2, gbuf, x.k);        // dq̂
       at::mm_out(gk2, gbuf.t(), x.q);    // dk̂
-      if (quant) {
-        fake_quant_backward_rows(qp + off, gqp + off, N, d, fq[0], &acc[0]);
-        fake_quant_backward_rows(kp + off, gkp + off, N, d, fq[1], &acc[2]);
-        fake_quant_backward_rows(vp + off, gvp + off, N, d, fq[3], &acc[6]);
+      if (in.quant) {
+        fake_quant_backward_rows(in.qp + off, gqp + off, N, d, in.fq[0], &acc[0]);
+        fake_quant_backward_rows(in.kp + off, gkp + off, N, d, in.fq[1], &acc[2]);
+        fake_quant_backward_rows(in.vp + off, gvp + off, N, d, in.fq[3], &acc[6]);
       }
     }
   });

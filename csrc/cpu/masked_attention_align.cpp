@@ -19,13 +19,8 @@
 #include <numeric>
 #include <vector>
 
-// Simple loops below are auto-vectorized; target_clones builds them for AVX-512, AVX2 and
-// baseline x86-64 and picks one at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MASKAQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MASKAQ_CLONES
-#endif
+// Simple loops below are auto-vectorized, and built per instruction set (clones.h).
+#include "clones.h"
 
 namespace maskaq {
 namespace {

@@ -8,20 +8,18 @@
 //
 // Everything here has internal linkage and is always inlined: called across target clones, a
 // 32-byte vector argument would be passed differently by an AVX caller and a baseline callee, and
-// a file may compile these helpers with its own floating-point options (int_epilogue.cpp turns
+// a file may compile these helpers with its own floating-point options (integer.cpp turns
 // FMA contraction off).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#include "clones.h"
+#include "float_math.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
 #define MASKAQ_SIMD 1
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define MASKAQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MASKAQ_CLONES
-#endif
 #if defined(__GNUC__) && !defined(__clang__)
 // The vectors never cross a non-inlined call (see above), so GCC's note that their ABI differs
 // with and without AVX does not apply.
@@ -55,12 +53,8 @@ MASKAQ_VINLINE vf8 vselect(vi8 m, vf8 a, vf8 b) { return (vf8)((m & (vi8)a) | (~
 MASKAQ_VINLINE vf8 vmax_keep(vf8 t, vf8 lo) { return vselect(t < lo, lo, t); }
 MASKAQ_VINLINE vf8 vmin_keep(vf8 t, vf8 hi) { return vselect(hi < t, hi, t); }
 
-// Round half to even for |x| <= 2^22: adding 1.5·2^23 pushes the fraction out of the mantissa
-// under the default rounding mode (the same trick as the scalar kernels, bit for bit).
-MASKAQ_VINLINE vf8 vround_small(vf8 x) {
-  const float magic = 12582912.0f;
-  return (x + magic) - magic;
-}
+// Round half to even for |x| <= 2^22 (float_math.h's, lane by lane).
+MASKAQ_VINLINE vf8 vround_small(vf8 x) { return fmath::round_small(x); }
 
 MASKAQ_VINLINE float hsum(vf8 v) {
   float s = 0;
@@ -73,19 +67,11 @@ MASKAQ_VINLINE float hmax(vf8 v) {
   return m;
 }
 
-// exp(x) for x in [-87, 0] without a range clamp (callers bound or clamp x): Cephes' expf
-// polynomial, about 1 ulp, the lane-wise twin of the scalar exp of the CPU kernels.
+// exp(x) for x in [-87, 0] without a range clamp (callers bound or clamp x): float_math.h's
+// exp_bounded lane by lane.
 MASKAQ_VINLINE vf8 vexp_bounded(vf8 x) {
-  const vf8 n = vround_small(x * 1.44269504088896341f);
-  vf8 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf8 y = vsplat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
+  vf8 n;
+  const vf8 y = fmath::exp_reduced(x, n);
   const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
   return y * (vf8)bits;
 }

@@ -189,8 +189,8 @@ struct AttnParams {
   int N, d, chunks;  // chunks = ceil(d / 16), the padded head dim is 16·chunks
   bool vec16;        // d % 16 == 0 and 16-byte aligned rows: one 16-byte load per panel row
   float scale_qk;
-  float p_step, p_zero_point, p_lo, p_hi, p_t_lo, p_t_hi;  // P's requantizer (see Requant)
-  int p_shift;                                               // c
+  checks::Requant pq;  // P's requantizer
+  int p_shift;         // subtracted from P̃ so that it fits int8 (0 when it already does)
   int zq, zk, zv;
 };
 
@@ -398,9 +398,7 @@ __global__ void __launch_bounds__(kAttnThreads) int8_attention_kernel(AttnParams
       int p8 = 0;
       if (key0 + col < p.N) {
         const float prob = __fdiv_rn(exp_nonpositive(logit(col, row_term) - m), l);
-        const float t = fminf(fmaxf(__fdiv_rn(prob, p.p_step), p.p_t_lo), p.p_t_hi);
-        const float level = fminf(fmaxf(__fadd_rn(rintf(t), p.p_zero_point), p.p_lo), p.p_hi);
-        p8 = __float2int_rn(__fsub_rn(level, p.p_zero_point)) - p.p_shift;
+        p8 = __float2int_rn(__fsub_rn(requantize(prob, p.pq), p.pq.zero_point)) - p.p_shift;
         p8_sum += p8;
       }
       probs[half * kPanel + r * kTile + i] = static_cast<int8_t>(p8);
@@ -469,12 +467,7 @@ at::Tensor int8_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.chunks = static_cast<int>(ceil_div(spec.d, kTile));
   p.vec16 = spec.d % kTile == 0 && aligned_to(p.q, 16) && aligned_to(p.k, 16) && aligned_to(p.v, 16);
   p.scale_qk = static_cast<float>(scale_qk);
-  p.p_step = static_cast<float>(p_step);
-  p.p_zero_point = static_cast<float>(p_zero_point);
-  p.p_lo = static_cast<float>(p_qmin);
-  p.p_hi = static_cast<float>(p_qmax);
-  p.p_t_lo = static_cast<float>(p_qmin - p_zero_point - 1);
-  p.p_t_hi = static_cast<float>(p_qmax - p_zero_point + 1);
+  p.pq = checks::requant_grid(p_step, p_zero_point, p_qmin, p_qmax);
   // P̃ ∈ [p_lo, p_hi] (width <= 255, checked): shift it into int8 when it does not fit as is.
   p.p_shift = (spec.p_lo >= -128 && spec.p_hi <= 127) ? 0 : static_cast<int>(spec.p_lo + 128);
   p.zq = static_cast<int>(q_zero_point), p.zk = static_cast<int>(k_zero_point), p.zv = static_cast<int>(v_zero_point);

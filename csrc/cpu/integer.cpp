@@ -1,0 +1,285 @@
+// The integer-inference kernels on CPU (integer.cu is their CUDA twin):
+//
+// maskaq::int8_linear_epilogue: y = acc·scale + bias (+ erf GELU), returned as float32 or
+// requantized to uint8 / int8, in one pass over the int32 accumulators of an int8 GEMM. Rows are
+// split with at::parallel_for. Each row runs 8 columns at a time in explicit 8-lane vectors
+// (vec8.h: GCC/Clang vector extensions, built for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time; auto-vectorization gives up on the selects of erf and the requantizer under
+// -ftrapping-math), the remaining columns in scalar code that performs the same operations, so
+// every column gets the same bits. The arithmetic is the reference's, operation by operation:
+// float(acc)·scale rounded, then + bias rounded (no FMA: see below), an exact division by the
+// step (not a multiplication by its reciprocal), round half to even. GELU's erf is float_math.h's
+// (3 ulp; torch's own CPU GELU uses an approximation of similar accuracy), so a requantized GELU
+// output may differ from the reference by one level where y/step lies within a few ulps of a tie.
+//
+// maskaq::int8_attention: attention on integer q, k, v and an integer P (IntAttention). Work is
+// split over the B*H (batch, head) slices. The two products run through ATen's BLAS (at::mm_out)
+// on the integers stored as floating point, which is exact while every partial sum stays below
+// 2^24 in float32 (the usual ViT case: 8-bit operands, d <= 64, N <= 197); where the checked
+// bounds of the sums say float32 could round, the slice runs in float64 (exact below 2^53), so the
+// result is the exact int32 product in every case. The softmax is ATen's own (at::_softmax_out) on
+// the float32 logits, so the probabilities are the plain-PyTorch reference's bit for bit, and so
+// are their integer levels (the epilogue's requantizer).
+#include "checks.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+// No floating-point contraction in this file's arithmetic: GCC contracts a·b + c into an FMA by
+// default in C++ wherever the target has one (the AVX-512 clone below), which would round
+// acc·scale + bias once instead of twice and break the bit-exact match with the reference.
+// (Only the code below is affected; the torch headers above keep the command line's options.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+#include "float_math.h"
+#include "vec8.h"
+
+namespace maskaq {
+namespace {
+
+// =============================================================================================
+// int8_linear_epilogue
+// =============================================================================================
+enum class OutKind : int { kFloat = 0, kUint8 = 1, kInt8 = 2 };
+
+// The requantizer: clamp(round(y / step) + z, lo, hi), computed as
+// clamp(round(clamp(y / step, lo − z − 1, hi − z + 1)) + z, lo, hi) (the same result; the inner
+// clamp keeps round_small in range, and its comparisons send NaN to lo, the documented NaN -> qmin).
+inline float requantize(float y, const checks::Requant& rq) {
+  float t = y / rq.step;
+  t = t > rq.t_lo ? t : rq.t_lo;
+  t = t < rq.t_hi ? t : rq.t_hi;
+  float u = fmath::round_small(t) + rq.zero_point;
+  u = u > rq.lo ? u : rq.lo;
+  return u < rq.hi ? u : rq.hi;
+}
+
+inline float epilogue_value(int32_t a, float s, float b, bool gelu) {
+  float y = static_cast<float>(a) * s;
+  y = y + b;
+  return gelu ? fmath::gelu(y) : y;
+}
+
+inline void store_scalar(void* out, int64_t j, float y, OutKind kind, const checks::Requant& rq) {
+  switch (kind) {
+    case OutKind::kFloat:
+      static_cast<float*>(out)[j] = y;
+      break;
+    case OutKind::kUint8:  // an integer in [lo, hi] ⊂ [0, 255]: the conversions are exact
+      static_cast<uint8_t*>(out)[j] = static_cast<uint8_t>(static_cast<int32_t>(requantize(y, rq)));
+      break;
+    case OutKind::kInt8:
+      static_cast<int8_t*>(out)[j] = static_cast<int8_t>(static_cast<int32_t>(requantize(y, rq)));
+      break;
+  }
+}
+
+#if defined(MASKAQ_SIMD)
+
+// The lane-wise twins of float_math.h's erf_float / gelu (exp_bounded's is in vec8.h): same
+// operations, same order.
+MASKAQ_VINLINE vf8 verf(vf8 x) {
+  using namespace fmath;
+  const vi8 sign = (vi8)x & static_cast<int32_t>(0x80000000u);
+  const vf8 a = (vf8)((vi8)x & 0x7fffffff);
+  const vf8 one = vsplat(1.0f);
+  const vi8 is_small = a < one;
+  const vf8 as = vselect(is_small, a, one);
+  const vf8 small = as * horner(as * as, kErfSmall);
+  vf8 c = vselect(a > one, a, one);
+  const vf8 four = vsplat(4.0f);
+  c = vselect(c < four, c, four);
+  const vf8 u = (c - kErfMid) * kErfInvHalfWidth;
+  const vf8 large = 1.0f - vexp_bounded(horner(u, kErfLogTail));
+  return (vf8)((vi8)vselect(is_small, small, large) | sign);
+}
+
+MASKAQ_VINLINE vf8 vgelu(vf8 x) { return x * 0.5f * (1.0f + verf(x * fmath::kSqrtHalf)); }
+
+MASKAQ_VINLINE vi8 vrequantize(vf8 y, const checks::Requant& rq) {
+  const vf8 t_lo = vsplat(rq.t_lo), t_hi = vsplat(rq.t_hi), lo = vsplat(rq.lo), hi = vsplat(rq.hi);
+  vf8 t = y / rq.step;
+  t = vselect(t > t_lo, t, t_lo);
+  t = vselect(t < t_hi, t, t_hi);
+  vf8 u = vround_small(t) + rq.zero_point;
+  u = vselect(u > lo, u, lo);
+  u = vselect(u < hi, u, hi);
+  return __builtin_convertvector(u, vi8);  // exact: integers in [lo, hi]
+}
+
+// One row of `cols` columns; `gelu` and `kind` are loop-invariant (the branches predict perfectly).
+MASKAQ_CLONES void epilogue_row(const int32_t* acc, const float* scale, const float* bias, void* out,
+                                         int64_t cols, bool gelu, OutKind kind, const checks::Requant& rq) {
+  const int64_t nv = cols - cols % kLanes;
+  for (int64_t j = 0; j < nv; j += kLanes) {
+    vf8 y = __builtin_convertvector(vload<vi8>(acc + j), vf8) * vload<vf8>(scale + j);
+    y = y + vload<vf8>(bias + j);
+    if (gelu) y = vgelu(y);
+    switch (kind) {
+      case OutKind::kFloat:
+        vstore(static_cast<float*>(out) + j, y);
+        break;
+      case OutKind::kUint8:
+        vstore(static_cast<uint8_t*>(out) + j, __builtin_convertvector(vrequantize(y, rq), vu8));
+        break;
+      case OutKind::kInt8:
+        vstore(static_cast<int8_t*>(out) + j, __builtin_convertvector(vrequantize(y, rq), vs8));
+        break;
+    }
+  }
+  for (int64_t j = nv; j < cols; ++j) store_scalar(out, j, epilogue_value(acc[j], scale[j], bias[j], gelu), kind, rq);
+}
+#else
+void epilogue_row(const int32_t* acc, const float* scale, const float* bias, void* out, int64_t cols, bool gelu,
+                  OutKind kind, const checks::Requant& rq) {
+  for (int64_t j = 0; j < cols; ++j) store_scalar(out, j, epilogue_value(acc[j], scale[j], bias[j], gelu), kind, rq);
+}
+#endif  // MASKAQ_SIMD
+
+at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& bias,
+                                    c10::string_view activation, double out_step, int64_t out_zero_point,
+                                    int64_t out_qmin, int64_t out_qmax) {
+  const checks::EpilogueSpec spec = checks::check_int8_linear_epilogue(
+      acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax);
+  TORCH_CHECK_VALUE(acc.device().is_cpu(), "int8_linear_epilogue (CPU kernel): acc must be a CPU tensor, got ",
+                    acc.device());
+  at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(spec.out_dtype));
+  if (acc.numel() == 0) return out;
+  const checks::Requant rq = checks::requant_grid(spec);
+  const OutKind kind = spec.out_dtype == at::kByte ? OutKind::kUint8
+                       : spec.out_dtype == at::kChar ? OutKind::kInt8
+                                                     : OutKind::kFloat;
+  const bool gelu = spec.activation == checks::Activation::kGelu;
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  const int32_t* a = acc.data_ptr<int32_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = cols * static_cast<int64_t>(out.element_size());
+  // About 32K elements per task: enough work to amortize a thread wake-up.
+  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) epilogue_row(a + r * cols, s, b, o + r * row_bytes, cols, gelu, kind, rq);
+  });
+  return out;
+}
+
+// =============================================================================================
+// int8_attention
+// =============================================================================================
+constexpr int64_t kFloatExact = int64_t(1) << 24;  // integers below this add exactly in float32
+
+// dst[i] = src[i] − zero_point as T (exact: small integers).
+template <typename T>
+inline void widen(const int8_t* src, T* dst, int64_t n, int64_t zero_point) {
+  const T z = static_cast<T>(zero_point);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) - z;
+}
+
+// In place over one (N, N) block: probabilities p (float32) -> their integers P̃ = level − z (as T
+// in `dst`), the requantizer's levels (P >= 0 and finite; its clamp keeps round_small in range).
+template <typename T>
+inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requant& pq) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(requantize(p[i], pq) - pq.zero_point);
+}
+
+struct Args {
+  int64_t slices, N, d;
+  float scale_qk;
+  checks::Requant pq;  // P's requantizer
+  int64_t zq, zk, zv;
+};
+
+// T: the type the products run in (float: exact by the bounds; double otherwise).
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const Args& a) {
+  const int64_t N = a.N, d = a.d;
+  const auto opts = q.options().dtype(std::is_same<T, float>::value ? at::kFloat : at::kDouble);
+  const auto fopts = q.options().dtype(at::kFloat);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const int8_t* kp = k.data_ptr<int8_t>();
+  const int8_t* vp = v.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, a.slices, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread workspace.
+    at::Tensor qt = at::empty({N, d}, opts), kt = at::empty({N, d}, opts), vt = at::empty({N, d}, opts);
+    at::Tensor scores = at::empty({N, N}, opts);   // S, then P̃
+    at::Tensor logits = std::is_same<T, float>::value ? scores : at::empty({N, N}, fopts);
+    at::Tensor probs = at::empty({N, N}, fopts);
+    at::Tensor out_t = std::is_same<T, float>::value ? at::Tensor() : at::empty({N, d}, opts);
+    T* sp = scores.data_ptr<T>();
+    float* lp = logits.data_ptr<float>();
+    const float* pp = probs.data_ptr<float>();
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t off = s * N * d;
+      widen(qp + off, qt.data_ptr<T>(), N * d, a.zq);
+      widen(kp + off, kt.data_ptr<T>(), N * d, a.zk);
+      widen(vp + off, vt.data_ptr<T>(), N * d, a.zv);
+      at::mm_out(scores, qt, kt.t());  // S = q̃·k̃ᵀ, exact
+      // logits = float(S)·scale_qk, rounded like the reference's S.float() * scale_qk
+      const float c = a.scale_qk;
+#pragma omp simd
+      for (int64_t i = 0; i < N * N; ++i) lp[i] = static_cast<float>(sp[i]) * c;
+      at::_softmax_out(probs, logits, 1, false);
+      quantize_probs(pp, sp, N * N, a.pq);
+      if constexpr (std::is_same<T, float>::value) {
+        at::Tensor dst = at::from_blob(op + off, {N, d}, fopts);
+        at::mm_out(dst, scores, vt);  // O = P̃·ṽ, exact, straight into the output
+      } else {
+        at::mm_out(out_t, scores, vt);
+        const double* src = out_t.data_ptr<double>();
+        float* dst = op + off;
+#pragma omp simd
+        for (int64_t i = 0; i < N * d; ++i) dst[i] = static_cast<float>(src[i]);
+      }
+    }
+  });
+}
+
+at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_qk,
+                              double p_step, int64_t p_zero_point, int64_t p_qmin, int64_t p_qmax,
+                              int64_t q_zero_point, int64_t k_zero_point, int64_t v_zero_point) {
+  const checks::Int8AttentionSpec spec = checks::check_int8_attention(
+      q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point, k_zero_point, v_zero_point);
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "int8_attention (CPU kernel): q, k, v must be CPU tensors, got ",
+                    q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  Args a{};
+  a.slices = spec.B * spec.H, a.N = spec.N, a.d = spec.d;
+  a.scale_qk = static_cast<float>(scale_qk);
+  a.pq = checks::requant_grid(p_step, p_zero_point, p_qmin, p_qmax);
+  a.zq = q_zero_point, a.zk = k_zero_point, a.zv = v_zero_point;
+  if (spec.score_bound < kFloatExact && spec.out_bound < kFloatExact) {
+    run<float>(q, k, v, out, a);
+  } else {
+    run<double>(q, k, v, out, a);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskaq, CPU, m) {
+  m.impl("int8_linear_epilogue", &int8_linear_epilogue_cpu);
+  m.impl("int8_attention", &int8_attention_cpu);
+}
+
+}  // namespace maskaq
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
