@@ -83,15 +83,27 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
                     " but ", expected, " was expected (", what, "); shape ", shape_of(t));
 }
 
-// A floating tensor on `device`, `ndim`-D, contiguous, with a dtype from `dtypes`.
+// Each row of the last dim stored contiguously (stride 1); the other dims may have any strides,
+// as in the q, k, v views of a fused qkv projection.
+inline void check_rows_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have its last dim contiguous (shape ",
+                    shape_of(t), ", strides ", t.strides(), "); call .contiguous() first");
+}
+
+// A floating tensor on `device`, `ndim`-D, with a dtype from `dtypes`; contiguous, or with
+// `rows_only` only its last dim contiguous (check_rows_contiguous).
 inline void check_input(const at::Tensor& t, const char* name, const at::Device& device,
                         int64_t ndim, const char* layout,
-                        std::initializer_list<at::ScalarType> dtypes) {
+                        std::initializer_list<at::ScalarType> dtypes, bool rows_only = false) {
   check_defined(t, name);
   check_device(t, name, device);
   check_dtype_in(t, name, dtypes);
   check_dim(t, name, ndim, layout);
-  check_contiguous(t, name);
+  if (rows_only) {
+    check_rows_contiguous(t, name);
+  } else {
+    check_contiguous(t, name);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -121,15 +133,17 @@ inline void check_one_attention_shape(const at::Tensor& q, const at::Tensor& k, 
 }
 
 // Checks q, k, v (B, H, N, d) and the optional quantizer arguments; returns (B, H, N, d).
+// `strided`: q, k, v may be strided views with contiguous rows (the CPU kernel reads them in
+// place); else they must be contiguous.
 inline std::array<int64_t, 4> check_fq_attention_tensors(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& step,
     const c10::optional<at::Tensor>& zero_point, at::IntArrayRef qmin, at::IntArrayRef qmax,
-    double scale, std::initializer_list<at::ScalarType> dtypes) {
+    double scale, std::initializer_list<at::ScalarType> dtypes, bool strided = false) {
   check_defined(q, "q");
   const auto device = q.device();
-  check_input(q, "q", device, 4, "(B, H, N, d)", dtypes);
-  check_input(k, "k", device, 4, "(B, H, N, d)", dtypes);
-  check_input(v, "v", device, 4, "(B, H, N, d)", dtypes);
+  check_input(q, "q", device, 4, "(B, H, N, d)", dtypes, strided);
+  check_input(k, "k", device, 4, "(B, H, N, d)", dtypes, strided);
+  check_input(v, "v", device, 4, "(B, H, N, d)", dtypes, strided);
   check_same_dtype(k, "k", q, "q");
   check_same_dtype(v, "v", q, "q");
   check_one_attention_shape(q, k, v);

@@ -64,7 +64,9 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     """Attention with LSQ fake-quantized operands (MaskAQ student) or in full precision.
 
     Args:
-        q, k, v: (B, H, N, d) tensors of one dtype (made contiguous here).
+        q, k, v: (B, H, N, d) tensors of one dtype. On the CPU they are read where they lie when
+            each row of d values is contiguous (the q, k, v views of timm's fused qkv projection
+            need no copy); otherwise, and on CUDA, they are made contiguous here.
         step: None for full precision (the teacher), else a 1-D tensor of 4 LSQ steps α in
             the order (q, k, p, v); receives LSQ gradients scaled by 1/sqrt(numel·qmax).
         zero_point: optional 1-D tensor of 4 LSQ zero points z (same order), learnable
@@ -83,9 +85,16 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     if not uses_extension(q):
         return reference.fq_attention(q, k, v, step=step, zero_point=zero_point, qmin=qmin or None,
                                       qmax=qmax or None, scale=scale, return_logits=return_logits)
-    out, logits = torch.ops.maskaq.fq_attention(q.contiguous(), k.contiguous(), v.contiguous(), step,
-                                                zero_point, qmin, qmax, scale, bool(return_logits))
+    q, k, v = (_attention_operand(t) for t in (q, k, v))
+    out, logits = torch.ops.maskaq.fq_attention(q, k, v, step, zero_point, qmin, qmax, scale, bool(return_logits))
     return out, (logits if return_logits else None)
+
+
+def _attention_operand(t):
+    """q, k or v as the kernel reads it: the CPU kernel takes any strides but a contiguous last dim."""
+    if t.device.type == "cpu" and (t.stride(-1) == 1 or t.shape[-1] <= 1):
+        return t
+    return t.contiguous()
 
 
 def patch_similarity_entropy(logits, *, num_prefix_tokens=1, num_rows=64, generator=None, row_index=None):

@@ -437,6 +437,27 @@ def test_opcheck_masked_attention_align():
 BAD = (RuntimeError, ValueError, TypeError, IndexError)
 
 
+@needs_ext
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fq_attention_reads_qkv_views_in_place_on_cpu(quantized):
+    """The CPU kernel takes q, k, v as the strided views of a fused qkv projection (no copy) and
+    gives the results, logits and gradients of contiguous copies, bit for bit."""
+    B, N, H, d = 2, 7, 3, 5
+    qkv = randn(B, N, 3, H, d, seed=4, dtype=torch.float32).permute(2, 0, 3, 1, 4)
+    kw = dict(step=STEP, qmin=QMIN, qmax=QMAX) if quantized else {}
+    views = [t.requires_grad_() for t in qkv.detach().clone().unbind(0)]
+    assert not views[0].is_contiguous() and views[0].stride(-1) == 1
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    grads = [randn(B, H, N, d, seed=7, dtype=torch.float32), randn(B, H, N, N, seed=8, dtype=torch.float32)]
+    results = []
+    for q, k, v in (views, copies):
+        out, logits = torch.ops.maskaq.fq_attention(q, k, v, kw.get("step"), None, kw.get("qmin", []),
+                                                    kw.get("qmax", []), d ** -0.5, True)
+        results.append([out, logits, *torch.autograd.grad([out, logits], [q, k, v], grads)])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
 def _qkv(shape=(2, 2, 5, 4), dtype=torch.float32):
     return [randn(*shape, seed=i, dtype=dtype) for i in range(3)]
 

@@ -248,10 +248,10 @@ inline void softmax_backward_row<float>(const float* p, float* g, const float* g
 
 // Row-wise fake_quant_backward over a (rows, cols) slice, accumulating in double.
 template <typename T>
-inline void fake_quant_backward_rows(const T* x, T* g, int64_t rows, int64_t cols,
+inline void fake_quant_backward_rows(const T* x, int64_t x_row_stride, T* g, int64_t rows, int64_t cols,
                                      const Quantizer<T>& f, double* sums) {
   for (int64_t i = 0; i < rows; ++i) {
-    fake_quant_backward(x + i * cols, g + i * cols, cols, f, &sums[0], &sums[1]);
+    fake_quant_backward(x + i * x_row_stride, g + i * cols, cols, f, &sums[0], &sums[1]);
   }
 }
 
@@ -271,19 +271,30 @@ struct Problem {
 };
 
 // What both passes read: the four quantizers (q, k, P, v; left default without quantization), the
-// softmax scale and the inputs' data.
+// softmax scale, and q, k, v where they lie: any strides for B, H and N (the views of a fused qkv
+// projection need no copy), rows of d contiguous values.
 template <typename T>
 struct SliceInputs {
   SliceInputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& pb)
-      : quant(pb.spec.enabled), scale(static_cast<T>(pb.scale)), opts(q.options()),
-        qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()) {
+      : quant(pb.spec.enabled), scale(static_cast<T>(pb.scale)), opts(q.options()), H(pb.H) {
+    const at::Tensor* qkv[3] = {&q, &k, &v};
+    for (int i = 0; i < 3; ++i) {
+      data[i] = qkv[i]->data_ptr<T>();
+      stride_b[i] = qkv[i]->stride(0), stride_h[i] = qkv[i]->stride(1), stride_n[i] = qkv[i]->stride(2);
+    }
     if (quant) for (int i = 0; i < 4; ++i) fq[i] = make_quantizer<T>(pb.spec, i);
   }
+
+  // The first row of operand i (0: q, 1: k, 2: v) of slice s = b·H + h; its rows are row_stride(i) apart.
+  const T* slice(int i, int64_t s) const { return data[i] + (s / H) * stride_b[i] + (s % H) * stride_h[i]; }
+  int64_t row_stride(int i) const { return stride_n[i]; }
 
   bool quant;
   T scale;
   at::TensorOptions opts;
-  const T *qp, *kp, *vp;
+  int64_t H;
+  const T* data[3];
+  int64_t stride_b[3], stride_h[3], stride_n[3];
   Quantizer<T> fq[4];
 };
 
@@ -297,22 +308,36 @@ class SliceOperands {
     if (quant_) qh_ = at::empty({N, d}, opts), kh_ = at::empty({N, d}, opts), vh_ = at::empty({N, d}, opts);
   }
 
-  // The slice that starts at element `off` of the inputs.
-  void load(const SliceInputs<T>& in, int64_t off) {
-    const T *qs = in.qp + off, *ks = in.kp + off, *vs = in.vp + off;
+  // Slice s (= b·H + h) of the inputs.
+  void load(const SliceInputs<T>& in, int64_t s) {
     if (quant_) {
-      fake_quant(qs, qh_.data_ptr<T>(), N_ * d_, in.fq[0]);
-      fake_quant(ks, kh_.data_ptr<T>(), N_ * d_, in.fq[1]);
-      fake_quant(vs, vh_.data_ptr<T>(), N_ * d_, in.fq[3]);
+      quantize_rows(in.slice(0, s), in.row_stride(0), qh_, in.fq[0]);
+      quantize_rows(in.slice(1, s), in.row_stride(1), kh_, in.fq[1]);
+      quantize_rows(in.slice(2, s), in.row_stride(2), vh_, in.fq[3]);
       q = qh_, k = kh_, v = vh_;
-    } else {
-      q = wrap(qs, N_, d_, opts_), k = wrap(ks, N_, d_, opts_), v = wrap(vs, N_, d_, opts_);
+    } else {  // views in place: BLAS reads rows row_stride apart
+      q = wrap_rows(in.slice(0, s), in.row_stride(0));
+      k = wrap_rows(in.slice(1, s), in.row_stride(1));
+      v = wrap_rows(in.slice(2, s), in.row_stride(2));
     }
   }
 
   at::Tensor q, k, v;
 
  private:
+  void quantize_rows(const T* src, int64_t row_stride, at::Tensor& dst, const Quantizer<T>& f) const {
+    T* out = dst.data_ptr<T>();
+    if (row_stride == d_) {
+      fake_quant(src, out, N_ * d_, f);
+    } else {
+      for (int64_t i = 0; i < N_; ++i) fake_quant(src + i * row_stride, out + i * d_, d_, f);
+    }
+  }
+
+  at::Tensor wrap_rows(const T* src, int64_t row_stride) const {
+    return at::from_blob(const_cast<T*>(src), {N_, d_}, {row_stride, 1}, opts_);
+  }
+
   bool quant_;
   int64_t N_, d_;
   at::TensorOptions opts_;
@@ -338,7 +363,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* pptr = pbuf.data_ptr<T>();
     for (int64_t s = begin; s < end; ++s) {
       const int64_t off = s * N * d;
-      x.load(in, off);
+      x.load(in, s);
       at::Tensor a2 = lp != nullptr ? wrap(lp + s * N * N, N, N, in.opts) : abuf;
       at::mm_out(a2, x.q, x.k.t());
       const T* ap = a2.data_ptr<T>();
@@ -359,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> fq_attention_cpu(const at::Tensor& q, const a
                                                     at::IntArrayRef qmin, at::IntArrayRef qmax,
                                                     double scale, bool return_logits) {
   const auto shape = checks::check_fq_attention_tensors(q, k, v, step, zero_point, qmin, qmax, scale,
-                                                        kCpuDtypes);
+                                                        kCpuDtypes, /*strided=*/true);
   Problem pb{shape[0], shape[1], shape[2], shape[3], scale,
              checks::read_quant_spec(step, zero_point, qmin, qmax)};
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -398,7 +423,7 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
     for (int64_t s = begin; s < end; ++s) {
       const int64_t off = s * N * d;
       double* acc = &sums[s * 8];  // (α, z) sums of the q, k, p, v quantizers
-      x.load(in, off);
+      x.load(in, s);
       at::mm_out(pbuf, x.q, x.k.t());
       for (int64_t i = 0; i < N; ++i) {
         softmax_row(pptr + i * N, pptr + i * N, N, in.scale);
@@ -419,9 +444,9 @@ void backward_kernel(const at::Tensor& grad_out, const T* grad_logits, const at:
       at::mm_out(gq2, gbuf, x.k);        // dq̂
       at::mm_out(gk2, gbuf.t(), x.q);    // dk̂
       if (in.quant) {
-        fake_quant_backward_rows(in.qp + off, gqp + off, N, d, in.fq[0], &acc[0]);
-        fake_quant_backward_rows(in.kp + off, gkp + off, N, d, in.fq[1], &acc[2]);
-        fake_quant_backward_rows(in.vp + off, gvp + off, N, d, in.fq[3], &acc[6]);
+        fake_quant_backward_rows(in.slice(0, s), in.row_stride(0), gqp + off, N, d, in.fq[0], &acc[0]);
+        fake_quant_backward_rows(in.slice(1, s), in.row_stride(1), gkp + off, N, d, in.fq[1], &acc[2]);
+        fake_quant_backward_rows(in.slice(2, s), in.row_stride(2), gvp + off, N, d, in.fq[3], &acc[6]);
       }
     }
   });
@@ -433,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
     const c10::optional<at::Tensor>& zero_point, at::IntArrayRef qmin, at::IntArrayRef qmax,
     double scale) {
   const auto shape = checks::check_fq_attention_tensors(q, k, v, step, zero_point, qmin, qmax, scale,
-                                                        kCpuDtypes);
+                                                        kCpuDtypes, /*strided=*/true);
   checks::check_fq_attention_grads(grad_out, grad_logits, q, kCpuDtypes);
   Problem pb{shape[0], shape[1], shape[2], shape[3], scale,
              checks::read_quant_spec(step, zero_point, qmin, qmax)};

@@ -205,9 +205,10 @@ def vit_attention_forward(module, x, attn_mask=None, is_causal=False, quantizers
     being calibrated). Records (logits, outputs) into ``recorder`` when one is attached."""
     B, N, _ = x.shape
     gate = module.gate(x).sigmoid() if getattr(module, "gate", None) is not None else None
-    # One copy makes q, k and v each contiguous, as the op wants.
-    qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).contiguous()
-    q, k, v = qkv.unbind(0)
+    qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+    if not qkv.is_cpu:  # the CUDA kernel reads contiguous q, k, v: one copy for the three
+        qkv = qkv.contiguous()
+    q, k, v = qkv.unbind(0)  # on the CPU, views the kernel reads in place
     q, k = module.q_norm(q), module.k_norm(k)
     needs_calibration = quantizers is not None and not all(qz.initialized for qz in quantizers)
     if attn_mask is not None or is_causal or needs_calibration or _PLAIN_ATTENTION:
@@ -219,7 +220,7 @@ def vit_attention_forward(module, x, attn_mask=None, is_causal=False, quantizers
         out, logits = attention_with_bias(q, k, v, module.scale, bias=bias, quantizers=quantizers)
     else:
         want_logits = recorder is not None and recorder.want_logits
-        out, logits = _fq_attention(q.contiguous(), k.contiguous(), v, module.scale, quantizers, want_logits)
+        out, logits = _fq_attention(q, k, v, module.scale, quantizers, want_logits)
     _record(recorder, logits, out)
     x = out.transpose(1, 2).reshape(B, N, module.attn_dim)
     x = module.norm(x)
