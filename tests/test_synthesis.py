@@ -408,3 +408,52 @@ def test_init_pixel_starts_from_a_canvas():
         SynthesisConfig(init_pixel=2.0).validate()
     with pytest.raises(ValueError, match="init_std"):
         SynthesisConfig(init_std=-1.0).validate()
+
+
+@pytest.mark.parametrize("kind", ["maskaq", "psaq"])
+def test_checkpointed_blocks_give_the_images_of_the_plain_passes(kind):
+    """checkpoint_blocks recomputes T's and Q's block activations in the backward pass: the images
+    (and so every loss and gradient on the way) are those of the plain passes, bit for bit on CPU."""
+    from maskaq.quant import calibrate, quantize_model
+    from maskaq.synthesis.baselines import PsaqConfig, PsaqSynthesizer
+    teacher = tiny_vit()
+    student = quantize_model(tiny_vit(), 4, 4).eval()
+    calibrate(student, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    images = []
+    for checkpointing in (False, True):
+        cfg = SynthesisConfig(num_images=4, synth_batch_size=2, synth_iters=4, checkpoint_blocks=checkpointing)
+        if kind == "psaq":
+            synth = PsaqSynthesizer(teacher, cfg, PsaqConfig(psaq_rounds=1, psaq_iters=4), progress=False)
+            images.append(synth.synthesize(seed=3).images)
+        else:
+            images.append(Synthesizer(teacher, cfg, progress=False).synthesize(seed=3, student=student).images)
+    assert torch.equal(images[0], images[1])
+
+
+def test_checkpointed_blocks_record_each_block_once_and_restore_the_forwards():
+    from maskaq.quant import capture_attention, checkpointed_blocks
+    model = tiny_vit()
+    forwards = [b.forward for b in model.blocks]
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    with checkpointed_blocks(model), capture_attention(model, logits=True, outputs=False) as cap:
+        model(x).sum().backward()  # the backward recomputes every block's forward
+        assert len(cap.logits) == len(model.blocks)
+    checkpointed = x.grad.clone()
+    x.grad = None
+    with capture_attention(model, logits=True, outputs=False):  # the same attention, stored
+        model(x).sum().backward()
+    assert torch.equal(x.grad, checkpointed)
+    assert [b.forward for b in model.blocks] == forwards and "forward" not in model.blocks[0].__dict__
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        with checkpointed_blocks(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_inter_head_ssim_loss_recomputed_equals_stored():
+    blocks = [torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(i), requires_grad=True)
+              for i in range(3)]
+    stored = L.inter_head_ssim_loss(blocks, 1)
+    grads = torch.autograd.grad(stored, blocks)
+    recomputed = L.inter_head_ssim_loss(blocks, 1, recompute=True)
+    assert torch.equal(recomputed, stored)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(recomputed, blocks), grads))

@@ -6,7 +6,7 @@
         qmodel(images)
     save_quantized(qmodel, "out/w4a4"); load_quantized("out/w4a4", teacher)
 """
-from maskaq.quant.capture import AttentionCapture, capture_attention
+from maskaq.quant.capture import AttentionCapture, capture_attention, checkpointed_blocks
 from maskaq.quant.convert import activation_quantizers, calibrate, is_quantized, quant_config, quantize_model
 from maskaq.quant.io import load_quantized, save_quantized
 from maskaq.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
@@ -16,6 +16,7 @@ __all__ = [
     "quantize_model",
     "calibrate",
     "capture_attention",
+    "checkpointed_blocks",
     "AttentionCapture",
     "save_quantized",
     "load_quantized",

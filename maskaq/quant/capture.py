@@ -15,6 +15,10 @@ the original forwards are restored on exit, also when the body raises.
 
 Each forward inside the block appends one entry per attention block; ``cap.clear()`` empties the
 lists (e.g. between the teacher and student passes when sharing one ``cap`` is not wanted).
+
+``checkpointed_blocks(model)`` runs every transformer block under activation checkpointing (its
+activations are recomputed in the backward pass instead of kept); captures record the first
+forward only, so the recomputed logits are not stored a second time.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from maskaq.quant.modules import (
     window_attention_forward,
 )
 
-__all__ = ["AttentionCapture", "capture_attention"]
+__all__ = ["AttentionCapture", "capture_attention", "checkpointed_blocks"]
+
+_recomputing = 0  # > 0 while checkpointed blocks recompute their forward in a backward pass
 
 
 class AttentionCapture:
@@ -48,6 +54,8 @@ class AttentionCapture:
         self.outputs: Optional[list[torch.Tensor]] = [] if want_outputs else None
 
     def record(self, logits: Optional[torch.Tensor], outputs: torch.Tensor) -> None:
+        if _recomputing:  # the block's first forward was recorded; its recomputation is not
+            return
         if self.want_logits:
             self.logits.append(logits)
         if self.want_outputs:
@@ -137,3 +145,80 @@ def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = Tru
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous[id(module)]
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+    """Inside, every transformer block of ``model`` (timm ViT ``blocks``, Swin ``layers[i].blocks``;
+    teacher or student) runs under activation checkpointing (torch.utils.checkpoint, non-reentrant):
+    its activations are recomputed in the backward pass instead of stored, which trades about one
+    more forward for most of the activation memory. Results and gradients are those without it.
+    The blocks' forwards are restored on exit, also when the body raises."""
+    blocks = _transformer_blocks(_unwrap(model))
+    if not blocks:
+        raise ValueError(f"checkpointed_blocks found no transformer blocks in {type(model).__name__}; it "
+                         "supports timm VisionTransformer (.blocks) and SwinTransformer (.layers[i].blocks)")
+    previous = {id(b): b.__dict__.get("forward") for b in blocks}
+    try:
+        for block in blocks:
+            block.forward = _checkpointed(block, block.forward)
+        yield
+    finally:
+        for block in blocks:
+            if previous[id(block)] is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous[id(block)]
+
+
+def _transformer_blocks(root: nn.Module) -> list:
+    if isinstance(getattr(root, "blocks", None), nn.Module):
+        return list(root.blocks)
+    layers = getattr(root, "layers", None)
+    if isinstance(layers, nn.Module):
+        return [b for layer in layers for b in getattr(layer, "blocks", [])]
+    return []
+
+
+def _attention_state(block: nn.Module) -> list:
+    """How ``block``'s attention modules run now: (module, instance forward or None, recorder)."""
+    kinds = (QuantAttention, QuantWindowAttention, *_timm_attention_classes())
+    return [(m, m.__dict__.get("forward"), getattr(m, "capture_recorder", None)) for m in block.modules()
+            if isinstance(m, kinds)]
+
+
+def _set_attention_state(state: list) -> None:
+    for module, forward, recorder in state:
+        if forward is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = forward
+        if isinstance(module, (QuantAttention, QuantWindowAttention)):
+            module.capture_recorder = recorder
+
+
+@contextlib.contextmanager
+def _recomputation(block: nn.Module, state: list) -> Iterator[None]:
+    """The backward pass recomputes ``block`` after the capture that was on may have ended: run it
+    with the attention forwards of its first pass (so it saves the same tensors), recording nothing."""
+    global _recomputing
+    now = _attention_state(block)
+    _set_attention_state(state)
+    _recomputing += 1
+    try:
+        yield
+    finally:
+        _recomputing -= 1
+        _set_attention_state(now)
+
+
+def _checkpointed(block: nn.Module, forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        state = _attention_state(block)
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _recomputation(block, state)), **kwargs)
+    return run

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
@@ -109,7 +110,7 @@ class PsaqSynthesizer(Synthesizer):
 
     def _optimize(self, seed: int, batch: int, student, attempt: int, bar=None, progress=None):
         p, spec, dev = self.psaq, self.spec, self.device
-        from maskaq.quant import capture_attention
+        from maskaq.quant import capture_attention, checkpointed_blocks
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
         x = torch.randn(spec.image_shape(batch), generator=g, device=dev)
@@ -132,7 +133,10 @@ class PsaqSynthesizer(Synthesizer):
             if p.psaq_flip and float(torch.rand((), generator=g, device=dev)) > 0.5:
                 x_jit = torch.flip(x_jit, dims=(3,))
             opt.zero_grad(set_to_none=True)
-            with capture_attention(self.teacher, logits=False, outputs=True) as cap:
+            with contextlib.ExitStack() as stack:
+                if self.config.checkpoint_blocks:
+                    stack.enter_context(checkpointed_blocks(self.teacher))
+                cap = stack.enter_context(capture_attention(self.teacher, logits=False, outputs=True))
                 logits = self.teacher(x_jit)
             ce = F.cross_entropy(logits, labels)
             ent = L.psaq_entropy_loss(cap.outputs, spec.num_prefix_tokens,

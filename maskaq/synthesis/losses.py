@@ -81,10 +81,22 @@ def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> t
     return 1.0 - ssim * ssim
 
 
-def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
-    """L_ssim = mean over blocks of mean(1 − SSIM²) between heads (MimiQ's inter-head loss)."""
+def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int = 1, *,
+                         recompute: bool = False) -> torch.Tensor:
+    """L_ssim = mean over blocks of mean(1 − SSIM²) between heads (MimiQ's inter-head loss).
+
+    ``recompute``: keep none of a block's intermediate tensors for the backward pass (several
+    logits-sized ones) but recompute them from the logits there (torch.utils.checkpoint); the
+    same value and gradient for less memory."""
     _check_blocks("inter_head_ssim_loss", blocks)
-    return torch.stack([inter_head_ssim_block(a, num_prefix_tokens).mean() for a in blocks]).mean()
+
+    def block_loss(a):
+        return inter_head_ssim_block(a, num_prefix_tokens).mean()
+
+    if recompute and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        return torch.stack([checkpoint(block_loss, a, use_reentrant=False) for a in blocks]).mean()
+    return torch.stack([block_loss(a) for a in blocks]).mean()
 
 
 # --------------------------------------------------------------------------------------- L_ent

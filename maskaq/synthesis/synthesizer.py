@@ -69,6 +69,10 @@ class SynthesisConfig:
     use_alignment: bool = True
     clamp: bool = True
     max_nan_retries: int = 3
+    # Activation checkpointing per transformer block for the T and Q passes: their activations are
+    # recomputed in the backward pass instead of kept (less memory per image, about one more
+    # forward per step); the images are those without it.
+    checkpoint_blocks: bool = False
 
     def validate(self) -> "SynthesisConfig":
         for name in ("num_images", "synth_batch_size", "synth_iters", "entropy_rows"):
@@ -114,6 +118,11 @@ def _capture(model: nn.Module, **kwargs):
     return capture_attention(model, **kwargs)
 
 
+def _checkpointed_blocks(model: nn.Module):
+    from maskaq.quant import checkpointed_blocks
+    return checkpointed_blocks(model)
+
+
 class Synthesizer:
     """MaskAQ (and MimiQ, with entropy and alignment off) image synthesis for a teacher.
 
@@ -150,6 +159,10 @@ class Synthesizer:
         need_t_logits = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0) or self._aligning(student)
         out: Dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
+            if cfg.checkpoint_blocks:
+                stack.enter_context(_checkpointed_blocks(self.teacher))
+                if self._aligning(student):
+                    stack.enter_context(_checkpointed_blocks(student))
             cap_t = stack.enter_context(_capture(self.teacher, logits=True, outputs=False)) if need_t_logits else None
             cap_q = (stack.enter_context(_capture(student, logits=True, outputs=False))
                      if self._aligning(student) else None)
@@ -162,8 +175,9 @@ class Synthesizer:
             target = cfg.tv_target * (x.numel() / (32 * 3 * 224 * 224)) ** 0.5
             out["tv_target"] = torch.abs(L.psaq_total_variation(x) - target)
         if cfg.ssim_weight > 0:
-            ssim_loss = getattr(self.ops, "inter_head_ssim_loss", L.inter_head_ssim_loss)
-            out["ssim"] = ssim_loss(cap_t.logits, spec.num_prefix_tokens)
+            ssim_loss = getattr(self.ops, "inter_head_ssim_loss", None)
+            out["ssim"] = (ssim_loss(cap_t.logits, spec.num_prefix_tokens) if ssim_loss is not None else
+                           L.inter_head_ssim_loss(cap_t.logits, spec.num_prefix_tokens, recompute=cfg.checkpoint_blocks))
         if cfg.use_entropy and cfg.entropy_weight > 0:
             out["entropy"] = L.entropy_loss(cap_t.logits, spec.num_prefix_tokens, cfg.entropy_rows,
                                             generator=generator, ops=self.ops)
