@@ -9,7 +9,8 @@
 #      tests/test_int_ops.py, the CUDA test of tests/test_integer.py), the bad-input tests in
 #      steps of their own (with and without pytest's plugins) so that a crash there cannot hide
 #      the other results;
-#   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON;
+#   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON, then one ViT-B batch-128
+#      synthesis step without and with checkpoint_blocks (peak memory, time);
 #   4. prints a short table last: each step's status and time, then the benchmark rows.
 # Every step has its own time limit (on an H200 the whole check ran in 1.5 minutes); a failed
 # step does not stop the later ones where they can still run. Logs and the JSON go to ${OUT:-/tmp}. Exit status 0 only
@@ -113,6 +114,25 @@ else
   STEP_NAMES+=("bench_ops --device cuda"); STEP_STATUS+=("skipped (no extension or no bench_ops.py)"); STEP_SECONDS+=(0)
 fi
 
+# 3b. One ViT-B synthesis step at batch 128 (fp32), without and with checkpoint_blocks: peak memory
+# (torch.cuda.max_memory_allocated) and the step's time, for the README's "Large models" table.
+if [[ -f benchmarks/bench_synthesis.py ]] && step_ok 1; then
+  run_step "ViT-B b128 synthesis step memory" 200 "$LOGS/gpu_check_synthesis_memory.log" \
+    "$PY" -c "
+import json, sys, torch
+sys.path.insert(0, 'benchmarks')
+from bench_synthesis import measure_memory_point
+rows = []
+for ckpt in (False, True):
+    r = measure_memory_point('vit_base_patch16_224', 128, torch.device('cuda'), ckpt)
+    torch.cuda.empty_cache()
+    rows.append(r)
+    print(f\"vit_base b128 checkpoint_blocks={ckpt}: peak {r['peak_mb'] / 1024:.1f} GB ({r['peak_mb'] / 128:.0f} MB/image), {r['s_per_step']:.2f} s/step\")
+json.dump(rows, open('$LOGS/synthesis_memory_cuda.json', 'w'), indent=1)"
+else
+  STEP_NAMES+=("ViT-B b128 synthesis step memory"); STEP_STATUS+=("skipped (no extension)"); STEP_SECONDS+=(0)
+fi
+
 # 4. The table.
 echo
 echo "=== gpu_check summary ($(head -n 1 "$LOGS/gpu_check_env.log" 2>/dev/null || echo 'no nvidia-smi'))"
@@ -123,6 +143,7 @@ done
 for log in pytest bad_inputs bad_inputs_noplugins; do
   tail -n 1 "$LOGS/gpu_check_${log}.log" 2>/dev/null | sed "s/^/${log}: /" || true
 done
+grep -h "^vit_base b128" "$LOGS/gpu_check_synthesis_memory.log" 2>/dev/null || true
 if [[ -f "$BENCH_JSON" ]]; then
   "$PY" - "$BENCH_JSON" <<'EOF' || true
 import json, sys
