@@ -21,7 +21,8 @@ RSS it had before the step (models, images and optimizer state already built); o
 `max_memory_allocated` during the step at larger batches. A least-squares line through the
 points gives the memory per image (its slope) and the largest batch whose step fits in 40 and
 80 GB next to the weights of T and Q. Each model is measured without and with
-`checkpoint_blocks` (activation checkpointing per transformer block; `--checkpointing`). Records: {"model", "device", "impl", "precision",
+`checkpoint_blocks` (activation checkpointing per transformer block; `--checkpointing`) and in
+float32 and bf16 (`precision`, autocast for the T and Q passes; `--precision`). Records: {"model", "device", "impl", "precision",
 "checkpointing", "batch", "peak_mb", "mb_per_image", "s_per_step"} with mb_per_image the
 fitted slope of the series. A point whose predicted peak exceeds the memory this machine has
 available is skipped and said so.
@@ -146,7 +147,8 @@ def _available_mb() -> float:
     return float("inf")
 
 
-def measure_memory_point(model_name: str, batch: int, device: torch.device, checkpointing: bool = False) -> dict:
+def measure_memory_point(model_name: str, batch: int, device: torch.device, checkpointing: bool = False,
+                         precision: str = "fp32") -> dict:
     """Peak memory over the first two fused synthesis steps at `batch`, above what the process
     held before them (the first step is measured: after it the allocator keeps freed memory,
     which would hide a second step's growth on the CPU); the time of the second step."""
@@ -160,7 +162,8 @@ def measure_memory_point(model_name: str, batch: int, device: torch.device, chec
         _sync(device)
         marks[step] = time.perf_counter()
 
-    cfg = SynthesisConfig(num_images=batch, synth_batch_size=batch, synth_iters=2, checkpoint_blocks=checkpointing)
+    cfg = SynthesisConfig(num_images=batch, synth_batch_size=batch, synth_iters=2, checkpoint_blocks=checkpointing,
+                          precision=precision)
     synth = Synthesizer(teacher, cfg, progress=False, on_step=on_step)
     _sync(device)
     if device.type == "cpu":
@@ -170,7 +173,7 @@ def measure_memory_point(model_name: str, batch: int, device: torch.device, chec
         base, peak_before = torch.cuda.memory_allocated(device) / MB, 0.0
     synth.synthesize_batch(seed=0, student=student)
     peak = _rss_mb("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / MB
-    return {"model": model_name, "device": device.type, "impl": "fused", "precision": "fp32",
+    return {"model": model_name, "device": device.type, "impl": "fused", "precision": precision,
             "checkpointing": bool(checkpointing), "batch": batch, "peak_mb": peak - base, "s_per_step": marks[1] - marks[0],
             "weights_mb": weights_mb,
             # True when the process had peaked higher before the step (building the models): the
@@ -178,10 +181,11 @@ def measure_memory_point(model_name: str, batch: int, device: torch.device, chec
             "peak_hidden": bool(peak <= peak_before)}
 
 
-def _memory_point_in_subprocess(model_name: str, batch: int, threads: int, checkpointing: bool) -> dict:
+def _memory_point_in_subprocess(model_name: str, batch: int, threads: int, checkpointing: bool,
+                                precision: str) -> dict:
     """One CPU point in a fresh process, so that no earlier allocation hides its peak."""
     cmd = [sys.executable, __file__, "--memory-point", model_name, str(batch), "yes" if checkpointing else "no",
-           "--threads", str(threads)]
+           precision, "--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory point {model_name} batch {batch} failed:\n{done.stderr[-2000:]}")
@@ -203,12 +207,12 @@ def largest_batch(capacity_gb: float, intercept_mb: float, slope_mb: float, weig
     return max(0, int(room // slope_mb)) if slope_mb > 0 else 0
 
 
-def run_memory(devices, models, threads: int, checkpointing=(False, True)) -> list:
+def run_memory(devices, models, threads: int, checkpointing=(False, True), precisions=("fp32",)) -> list:
     records = []
     for dev in devices:
         device = torch.device(dev)
         batches = CPU_MEMORY_BATCHES if device.type == "cpu" else CUDA_MEMORY_BATCHES
-        for model_name, ckpt in ((m, c) for m in models for c in checkpointing):
+        for model_name, ckpt, precision in ((m, c, p) for m in models for p in precisions for c in checkpointing):
             series = []
             for batch in batches:
                 if len(series) >= 2:  # skip a point the machine cannot hold
@@ -219,12 +223,12 @@ def run_memory(devices, models, threads: int, checkpointing=(False, True)) -> li
                               f"{_available_mb() / 1024:.1f} GB available)", flush=True)
                         continue
                 if device.type == "cpu":
-                    r = _memory_point_in_subprocess(model_name, batch, threads, ckpt)
+                    r = _memory_point_in_subprocess(model_name, batch, threads, ckpt, precision)
                 else:
-                    r = measure_memory_point(model_name, batch, device, ckpt)
+                    r = measure_memory_point(model_name, batch, device, ckpt, precision)
                     torch.cuda.empty_cache()
                 series.append(r)
-                print(f"  {model_name:<24s} {dev:<5s} {'ckpt ' if ckpt else ''}b{batch:<4d} peak {r['peak_mb']:9.1f} MB  "
+                print(f"  {model_name:<24s} {dev:<5s} {precision} {'ckpt ' if ckpt else ''}b{batch:<4d} peak {r['peak_mb']:9.1f} MB  "
                       f"{r['s_per_step']:7.2f} s/step", flush=True)
             intercept, slope = fit_line([r["batch"] for r in series], [r["peak_mb"] for r in series])
             for r in series:
@@ -272,19 +276,22 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MEMORY_MODELS), help="models for --memory")
     p.add_argument("--checkpointing", choices=("no", "yes", "both"), default="both",
                    help="--memory: without and/or with checkpoint_blocks (activation checkpointing per block)")
-    p.add_argument("--memory-point", nargs=3, metavar=("MODEL", "BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="--memory: precisions of the T and Q passes (SynthesisConfig.precision)")
+    p.add_argument("--memory-point", nargs=4, metavar=("MODEL", "BATCH", "CHECKPOINTING", "PRECISION"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_point:  # one CPU point, in the subprocess run_memory started
         torch.set_num_threads(args.threads)
         record = measure_memory_point(args.memory_point[0], int(args.memory_point[1]), torch.device("cpu"),
-                                      args.memory_point[2] == "yes")
+                                      args.memory_point[2] == "yes", args.memory_point[3])
         print(json.dumps(record))
         return 0
     if args.memory:
         torch.set_num_threads(args.threads)
         devices = [args.device] if args.device else (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         checkpointing = {"no": (False,), "yes": (True,), "both": (False, True)}[args.checkpointing]
-        records = run_memory(devices, args.models, args.threads, checkpointing)
+        records = run_memory(devices, args.models, args.threads, checkpointing, tuple(args.precision))
         print_memory_table(records)
         if args.json:
             from maskaq.synthesis.io import write_json

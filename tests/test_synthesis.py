@@ -303,7 +303,8 @@ def test_same_seed_same_images_and_student_untouched():
     assert all(p.requires_grad for p in student.parameters())  # and its flags are restored
 
 
-def test_nan_batch_is_reseeded_retried_and_reported():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_batch_is_reseeded_retried_and_reported(precision):
     teacher = tiny_vit()
     poisoned = []
 
@@ -312,7 +313,7 @@ def test_nan_batch_is_reseeded_retried_and_reported():
             x.data.fill_(float("nan"))
             poisoned.append((attempt, step))
 
-    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=3, use_alignment=False)
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=3, use_alignment=False, precision=precision)
     with pytest.warns(RuntimeWarning, match="re-seeding"):
         out = Synthesizer(teacher, cfg, progress=False, on_step=inject).synthesize(seed=0)
     assert poisoned == [(0, 1)]
@@ -457,3 +458,33 @@ def test_inter_head_ssim_loss_recomputed_equals_stored():
     recomputed = L.inter_head_ssim_loss(blocks, 1, recompute=True)
     assert torch.equal(recomputed, stored)
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(recomputed, blocks), grads))
+
+
+def test_bf16_passes_keep_the_losses_and_the_image_gradient_of_fp32():
+    """precision="bf16" runs T and Q under autocast; the losses stay float32. Against the float32
+    passes (tiny ViT, Q in the loop): CE, L_ssim, L_ent within 1e-3 relative (bfloat16 keeps 8
+    significant bits, and the losses average thousands of terms); L_align, a difference of two
+    nearly equal sets of logits, within 2e-3 absolute; the image gradient at cosine > 0.999."""
+    from maskaq.quant import calibrate, quantize_model
+    from maskaq.runtime import frozen
+    teacher = tiny_vit()
+    student = quantize_model(tiny_vit(), 4, 4).eval()
+    calibrate(student, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 28, 28, generator=g).requires_grad_()
+    labels = torch.randint(0, 10, (4,), generator=g)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        synth = Synthesizer(teacher, SynthesisConfig(synth_iters=5, precision=precision), progress=False)
+        with frozen(teacher, student):
+            terms = synth.losses(x, x, labels, student, 0, torch.Generator().manual_seed(2))
+            grad = torch.autograd.grad(terms["total"], x)[0]
+        assert all(v.dtype == torch.float32 for v in terms.values())
+        results[precision] = ({k: float(v) for k, v in terms.items()}, grad)
+    (full, g32), (half, g16) = results["fp32"], results["bf16"]
+    for k in ("ce", "ssim", "entropy"):
+        assert abs(half[k] - full[k]) <= 1e-3 * abs(full[k]), (k, half[k], full[k])
+    assert abs(half["align"] - full["align"]) <= 2e-3
+    assert float(torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)) > 0.999
+    with pytest.raises(ValueError, match="precision"):
+        SynthesisConfig(precision="fp16").validate()

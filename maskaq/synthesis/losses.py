@@ -90,8 +90,9 @@ def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int 
     same value and gradient for less memory."""
     _check_blocks("inter_head_ssim_loss", blocks)
 
-    def block_loss(a):
-        return inter_head_ssim_block(a, num_prefix_tokens).mean()
+    def block_loss(a):  # reduced-precision logits in float32: bf16 loses the statistics SSIM compares
+        return inter_head_ssim_block(a if a.dtype in (torch.float32, torch.float64) else a.float(),
+                                     num_prefix_tokens).mean()
 
     if recompute and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint

@@ -34,6 +34,9 @@ __all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "NonFiniteError", "
            "frozen", "dist_info", "gather_batches", "progress_bar"]
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # the dtype of the T and Q passes (None: no autocast)
+
+
 @dataclass
 class SynthesisConfig:
     """Every knob of MaskAQ synthesis; defaults are the public code's (METHOD.md)."""
@@ -73,6 +76,10 @@ class SynthesisConfig:
     # recomputed in the backward pass instead of kept (less memory per image, about one more
     # forward per step); the images are those without it.
     checkpoint_blocks: bool = False
+    # Precision of the T and Q passes: "fp32", or "bf16" (torch.autocast: their matmuls and
+    # activations in bfloat16). The images, their AdamW state and every loss stay float32; the
+    # captured logits go to the fused ops as bfloat16 where a kernel takes it (CUDA), else as float32.
+    precision: str = "fp32"
 
     def validate(self) -> "SynthesisConfig":
         for name in ("num_images", "synth_batch_size", "synth_iters", "entropy_rows"):
@@ -89,6 +96,8 @@ class SynthesisConfig:
             raise ValueError(f"init_pixel must be in [0, 1] (a pixel value) or None, got {self.init_pixel}")
         if self.max_nan_retries < 0:
             raise ValueError(f"max_nan_retries must be >= 0, got {self.max_nan_retries}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
 
 
@@ -159,6 +168,8 @@ class Synthesizer:
         need_t_logits = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0) or self._aligning(student)
         out: Dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
+            if PRECISIONS[cfg.precision] is not None:
+                stack.enter_context(torch.autocast(x_aug.device.type, dtype=PRECISIONS[cfg.precision]))
             if cfg.checkpoint_blocks:
                 stack.enter_context(_checkpointed_blocks(self.teacher))
                 if self._aligning(student):
@@ -169,21 +180,23 @@ class Synthesizer:
             logits_t = self.teacher(x_aug)
             if cap_q is not None:
                 student(x_aug)
-        out["ce"] = F.cross_entropy(logits_t, labels)
+        t_blocks = [self._loss_input(a) for a in cap_t.logits] if cap_t is not None else None
+        q_blocks = [self._loss_input(a) for a in cap_q.logits] if cap_q is not None else None
+        out["ce"] = F.cross_entropy(logits_t.float(), labels)
         out["tv"] = L.total_variation(x)
         if cfg.tv_target_weight > 0:
             target = cfg.tv_target * (x.numel() / (32 * 3 * 224 * 224)) ** 0.5
             out["tv_target"] = torch.abs(L.psaq_total_variation(x) - target)
         if cfg.ssim_weight > 0:
             ssim_loss = getattr(self.ops, "inter_head_ssim_loss", None)
-            out["ssim"] = (ssim_loss(cap_t.logits, spec.num_prefix_tokens) if ssim_loss is not None else
-                           L.inter_head_ssim_loss(cap_t.logits, spec.num_prefix_tokens, recompute=cfg.checkpoint_blocks))
+            out["ssim"] = (ssim_loss(t_blocks, spec.num_prefix_tokens) if ssim_loss is not None else
+                           L.inter_head_ssim_loss(t_blocks, spec.num_prefix_tokens, recompute=cfg.checkpoint_blocks))
         if cfg.use_entropy and cfg.entropy_weight > 0:
-            out["entropy"] = L.entropy_loss(cap_t.logits, spec.num_prefix_tokens, cfg.entropy_rows,
+            out["entropy"] = L.entropy_loss(t_blocks, spec.num_prefix_tokens, cfg.entropy_rows,
                                             generator=generator, ops=self.ops)
         if cap_q is not None:
             ratio = L.mask_ratio(step, cfg.synth_iters, cfg.mask_ratio_start, cfg.mask_ratio_end)
-            out["align"], _ = L.alignment_loss(cap_t.logits, cap_q.logits, ratio=ratio, keep=cfg.mask_keep,
+            out["align"], _ = L.alignment_loss(t_blocks, q_blocks, ratio=ratio, keep=cfg.mask_keep,
                                                num_prefix_tokens=spec.num_prefix_tokens,
                                                has_class_token=spec.has_class_token,
                                                generator=generator, ops=self.ops)
@@ -191,6 +204,13 @@ class Synthesizer:
                    "entropy": cfg.entropy_weight, "align": cfg.align_weight, "tv_target": cfg.tv_target_weight}
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out
+
+    def _loss_input(self, logits: torch.Tensor) -> torch.Tensor:
+        """Captured logits as the losses take them: float32, or a reduced precision that a fused
+        kernel takes as it is (it accumulates in float32)."""
+        if logits.dtype in (torch.float32, torch.float64) or getattr(self.ops, "uses_extension", lambda t: False)(logits):
+            return logits
+        return logits.float()
 
     def _aligning(self, student) -> bool:
         return student is not None and self.config.use_alignment and self.config.align_weight > 0
