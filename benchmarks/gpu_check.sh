@@ -10,7 +10,7 @@
 #      steps of their own (with and without pytest's plugins) so that a crash there cannot hide
 #      the other results;
 #   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON, then one ViT-B batch-128
-#      synthesis step without and with checkpoint_blocks (peak memory, time);
+#      synthesis step in fp32 without and with checkpoint_blocks and in bf16 with it (peak memory, time);
 #   4. prints a short table last: each step's status and time, then the benchmark rows.
 # Every step has its own time limit (on an H200 the whole check ran in 1.5 minutes); a failed
 # step does not stop the later ones where they can still run. Logs and the JSON go to ${OUT:-/tmp}. Exit status 0 only
@@ -114,7 +114,7 @@ else
   STEP_NAMES+=("bench_ops --device cuda"); STEP_STATUS+=("skipped (no extension or no bench_ops.py)"); STEP_SECONDS+=(0)
 fi
 
-# 3b. One ViT-B synthesis step at batch 128 (fp32), without and with checkpoint_blocks: peak memory
+# 3b. One ViT-B synthesis step at batch 128: fp32 without and with checkpoint_blocks, bf16 with it: peak memory
 # (torch.cuda.max_memory_allocated) and the step's time, for the README's "Large models" table.
 if [[ -f benchmarks/bench_synthesis.py ]] && step_ok 1; then
   run_step "ViT-B b128 synthesis step memory" 200 "$LOGS/gpu_check_synthesis_memory.log" \
@@ -123,11 +123,11 @@ import json, sys, torch
 sys.path.insert(0, 'benchmarks')
 from bench_synthesis import measure_memory_point
 rows = []
-for ckpt in (False, True):
-    r = measure_memory_point('vit_base_patch16_224', 128, torch.device('cuda'), ckpt)
+for precision, ckpt in (('fp32', False), ('fp32', True), ('bf16', True)):
+    r = measure_memory_point('vit_base_patch16_224', 128, torch.device('cuda'), ckpt, precision)
     torch.cuda.empty_cache()
     rows.append(r)
-    print(f\"vit_base b128 checkpoint_blocks={ckpt}: peak {r['peak_mb'] / 1024:.1f} GB ({r['peak_mb'] / 128:.0f} MB/image), {r['s_per_step']:.2f} s/step\")
+    print(f\"vit_base b128 {precision} checkpoint_blocks={ckpt}: peak {r['peak_mb'] / 1024:.1f} GB ({r['peak_mb'] / 128:.0f} MB/image), {r['s_per_step']:.2f} s/step\")
 json.dump(rows, open('$LOGS/synthesis_memory_cuda.json', 'w'), indent=1)"
 else
   STEP_NAMES+=("ViT-B b128 synthesis step memory"); STEP_STATUS+=("skipped (no extension)"); STEP_SECONDS+=(0)
