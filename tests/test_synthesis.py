@@ -480,7 +480,7 @@ def test_bf16_passes_keep_the_losses_and_the_image_gradient_of_fp32():
             terms = synth.losses(x, x, labels, student, 0, torch.Generator().manual_seed(2))
             grad = torch.autograd.grad(terms["total"], x)[0]
         assert all(v.dtype == torch.float32 for v in terms.values())
-        results[precision] = ({k: float(v) for k, v in terms.items()}, grad)
+        results[precision] = ({k: float(v.detach()) for k, v in terms.items()}, grad)
     (full, g32), (half, g16) = results["fp32"], results["bf16"]
     for k in ("ce", "ssim", "entropy"):
         assert abs(half[k] - full[k]) <= 1e-3 * abs(full[k]), (k, half[k], full[k])
