@@ -116,11 +116,13 @@ def mask_focus(teacher, images: torch.Tensor, spec) -> dict:
     from maskaq.quant import capture_attention
     with torch.no_grad(), capture_attention(teacher, logits=True, outputs=False) as cap:
         teacher(images)
-    logits = torch.stack(list(cap.logits))[:, :, :, 0, spec.num_prefix_tokens:]  # (L, B, H, N') CLS rows
+    cls = torch.stack(list(cap.logits))[:, :, :, 0]  # (L, B, H, N) CLS rows over every key
+    p = spec.num_prefix_tokens
+    logits = cls[..., p:]  # (L, B, H, N') over the patches
+    probs = torch.softmax(cls * teacher.blocks[0].attn.head_dim ** -0.5, -1)[..., p:]
+    per_block = logits.mean(2)  # (L, B, N'): each block's head-mean CLS logits
     pixels = images * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(1, -1, 1, 1)
     background = F.avg_pool2d(pixels.mean(1, keepdim=True), spec.patch_size).flatten(1) < 0.05  # (B, N')
-    head_dim = teacher.blocks[0].attn.head_dim
-    probs = torch.softmax(torch.stack(list(cap.logits))[:, :, :, 0] * head_dim ** -0.5, -1)[..., spec.num_prefix_tokens:]
     n = logits.shape[-1]
 
     def share(score, ratio):
@@ -129,11 +131,11 @@ def mask_focus(teacher, images: torch.Tensor, spec) -> dict:
 
     ratios = (0.5, 0.3, 0.1)
     return {"background_share_all": float(background.float().mean()),
-            "mask_logits": {str(r): share(logits.mean(dim=(0, 2)), r) for r in ratios},
+            "mask_logits": {str(r): share(per_block.mean(0), r) for r in ratios},
             "mask_probs": {str(r): share(probs.mean(dim=(0, 2)), r) for r in ratios},
-            "per_block_logits_r0.1": [share(block.mean(1), 0.1) for block in logits],
+            "per_block_logits_r0.1": [share(block, 0.1) for block in per_block],
             "cls_logit_background_minus_object": [
-                float(block.mean(1)[background].mean() - block.mean(1)[~background].mean()) for block in logits]}
+                float(block[background].mean() - block[~background].mean()) for block in per_block]}
 
 
 def main(argv=None) -> int:
