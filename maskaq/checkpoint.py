@@ -15,7 +15,6 @@ damaged file is named (CorruptCheckpointError).
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -23,8 +22,8 @@ import torch
 
 from maskaq._files import is_rank0
 from maskaq.runtime import barrier
-from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, jsonable,
-                                 load_checked, save_checked)
+from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, SaveSchedule,
+                                 jsonable, load_checked, save_checked)
 
 __all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "CheckpointMismatchError",
            "CorruptCheckpointError"]
@@ -113,14 +112,13 @@ class CheckpointSaver:
 
     def __init__(self, ckpt: Optional[RunCheckpoint], every_steps: int, every_seconds: float, student, trainer):
         self.ckpt, self.student, self.trainer = ckpt, student, trainer
-        self.every_steps = max(1, int(every_steps))
-        self.every_seconds = float(every_seconds)
-        self.steps, self.last = 0, time.monotonic()
+        self.schedule = SaveSchedule(every_steps, every_seconds)
+        self.steps = 0
         self.round_index, self.calibrated_on, self.first_set_size = 0, None, None
 
     def maybe_save(self) -> None:
         self.steps += 1
-        if self.steps % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds:
+        if self.schedule.due(self.steps):
             self.save(self.round_index)
 
     def save(self, round_index: int) -> None:
@@ -130,4 +128,4 @@ class CheckpointSaver:
         self.ckpt.save({"round": round_index, "student": self.student.state_dict(),
                         "trainer": self.trainer.state_dict(), "calibrated_on": self.calibrated_on,
                         "first_set_size": self.first_set_size, "torch_rng": torch.get_rng_state()})
-        self.last = time.monotonic()
+        self.schedule.saved()

@@ -16,7 +16,7 @@ import torch
 from maskaq._files import _json_default, atomic_write_bytes, write_json
 
 __all__ = ["atomic_write_bytes", "write_json", "save_image_grid", "save_synthetic_set", "load_synthetic_set",
-           "BatchStore", "BatchProgress", "CheckpointMismatchError", "CorruptCheckpointError", "save_checked",
+           "BatchStore", "BatchProgress", "SaveSchedule", "CheckpointMismatchError", "CorruptCheckpointError", "save_checked",
            "load_checked"]
 
 
@@ -83,6 +83,22 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint written by a run with other settings than the one resuming from it."""
 
 
+class SaveSchedule:
+    """When a checkpoint is due: every ``every_steps`` steps, and at least every ``every_seconds``
+    seconds since the last save (the QAT state and the synthesis batch in progress share it)."""
+
+    def __init__(self, every_steps: int = 100, every_seconds: float = 300.0):
+        self.every_steps = max(1, int(every_steps))
+        self.every_seconds = float(every_seconds)
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 class BatchStore:
     """The batches of a synthesis run, so that a killed run resumes where it stopped.
 
@@ -100,8 +116,7 @@ class BatchStore:
     def __init__(self, directory, fingerprint: Dict, every_steps: int = 100, every_seconds: float = 300.0):
         self.directory = Path(directory)
         self.fingerprint = jsonable(fingerprint)
-        self.every_steps = max(1, int(every_steps))
-        self.every_seconds = float(every_seconds)
+        self.every_steps, self.every_seconds = every_steps, every_seconds  # each batch's SaveSchedule
 
     def path(self, batch_index: int) -> Path:
         return self.directory / f"batch_{int(batch_index):05d}.safetensors"
@@ -180,7 +195,7 @@ class BatchProgress:
                                   "delete it to redo that batch from its start")
         self.attempt = self.saved["attempt"] if self.saved is not None else 0
         self.nan_retries = self.saved["nan_retries"] if self.saved is not None else 0
-        self._last = time.monotonic()
+        self._schedule = SaveSchedule(store.every_steps, store.every_seconds)
 
     def resume_state(self, attempt: int) -> Optional[Dict[str, Any]]:
         saved = self.saved
@@ -188,12 +203,11 @@ class BatchProgress:
 
     def save(self, step: int, state: Callable[[], Dict[str, Any]]) -> bool:
         """Write ``state()`` (the batch about to run step ``step``) when it is due; True if written."""
-        store = self.store
-        if step % store.every_steps and time.monotonic() - self._last < store.every_seconds:
+        if not self._schedule.due(step):
             return False
         payload = dict(state(), step=int(step), attempt=self.attempt, nan_retries=self.nan_retries)
-        save_checked(store.progress_path(self.batch_index), store.fingerprint, payload)
-        self._last = time.monotonic()
+        save_checked(self.store.progress_path(self.batch_index), self.store.fingerprint, payload)
+        self._schedule.saved()
         return True
 
 
