@@ -128,8 +128,7 @@ def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = Tru
     windowed = any(isinstance(m, (QuantWindowAttention, WindowAttention)) for m in quant_modules + fp_modules)
     num_prefix = 0 if windowed else int(getattr(root, "num_prefix_tokens", 1))
     cap = AttentionCapture(logits, outputs, num_prefix)
-    # A forward someone set on the instance before us is put back on exit; without one, removing
-    # our instance attribute lets the class's forward show through again.
+    # A forward someone set on the instance before us is put back on exit (_set_forward).
     previous = {id(m): m.__dict__.get("forward") for m in fp_modules}
     try:
         for module in quant_modules:
@@ -141,10 +140,16 @@ def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = Tru
         for module in quant_modules:
             module.capture_recorder = None
         for module in fp_modules:
-            if previous[id(module)] is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous[id(module)]
+            _set_forward(module, previous[id(module)])
+
+
+def _set_forward(module: nn.Module, forward) -> None:
+    """Put ``forward`` on the instance, or with None remove the instance's own so that the class's
+    forward shows through again."""
+    if forward is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
 
 
 @contextlib.contextmanager
@@ -165,10 +170,7 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for block in blocks:
-            if previous[id(block)] is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = previous[id(block)]
+            _set_forward(block, previous[id(block)])
 
 
 def _transformer_blocks(root: nn.Module) -> list:
@@ -189,10 +191,7 @@ def _attention_state(block: nn.Module) -> list:
 
 def _set_attention_state(state: list) -> None:
     for module, forward, recorder in state:
-        if forward is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = forward
+        _set_forward(module, forward)
         if isinstance(module, (QuantAttention, QuantWindowAttention)):
             module.capture_recorder = recorder
 
