@@ -22,7 +22,7 @@ SSIM_C2 = 0.03 ** 2
 __all__ = [
     "total_variation", "inter_head_ssim_loss", "inter_head_ssim_block", "entropy_loss",
     "cls_rows", "alignment_loss", "mask_ratio", "psaq_total_variation", "kde_entropy",
-    "psaq_entropy_loss", "SSIM_C1", "SSIM_C2",
+    "psaq_entropy_loss", "full_precision", "SSIM_C1", "SSIM_C2",
 ]
 
 
@@ -46,6 +46,11 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     d_diag = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
     return (torch.linalg.vector_norm(d_w) + torch.linalg.vector_norm(d_h)
             + (torch.linalg.vector_norm(d_diag) + torch.linalg.vector_norm(d_anti)) / math.sqrt(2.0))
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as it is in float32 or float64; a reduced-precision tensor (bf16, fp16) widened to float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 # -------------------------------------------------------------------------------------- L_ssim
@@ -90,9 +95,8 @@ def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int 
     same value and gradient for less memory."""
     _check_blocks("inter_head_ssim_loss", blocks)
 
-    def block_loss(a):  # reduced-precision logits in float32: bf16 loses the statistics SSIM compares
-        return inter_head_ssim_block(a if a.dtype in (torch.float32, torch.float64) else a.float(),
-                                     num_prefix_tokens).mean()
+    def block_loss(a):  # bf16 loses the statistics SSIM compares
+        return inter_head_ssim_block(full_precision(a), num_prefix_tokens).mean()
 
     if recompute and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint

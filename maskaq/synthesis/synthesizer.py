@@ -208,9 +208,9 @@ class Synthesizer:
     def _loss_input(self, logits: torch.Tensor) -> torch.Tensor:
         """Captured logits as the losses take them: float32, or a reduced precision that a fused
         kernel takes as it is (it accumulates in float32)."""
-        if logits.dtype in (torch.float32, torch.float64) or getattr(self.ops, "uses_extension", lambda t: False)(logits):
+        if getattr(self.ops, "uses_extension", lambda t: False)(logits):
             return logits
-        return logits.float()
+        return L.full_precision(logits)
 
     def _aligning(self, student) -> bool:
         return student is not None and self.config.use_alignment and self.config.align_weight > 0
