@@ -134,7 +134,8 @@ def targets(agg, lead="maskaq"):
 def markdown(agg, methods, bits_list, meta):
     head = "| method | " + " | ".join(bits_list) + " |"
     overrides = "".join(f", {k}={v}" for k, v in sorted(meta["overrides"].items()))
-    lines = [f"Fashion-MNIST ViT teacher, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}"
+    teacher = meta.get("teacher", "vit_fmnist")
+    lines = [f"Fashion-MNIST ViT teacher {teacher}, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}"
              f"{overrides}; mean ± std over seeds (n)", "", head, "|" + "---|" * (len(bits_list) + 1)]
     for method in methods:
         cells = []
@@ -170,12 +171,13 @@ def main(argv=None) -> int:
     runs_dir = Path(args.runs_dir) if args.runs_dir else json_path.parent / f"{json_path.stem}_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
 
-    teacher = zoo.load("vit_fmnist")
+    teacher = zoo.load(args.teacher, directory=args.teacher_dir)
     import hashlib
-    teacher_sha = hashlib.sha256((zoo.ZOO_DIR / "vit_fmnist.safetensors").read_bytes()).hexdigest()[:16]
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else zoo.ZOO_DIR
+    teacher_sha = hashlib.sha256((teacher_dir / f"{args.teacher}.safetensors").read_bytes()).hexdigest()[:16]
     test = fashion_mnist("test")
     train = fashion_mnist("train") if "real" in methods else None
-    meta = {"pipeline_version": PIPELINE_VERSION, "teacher_sha256": teacher_sha, "preset": preset, "overrides": {k: v for k, v in overrides.items()}, "limit": limit,
+    meta = {"pipeline_version": PIPELINE_VERSION, "teacher": args.teacher, "teacher_sha256": teacher_sha, "preset": preset, "overrides": {k: v for k, v in overrides.items()}, "limit": limit,
             "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
     fp_file = runs_dir / "full_precision.json"
     fp_saved = json.loads(fp_file.read_text()) if fp_file.is_file() and not args.fresh else {}

@@ -369,6 +369,25 @@ def test_cli_train_teacher_tiny_run_checkpoint_resume_and_export(tmp_path, capsy
     assert "only makes sense with --resume" in capsys.readouterr().err
 
 
+@needs_debian
+def test_cli_train_teacher_with_register_tokens_exports_a_model_zoo_load_reads(tmp_path, capsys):
+    from maskaq.cli import main
+    from maskaq.spec import describe_model
+    args = ["train-teacher", "--out", str(tmp_path / "run"), "--embed-dim", "24", "--depth", "1", "--num-heads", "4",
+            "--patch-size", "7", "--reg-tokens", "2", "--batch-size", "512", "--threads", "1", "--no-progress",
+            "--epochs", "1", "--time-budget-min", "0.02", "--export", str(tmp_path / "zoo"), "--export-name", "reg"]
+    assert main(args) == 0
+    model = zoo.load("reg", directory=tmp_path / "zoo")
+    spec = describe_model(model)
+    assert spec.num_prefix_tokens == 3 and spec.patch_size == (7, 7)  # CLS + 2 registers before 4x4 patches
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="needs other.json and other.safetensors"):
+        zoo.load("other", directory=tmp_path / "zoo")
+    capsys.readouterr()
+    assert main(args[:-6] + ["--reg-tokens", "-1"]) == 2
+    assert "--reg-tokens must be >= 0" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------- pretrained weights
 _TINY_TIMM = dict(img_size=32, depth=2)
 

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=DEFAULT_MODEL_ARGS["num_heads"])
     parser.add_argument("--mlp-ratio", type=float, default=DEFAULT_MODEL_ARGS["mlp_ratio"])
     parser.add_argument("--patch-size", type=int, default=DEFAULT_MODEL_ARGS["patch_size"])
+    parser.add_argument("--reg-tokens", type=int, default=0,
+                        help="register tokens after the CLS token (timm reg_tokens; 'ViTs need registers')")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,11 +85,16 @@ def validate_args(args) -> None:
         raise _cli_error("--restart-schedule only makes sense with --resume")
     if args.embed_dim % args.num_heads:
         raise _cli_error(f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}")
+    if args.reg_tokens < 0:
+        raise _cli_error(f"--reg-tokens must be >= 0, got {args.reg_tokens}")
 
 
 def model_args_from(args) -> dict:
-    return dict(DEFAULT_MODEL_ARGS, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                mlp_ratio=args.mlp_ratio, patch_size=args.patch_size)
+    model_args = dict(DEFAULT_MODEL_ARGS, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+                      mlp_ratio=args.mlp_ratio, patch_size=args.patch_size)
+    if args.reg_tokens:  # absent when 0, so the bundled teacher's config and checkpoints keep their keys
+        model_args["reg_tokens"] = args.reg_tokens
+    return model_args
 
 
 def build_model(model_args: dict) -> torch.nn.Module:

@@ -22,9 +22,12 @@ def available() -> list:
     return sorted(p.stem for p in ZOO_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
 
 
-def _read_config(name: str) -> dict:
-    config_path = ZOO_DIR / f"{name}.json"
+def _read_config(name: str, directory: Path = ZOO_DIR) -> dict:
+    config_path = Path(directory) / f"{name}.json"
     if not config_path.is_file() or not config_path.with_suffix(".safetensors").is_file():
+        if Path(directory) != ZOO_DIR:
+            raise ValueError(f"no model {name!r} in {directory}: it needs {name}.json and {name}.safetensors "
+                             "(what `maskaq train-teacher --export DIR --export-name NAME` writes)")
         known = ", ".join(available()) or "none (the checkpoint has not been trained/exported yet)"
         raise ValueError(f"unknown zoo model {name!r}; bundled models: {known}. For timm architectures "
                          "use maskaq.zoo.create(timm_name, checkpoint=path)")
@@ -37,17 +40,19 @@ def _set_pretrained_cfg(model: torch.nn.Module, cfg: dict) -> None:
     model.default_cfg = cfg
 
 
-def load(name: str = "vit_fmnist", device=None) -> torch.nn.Module:
+def load(name: str = "vit_fmnist", device=None, directory=None) -> torch.nn.Module:
     """A bundled model: FP32, eval mode, `pretrained_cfg` with mean, std, input_size, num_classes.
 
     It expects input normalized with pretrained_cfg['mean'] / ['std'] (what maskaq.data gives).
+    ``directory`` reads NAME.json + NAME.safetensors from elsewhere (a `train-teacher --export`).
     """
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
-    config = _read_config(name)
+    directory = ZOO_DIR if directory is None else Path(directory)
+    config = _read_config(name, directory)
     model = VisionTransformer(**config["model_args"])
-    state = load_file(str(ZOO_DIR / f"{name}.safetensors"))
+    state = load_file(str(directory / f"{name}.safetensors"))
     _load_strict(model, state, f"{name}.safetensors")
     cfg = dict(config["pretrained_cfg"])
     cfg.setdefault("architecture", name)
