@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--held-out", type=int, default=1000, help="real test images for the KD curve")
     p.add_argument("--every", type=int, default=20, help="KD curve: evaluate every N QAT steps")
     p.add_argument("--quick", action="store_true", help="quick preset, 200 held-out images")
+    p.add_argument("--teacher", default="vit_fmnist", help="zoo model name (default: the bundled teacher)")
+    p.add_argument("--teacher-dir", default=None, help="read TEACHER.json/.safetensors from this directory")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -153,11 +155,11 @@ def main(argv=None) -> int:
     preset = "quick" if args.quick else args.preset
     held_n = 200 if args.quick else args.held_out
     wbits, abits = (int(v) for v in args.bits.upper()[1:].split("A"))
-    teacher = zoo.load("vit_fmnist")
+    teacher = zoo.load(args.teacher, directory=args.teacher_dir)
     spec = describe_model(teacher)
     test, train = fashion_mnist("test"), fashion_mnist("train")
     held = torch.stack([test[i][0] for i in range(len(test) - held_n, len(test))])  # the last N test images
-    results = {"bits": args.bits, "seed": args.seed, "preset": preset, "held_out": held_n, "sources": {}}
+    results = {"teacher": args.teacher, "bits": args.bits, "seed": args.seed, "preset": preset, "held_out": held_n, "sources": {}}
     real_sample = torch.stack([train[i][0] for i in range(512)])
     results["real_images"] = {**pixel_stats(real_sample, spec.mean, spec.std),
                               **teacher_view(teacher, real_sample, spec.num_classes)}
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
 
     print_tables(results)
     stem = f"diagnose_dfq_{args.bits.upper()}" if args.sources else "diagnose_dfq_real_only"
+    stem += "" if args.teacher == "vit_fmnist" else f"_{args.teacher}"
     path = Path(args.json) if args.json else RESULTS / f"{stem}{'_quick' if args.quick else ''}.json"
     write_json(path, results)
     print(f"wrote {path}")

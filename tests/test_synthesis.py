@@ -192,6 +192,45 @@ def test_alignment_without_class_token_groups_blocks_by_shape():
     assert len(masks) == 2
 
 
+def test_alignment_on_captured_rows_equals_alignment_on_full_maps_and_keeps_no_map():
+    """A capture that keeps only the CLS rows (what the synthesizer gives Q) gives the loss and the
+    image gradient of the full maps, and what it holds owns only the rows' memory."""
+    from maskaq.quant import capture_attention
+    teacher = tiny_vit(reg_tokens=1)
+    student = tiny_student(teacher)
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    p = teacher.num_prefix_tokens
+
+    def rows(a):
+        return L.cls_rows(a, p, True).clone()
+
+    results = []
+    for reduce in (None, rows):
+        with capture_attention(teacher, outputs=False) as cap_t, \
+                capture_attention(student, outputs=False, reduce_logits=reduce) as cap_q:
+            teacher(x)
+            student(x)
+        if reduce is None:
+            loss, masks = L.alignment_loss(cap_t.logits, cap_q.logits, ratio=0.5, num_prefix_tokens=p,
+                                           generator=torch.Generator().manual_seed(3))
+        else:
+            assert all(a.shape == (3, 3, 16) and a.untyped_storage().nbytes() == a.numel() * a.element_size()
+                       for a in cap_q.logits)
+            t_rows = [L.cls_rows(a, p, True) for a in cap_t.logits]
+            loss, masks = L.alignment_loss_rows(t_rows, cap_q.logits, ratio=0.5,
+                                                generator=torch.Generator().manual_seed(3))
+        results.append((loss, masks[0], torch.autograd.grad(loss, x)[0]))
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert torch.equal(m1, m2) and m1.sum() > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-9)
+    assert g1.abs().sum() > 0
+    with pytest.raises(ValueError, match="teacher rows"):
+        L.alignment_loss_rows([torch.randn(2, 3, 5)], [torch.randn(2, 3, 4)], ratio=0.5)
+    with pytest.raises(ValueError, match="3-D"):
+        L.alignment_loss_rows([torch.randn(2, 3, 5, 5)], [torch.randn(2, 3, 5, 5)], ratio=0.5)
+
+
 # -------------------------------------------------------------------------------- PSAQ parts
 def test_kde_entropy_matches_loop():
     g = torch.Generator().manual_seed(2)

@@ -23,7 +23,7 @@ forward only, so the recomputed logits are not stored a second time.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -46,8 +46,10 @@ class AttentionCapture:
     ``logits`` / ``outputs`` are None when that kind of tensor was not requested.
     """
 
-    def __init__(self, want_logits: bool, want_outputs: bool, num_prefix_tokens: int):
+    def __init__(self, want_logits: bool, want_outputs: bool, num_prefix_tokens: int,
+                 reduce_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.want_logits = want_logits
+        self.reduce_logits = reduce_logits
         self.want_outputs = want_outputs
         self.num_prefix_tokens = num_prefix_tokens
         self.logits: Optional[list[torch.Tensor]] = [] if want_logits else None
@@ -57,7 +59,7 @@ class AttentionCapture:
         if _recomputing:  # the block's first forward was recorded; its recomputation is not
             return
         if self.want_logits:
-            self.logits.append(logits)
+            self.logits.append(logits if self.reduce_logits is None else self.reduce_logits(logits))
         if self.want_outputs:
             self.outputs.append(outputs)
 
@@ -101,8 +103,14 @@ def _teacher_forward(module: nn.Module, recorder: AttentionCapture, windowed: bo
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = True) -> Iterator[AttentionCapture]:
-    """Context manager recording every attention block of ``model`` (see the module docstring)."""
+def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = True,
+                      reduce_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator[AttentionCapture]:
+    """Context manager recording every attention block of ``model`` (see the module docstring).
+
+    ``reduce_logits`` records ``reduce_logits(logits)`` instead of the (B, H, N, N) logits, so that a
+    loss that reads only part of them (the alignment reads the CLS row) does not keep every block's
+    full map alive until the backward pass. It should return a new tensor, not a view of its input:
+    a view keeps the whole map's memory."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture_attention needs an nn.Module, got {type(model).__name__}")
     if not (logits or outputs):
@@ -127,7 +135,7 @@ def capture_attention(model: nn.Module, logits: bool = True, outputs: bool = Tru
                            "model are not supported; reuse the outer capture)")
     windowed = any(isinstance(m, (QuantWindowAttention, WindowAttention)) for m in quant_modules + fp_modules)
     num_prefix = 0 if windowed else int(getattr(root, "num_prefix_tokens", 1))
-    cap = AttentionCapture(logits, outputs, num_prefix)
+    cap = AttentionCapture(logits, outputs, num_prefix, reduce_logits)
     # A forward someone set on the instance before us is put back on exit (_set_forward).
     previous = {id(m): m.__dict__.get("forward") for m in fp_modules}
     try:

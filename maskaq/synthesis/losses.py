@@ -21,7 +21,7 @@ SSIM_C2 = 0.03 ** 2
 
 __all__ = [
     "total_variation", "inter_head_ssim_loss", "inter_head_ssim_block", "entropy_loss",
-    "cls_rows", "alignment_loss", "mask_ratio", "psaq_total_variation", "kde_entropy",
+    "cls_rows", "alignment_loss", "alignment_loss_rows", "mask_ratio", "psaq_total_variation", "kde_entropy",
     "psaq_entropy_loss", "full_precision", "SSIM_C1", "SSIM_C2",
 ]
 
@@ -150,20 +150,35 @@ def alignment_loss(teacher_blocks: Sequence[torch.Tensor], student_blocks: Seque
     """
     _check_blocks("alignment_loss (teacher)", teacher_blocks)
     _check_blocks("alignment_loss (student)", student_blocks)
-    if len(teacher_blocks) != len(student_blocks):
-        raise ValueError(f"alignment_loss: teacher has {len(teacher_blocks)} blocks, student "
-                         f"{len(student_blocks)}; quantize the same model you synthesize for")
-    if ops is None:
-        from maskaq import ops
-    groups = {}
     for t, q in zip(teacher_blocks, student_blocks):
         if t.shape != q.shape:
             raise ValueError(f"alignment_loss: teacher block {tuple(t.shape)} vs student {tuple(q.shape)}")
+    rows = [[cls_rows(a, num_prefix_tokens, has_class_token) for a in blocks]
+            for blocks in (teacher_blocks, student_blocks)]
+    return alignment_loss_rows(*rows, ratio=ratio, keep=keep, generator=generator, ops=ops)
+
+
+def alignment_loss_rows(teacher_rows: Sequence[torch.Tensor], student_rows: Sequence[torch.Tensor], *,
+                        ratio: float, keep: float = 0.7, generator: Optional[torch.Generator] = None,
+                        ops=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``alignment_loss`` on the rows it aligns, ``cls_rows`` of every block ((B, H, M) each): what a
+    capture that keeps only those rows (``capture_attention(..., reduce_logits=...)``) records."""
+    _check_blocks("alignment_loss (teacher rows)", teacher_rows, ndim=3)
+    _check_blocks("alignment_loss (student rows)", student_rows, ndim=3)
+    if len(teacher_rows) != len(student_rows):
+        raise ValueError(f"alignment_loss: teacher has {len(teacher_rows)} blocks, student "
+                         f"{len(student_rows)}; quantize the same model you synthesize for")
+    if ops is None:
+        from maskaq import ops
+    groups = {}
+    for t, q in zip(teacher_rows, student_rows):
+        if t.shape != q.shape:
+            raise ValueError(f"alignment_loss: teacher rows {tuple(t.shape)} vs student {tuple(q.shape)}")
         groups.setdefault(tuple(t.shape), []).append((t, q))
     total, masks, count = 0.0, [], 0
     for pairs in groups.values():
-        cls_t = torch.stack([cls_rows(t, num_prefix_tokens, has_class_token) for t, _ in pairs])
-        cls_q = torch.stack([cls_rows(q, num_prefix_tokens, has_class_token) for _, q in pairs])
+        cls_t = torch.stack([t for t, _ in pairs])
+        cls_q = torch.stack([q for _, q in pairs])
         loss, mask = ops.masked_attention_align(cls_t, cls_q, ratio=ratio, keep=keep, generator=generator)
         total = total + loss * len(pairs)
         count += len(pairs)

@@ -16,6 +16,7 @@ batches r, r + W, ...; the images are gathered on every rank, rank 0 writes them
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -122,6 +123,11 @@ class NonFiniteError(RuntimeError):
     """The optimized batch (or its loss) became NaN/inf."""
 
 
+def _cls_rows_copy(logits: torch.Tensor, num_prefix_tokens: int, has_class_token: bool) -> torch.Tensor:
+    """The alignment's rows of one block's logits, as a copy: holding a view would keep the whole map."""
+    return L.cls_rows(logits, num_prefix_tokens, has_class_token).clone()
+
+
 def _capture(model: nn.Module, **kwargs):
     from maskaq.quant import capture_attention
     return capture_attention(model, **kwargs)
@@ -165,23 +171,30 @@ class Synthesizer:
                student: Optional[nn.Module], step: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """Forward T (and Q) on the augmented batch; every loss term of METHOD.md."""
         cfg, spec = self.config, self.spec
-        need_t_logits = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0) or self._aligning(student)
+        aligning = self._aligning(student)
+        t_full = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0)
+        rows = functools.partial(_cls_rows_copy, num_prefix_tokens=spec.num_prefix_tokens,
+                                 has_class_token=spec.has_class_token)
         out: Dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
             if PRECISIONS[cfg.precision] is not None:
                 stack.enter_context(torch.autocast(x_aug.device.type, dtype=PRECISIONS[cfg.precision]))
             if cfg.checkpoint_blocks:
                 stack.enter_context(_checkpointed_blocks(self.teacher))
-                if self._aligning(student):
+                if aligning:
                     stack.enter_context(_checkpointed_blocks(student))
-            cap_t = stack.enter_context(_capture(self.teacher, logits=True, outputs=False)) if need_t_logits else None
-            cap_q = (stack.enter_context(_capture(student, logits=True, outputs=False))
-                     if self._aligning(student) else None)
+            # Each capture keeps what the losses read: T's full maps for SSIM and the entropy, else
+            # (and always for Q) only the rows the alignment compares.
+            cap_t = (stack.enter_context(_capture(self.teacher, logits=True, outputs=False,
+                                                  reduce_logits=None if t_full else rows))
+                     if t_full or aligning else None)
+            cap_q = (stack.enter_context(_capture(student, logits=True, outputs=False, reduce_logits=rows))
+                     if aligning else None)
             logits_t = self.teacher(x_aug)
             if cap_q is not None:
                 student(x_aug)
         t_blocks = [self._loss_input(a) for a in cap_t.logits] if cap_t is not None else None
-        q_blocks = [self._loss_input(a) for a in cap_q.logits] if cap_q is not None else None
+        q_rows = [self._loss_input(a) for a in cap_q.logits] if cap_q is not None else None
         out["ce"] = F.cross_entropy(logits_t.float(), labels)
         out["tv"] = L.total_variation(x)
         if cfg.tv_target_weight > 0:
@@ -196,10 +209,10 @@ class Synthesizer:
                                             generator=generator, ops=self.ops)
         if cap_q is not None:
             ratio = L.mask_ratio(step, cfg.synth_iters, cfg.mask_ratio_start, cfg.mask_ratio_end)
-            out["align"], _ = L.alignment_loss(t_blocks, q_blocks, ratio=ratio, keep=cfg.mask_keep,
-                                               num_prefix_tokens=spec.num_prefix_tokens,
-                                               has_class_token=spec.has_class_token,
-                                               generator=generator, ops=self.ops)
+            t_rows = ([L.cls_rows(a, spec.num_prefix_tokens, spec.has_class_token) for a in t_blocks]
+                      if t_full else t_blocks)
+            out["align"], _ = L.alignment_loss_rows(t_rows, q_rows, ratio=ratio, keep=cfg.mask_keep,
+                                                    generator=generator, ops=self.ops)
         weights = {"ce": cfg.ce_weight, "tv": cfg.tv_weight, "ssim": cfg.ssim_weight,
                    "entropy": cfg.entropy_weight, "align": cfg.align_weight, "tv_target": cfg.tv_target_weight}
         out["total"] = sum(weights[k] * v for k, v in out.items())
