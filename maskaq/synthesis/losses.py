@@ -72,8 +72,10 @@ def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> t
     mean = a.mean(dim=-1, keepdim=True)
     lo = a.amin(dim=-1)
     scale = a.amax(dim=-1) - lo + 1e-8  # (B, H, N')
-    centred = a - mean
-    cov = torch.einsum("bink,bjnk->bnij", centred, centred) / n  # (B, N', H, H)
+    # The centred rows, laid out (B, N', H, N') once so that the Gram is a plain batched matmul of
+    # contiguous operands, forward and backward (einsum permuted and copied them several times).
+    centred = (a - mean).transpose(1, 2).contiguous()
+    cov = torch.matmul(centred, centred.transpose(-1, -2)) / n  # (B, N', H, H)
     s = scale.transpose(1, 2)  # (B, N', H)
     mu = ((mean.squeeze(-1) - lo) / scale).transpose(1, 2)
     cov = cov / (s.unsqueeze(-1) * s.unsqueeze(-2))
