@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--preset", default=None, help="pipeline preset (default: cpu; quick with --quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
+    p.add_argument("--teacher", default="vit_fmnist", help="zoo model name (default: the bundled teacher)")
+    p.add_argument("--teacher-dir", default=None,
+                   help="read TEACHER.json/.safetensors from this directory (a train-teacher --export)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--json", default=None, help="aggregate JSON (default benchmarks/results/accuracy_dfq[_quick].json)")
     p.add_argument("--md", default=None, help="markdown table (default: next to the JSON)")
