@@ -145,14 +145,16 @@ def test_image_folder_grayscale_model_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- zoo
 
 @needs_teacher
-def test_bundled_teacher_loads_with_pretrained_cfg_and_is_accurate(test_split):
-    model = zoo.load("vit_fmnist")
+@pytest.mark.parametrize("name, patches, prefix, heads", [("vit_fmnist", 49, 1, 3), ("vit_fmnist_reg", 16, 2, 4)])
+def test_bundled_teacher_loads_with_pretrained_cfg_and_is_accurate(test_split, name, patches, prefix, heads):
+    model = zoo.load(name)
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     cfg = model.pretrained_cfg
     assert tuple(cfg["input_size"]) == (1, 28, 28) and cfg["num_classes"] == 10
     assert tuple(cfg["mean"]) == data.FMNIST_MEAN and tuple(cfg["std"]) == data.FMNIST_STD
-    assert model.patch_embed.num_patches >= 49 and len(model.blocks) >= 6 and model.blocks[0].attn.num_heads >= 3
+    assert model.patch_embed.num_patches == patches and model.num_prefix_tokens == prefix
+    assert len(model.blocks) == 6 and model.blocks[0].attn.num_heads == heads
     subset = torch.utils.data.Subset(test_split, range(1000))
     result = evaluate(model, torch.utils.data.DataLoader(subset, batch_size=250), progress=False)
     assert result["top1"] >= 85.0, result

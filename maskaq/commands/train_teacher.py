@@ -199,7 +199,7 @@ def export_teacher(model, model_args: dict, summary: dict, directory, name: str 
 
     atomic_write(weights, write_weights)
     config = {
-        "architecture": "vit_fmnist",
+        "architecture": name,
         "model_class": "timm.models.vision_transformer.VisionTransformer",
         "model_args": model_args,
         "pretrained_cfg": {
