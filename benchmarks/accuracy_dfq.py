@@ -12,6 +12,8 @@ background,
 
     nohup python benchmarks/accuracy_dfq.py > benchmarks/results/accuracy_dfq.log 2>&1 &
     python benchmarks/accuracy_dfq.py --quick      # smoke run: quick preset, 1 seed, 256 test images
+    python benchmarks/accuracy_dfq.py --teacher vit_fmnist_reg --json benchmarks/results/accuracy_dfq_reg.json
+                                                   # the bundled teacher with a register token
 
 Goals (issue 9; mean of 3 seeds): maskaq >= psaq and maskaq >= mimiq >= gaussian at W4A4 and
 W3A3; every data-free method above `ptq` (min-max calibration on noise, no QAT); W4A4 maskaq
