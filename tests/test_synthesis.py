@@ -107,6 +107,23 @@ def test_inter_head_ssim_matches_loop(prefix):
     assert L.inter_head_ssim_loss(blocks, prefix).item() == pytest.approx(_ssim_loop(blocks, prefix).item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_inter_head_ssim_hand_written_backward_matches_autograd_of_the_loop(prefix):
+    """L_ssim's backward through the key maps is written out (_KeyMapStatistics): the same gradient
+    as autograd through the plain loop, on every logit including the prefix rows and columns (0)."""
+    g = torch.Generator().manual_seed(5)
+    blocks = [torch.randn(2, 3, 7 + prefix, 7 + prefix, generator=g, dtype=torch.float64, requires_grad=True)
+              for _ in range(2)]
+    mine = torch.autograd.grad(L.inter_head_ssim_loss(blocks, prefix), blocks)
+    plain = torch.autograd.grad(_ssim_loop(blocks, prefix), blocks)
+    for a, b in zip(mine, plain):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+        assert a[:, :, :prefix].abs().sum() == 0 and a[:, :, :, :prefix].abs().sum() == 0
+    assert all(a.abs().sum() > 0 for a in mine)
+    x = torch.randn(1, 2, 5 + prefix, 5 + prefix, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: L.inter_head_ssim_block(t, prefix), (x,))
+
+
 # ------------------------------------------------------------------------------------ L_ent
 def test_entropy_loss_hand_checked():
     # Every patch row identical -> every cosine similarity is 1 -> variance 0 (+1e-8).

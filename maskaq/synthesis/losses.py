@@ -54,6 +54,50 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- L_ssim
+class _KeyMapStatistics(torch.autograd.Function):
+    """The logits-sized part of L_ssim: per query patch and head, the key map's mean, minimum and
+    maximum, and the head Gram of the centred maps, G = c·cᵀ/N'. Its backward is written out, so
+    the gradient reaches the logits as one write into one zero tensor: autograd's own would zero
+    and copy the full map once per slice (rows, then columns) and scatter min and max separately.
+
+    Backward, with c = r − mean(r) per row: dr = (dG + dGᵀ)·c/N' (the centring adds nothing, as
+    every row of c sums to 0) + dmean/N' + dmin at the minimum + dmax at the maximum (the first
+    one where several are equal)."""
+
+    @staticmethod
+    def forward(ctx, logits, num_prefix_tokens):
+        p = num_prefix_tokens
+        keys = logits[:, :, p:, p:].transpose(1, 2)  # (B, N', H, N'): query n, head h, key k
+        n = keys.shape[-1]
+        mean = keys.mean(dim=-1)
+        lo, lo_at = keys.min(dim=-1)
+        hi, hi_at = keys.max(dim=-1)
+        centred = (keys - mean.unsqueeze(-1)).contiguous()
+        gram = torch.matmul(centred, centred.transpose(-1, -2)) / n  # (B, N', H, H)
+        ctx.save_for_backward(centred, lo_at, hi_at)
+        ctx.num_prefix_tokens, ctx.logits_shape = p, logits.shape
+        return gram, mean, lo, hi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_gram, d_mean, d_lo, d_hi):
+        centred, lo_at, hi_at = ctx.saved_tensors
+        n = centred.shape[-1]
+        d_keys = torch.zeros_like(centred)
+        if d_gram is not None:
+            d_keys = torch.matmul(d_gram + d_gram.transpose(-1, -2), centred).div_(n)
+        if d_mean is not None:
+            d_keys.add_(d_mean.unsqueeze(-1) / n)
+        if d_lo is not None:
+            d_keys.scatter_add_(-1, lo_at.unsqueeze(-1), d_lo.unsqueeze(-1))
+        if d_hi is not None:
+            d_keys.scatter_add_(-1, hi_at.unsqueeze(-1), d_hi.unsqueeze(-1))
+        p = ctx.num_prefix_tokens
+        grad = centred.new_zeros(ctx.logits_shape)
+        grad[:, :, p:, p:] = d_keys.transpose(1, 2)
+        return grad, None
+
+
 def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
     """1 − SSIM² between every pair of heads (self pairs included, like the public code), one block.
 
@@ -63,22 +107,13 @@ def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> t
 
     Min–max normalization x = (r − min r)/s, s = max r − min r + 1e-8, is affine, so the
     statistics of x follow from those of the raw rows r: mean (r̄ − min r)/s, covariance
-    cov(r_i, r_j)/(s_i s_j). That needs one centred copy of the logits and one batched Gram
-    instead of materializing the normalized maps (several times cheaper, forward and backward).
+    cov(r_i, r_j)/(s_i s_j). Only those per-row statistics and the head Gram touch the
+    logits-sized maps (``_KeyMapStatistics``); the rest is arithmetic on (B, N', H, H).
     """
-    p = num_prefix_tokens
-    a = logits[:, :, p:, p:]  # (B, H, N', N'): row n of head h is the key map of query n
-    n = a.shape[-1]
-    mean = a.mean(dim=-1, keepdim=True)
-    lo = a.amin(dim=-1)
-    scale = a.amax(dim=-1) - lo + 1e-8  # (B, H, N')
-    # The centred rows, laid out (B, N', H, N') once so that the Gram is a plain batched matmul of
-    # contiguous operands, forward and backward (einsum permuted and copied them several times).
-    centred = (a - mean).transpose(1, 2).contiguous()
-    cov = torch.matmul(centred, centred.transpose(-1, -2)) / n  # (B, N', H, H)
-    s = scale.transpose(1, 2)  # (B, N', H)
-    mu = ((mean.squeeze(-1) - lo) / scale).transpose(1, 2)
-    cov = cov / (s.unsqueeze(-1) * s.unsqueeze(-2))
+    gram, mean, lo, hi = _KeyMapStatistics.apply(logits, int(num_prefix_tokens))
+    s = hi - lo + 1e-8  # (B, N', H)
+    mu = (mean - lo) / s
+    cov = gram / (s.unsqueeze(-1) * s.unsqueeze(-2))
     var = cov.diagonal(dim1=-2, dim2=-1)
     mu_sq = mu * mu
     mu_ij = mu.unsqueeze(-1) * mu.unsqueeze(-2)
