@@ -83,9 +83,10 @@ class _KeyMapStatistics(torch.autograd.Function):
     def backward(ctx, d_gram, d_mean, d_lo, d_hi):
         centred, lo_at, hi_at = ctx.saved_tensors
         n = centred.shape[-1]
-        d_keys = torch.zeros_like(centred)
         if d_gram is not None:
             d_keys = torch.matmul(d_gram + d_gram.transpose(-1, -2), centred).div_(n)
+        else:  # (only when nothing downstream reads the Gram)
+            d_keys = torch.zeros_like(centred)
         if d_mean is not None:
             d_keys.add_(d_mean.unsqueeze(-1) / n)
         if d_lo is not None:
