@@ -178,8 +178,7 @@ def main(argv=None) -> int:
 
     teacher = zoo.load(args.teacher, directory=args.teacher_dir)
     import hashlib
-    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else zoo.ZOO_DIR
-    teacher_sha = hashlib.sha256((teacher_dir / f"{args.teacher}.safetensors").read_bytes()).hexdigest()[:16]
+    teacher_sha = hashlib.sha256(zoo.weights_file(args.teacher, args.teacher_dir).read_bytes()).hexdigest()[:16]
     test = fashion_mnist("test")
     train = fashion_mnist("train") if "real" in methods else None
     meta = {"pipeline_version": PIPELINE_VERSION, "teacher": args.teacher, "teacher_sha256": teacher_sha, "preset": preset, "overrides": {k: v for k, v in overrides.items()}, "limit": limit,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ZOO_DIR", "available", "load", "create", "load_state_dict", "load_checkpoint"]
+__all__ = ["ZOO_DIR", "available", "load", "weights_file", "create", "load_state_dict", "load_checkpoint"]
 
 ZOO_DIR = Path(__file__).resolve().parent
 
@@ -20,6 +20,11 @@ ZOO_DIR = Path(__file__).resolve().parent
 def available() -> list:
     """Names of the bundled models (those whose .json and .safetensors both ship)."""
     return sorted(p.stem for p in ZOO_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+
+def weights_file(name: str, directory=None) -> Path:
+    """The weights of zoo model ``name``: NAME.safetensors in ``directory`` (default: the bundled zoo)."""
+    return (ZOO_DIR if directory is None else Path(directory)) / f"{name}.safetensors"
 
 
 def _read_config(name: str, directory: Path = ZOO_DIR) -> dict:
@@ -52,7 +57,7 @@ def load(name: str = "vit_fmnist", device=None, directory=None) -> torch.nn.Modu
     directory = ZOO_DIR if directory is None else Path(directory)
     config = _read_config(name, directory)
     model = VisionTransformer(**config["model_args"])
-    state = load_file(str(directory / f"{name}.safetensors"))
+    state = load_file(str(weights_file(name, directory)))
     _load_strict(model, state, f"{name}.safetensors")
     cfg = dict(config["pretrained_cfg"])
     cfg.setdefault("architecture", name)
