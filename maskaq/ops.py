@@ -9,7 +9,8 @@ the extension is missing).
 
 Fake (meta) kernels are registered for every op, so they trace under torch.compile, and
 autograd for the three training ops (their backward calls the ``*_backward`` ops). The two
-integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`) have no autograd.
+integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`, :func:`int8_gemm`) have
+no autograd.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from maskaq.reference import (
 )
 
 __all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
-           "int8_attention", "uses_extension", "integer_kernels_available"]
+           "int8_attention", "int8_gemm_pack", "int8_gemm", "uses_extension", "integer_kernels_available"]
 
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -208,6 +209,36 @@ def int8_attention(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_ze
     return torch.ops.maskaq.int8_attention(q.contiguous(), k.contiguous(), v.contiguous(), *args)
 
 
+def int8_gemm_pack(weight):
+    """Packs int8 weights (out_features, in_features) for :func:`int8_gemm` (CPU, extension only)."""
+    _require_extension("int8_gemm_pack")
+    return torch.ops.maskaq.int8_gemm_pack(weight)
+
+
+def int8_gemm(input, input_zero_point, packed_weight, out_features):
+    """Exact uint8 × int8 GEMM on the CPU, for x86 CPUs whose int8 libraries saturate (no VNNI).
+
+    Args:
+        input: (M, in_features) uint8 activations u.
+        input_zero_point: int z; the GEMM multiplies u − z (an int16: |u − z| <= 32767).
+        packed_weight: :func:`int8_gemm_pack` of the int8 weights W (out_features, in_features).
+        out_features: N, the rows of W.
+
+    Returns:
+        (M, N) int32: Σ_k (u[m, k] − z)·W[n, k], exact (the operands are multiplied as int16 with
+        int32 pair sums, AVX2's ``vpmaddwd``; a portable loop where ATen's CPU capability is
+        below AVX2). Raises ValueError where the accumulators could overflow int32.
+    """
+    _require_extension("int8_gemm")
+    return torch.ops.maskaq.int8_gemm(input, int(input_zero_point), packed_weight, int(out_features))
+
+
+def _require_extension(name):
+    if not _extension.loaded():
+        raise RuntimeError(f"{name} needs the compiled extension maskaq._C, which is not loaded; reinstall with "
+                           "`pip install --no-build-isolation -e .`")
+
+
 # --------------------------------------------------------------------------------------
 # Fake kernels and autograd (only when the compiled ops exist)
 
@@ -247,6 +278,14 @@ def _int8_linear_epilogue_fake(acc, scale, bias, activation, out_step, out_zero_
 def _int8_attention_fake(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point=0,
                          k_zero_point=0, v_zero_point=0):
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def _int8_gemm_pack_fake(weight):
+    return weight.new_empty((-(-weight.shape[0] // 16), -(-weight.shape[1] // 2), 32), dtype=torch.int16)
+
+
+def _int8_gemm_fake(input, input_zero_point, packed_weight, out_features):
+    return input.new_empty((input.shape[0], out_features), dtype=torch.int32)
 
 
 def _fq_attention_setup(ctx, inputs, output):
@@ -309,6 +348,8 @@ def _register():
         ("masked_attention_align_backward", _align_backward_fake),
         ("int8_linear_epilogue", _int8_linear_epilogue_fake),
         ("int8_attention", _int8_attention_fake),
+        ("int8_gemm_pack", _int8_gemm_pack_fake),
+        ("int8_gemm", _int8_gemm_fake),
     ):
         torch.library.register_fake(lib + name, fake)
     torch.library.register_autograd(lib + "fq_attention", _fq_attention_backward, setup_context=_fq_attention_setup)

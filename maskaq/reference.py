@@ -32,6 +32,7 @@ __all__ = [
     "alignment_mask",
     "int8_linear_epilogue",
     "int8_attention",
+    "int8_gemm",
 ]
 
 VARIANCE_EPS = 1e-8  # added to the Gram variance before the log
@@ -329,5 +330,6 @@ from maskaq.reference_integer import (  # noqa: E402,F401
     check_int8_linear_epilogue_args,
     epilogue_out_dtype,
     int8_attention,
+    int8_gemm,
     int8_linear_epilogue,
 )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 # The largest |qmin|, |qmax| of any quantizer grid the ops take (fq_attention's too).
 MAX_QUANT_LEVEL = 1 << 16
 
-__all__ = ["int8_linear_epilogue", "int8_attention", "epilogue_out_dtype", "check_int8_linear_epilogue_args",
+__all__ = ["int8_linear_epilogue", "int8_attention", "int8_gemm", "epilogue_out_dtype", "check_int8_linear_epilogue_args",
            "check_int8_attention_args", "ACTIVATIONS", "INT32_MAX"]
 
 ACTIVATIONS = ("none", "gelu")
@@ -108,6 +108,12 @@ def int8_linear_epilogue(acc, scale, bias, activation="none", out_step=0.0, out_
     if dtype == torch.float32:
         return y
     return _requantize(y, out_step, zp, qmin, qmax).to(dtype)
+
+
+def int8_gemm(input, input_zero_point, weight):
+    """The exact accumulators of :func:`maskaq.ops.int8_gemm` on unpacked int8 ``weight`` (N, K):
+    Σ_k (input[m, k] − input_zero_point)·weight[n, k] as int32 (computed in int64)."""
+    return ((input.long() - int(input_zero_point)) @ weight.long().T).to(torch.int32)
 
 
 def _int8_magnitude(zero_point: int) -> int:

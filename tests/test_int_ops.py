@@ -1,4 +1,4 @@
-"""The integer-inference ops (maskaq.ops.int8_linear_epilogue, maskaq.ops.int8_attention): the
+"""The integer-inference ops (maskaq.ops.int8_linear_epilogue, int8_attention, int8_gemm): the
 compiled kernels against the plain-PyTorch reference on random (never zero) inputs, bad inputs,
 opcheck, and their use by IntLinear / IntMlp / IntAttention.
 
@@ -287,6 +287,105 @@ def test_attention_rejects_non_contiguous_in_the_op():
 
 
 # --------------------------------------------------------------------------------------------
+# int8_gemm: maskaq's exact uint8 x int8 GEMM for CPUs whose int8 libraries saturate pair sums
+
+# (M, K, N): 1s, odd K (the padded pair), K over one 256-input block, N not a multiple of the
+# 16-column panel, M not a multiple of the 6-row strip nor of the 96-row task block
+GEMM_SHAPES = [(1, 1, 1), (5, 3, 7), (6, 32, 16), (37, 64, 24), (13, 385, 17), (197, 384, 48), (100, 600, 33)]
+
+
+def gemm_inputs(m, k, n, seed):
+    g = gen(seed)
+    return (torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g),
+            torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("zero_point", [0, 128, 255, -3, 300])
+def test_int8_gemm_matches_reference_exactly(shape, zero_point):
+    u, w = gemm_inputs(*shape, seed=sum(shape))
+    got = ops.int8_gemm(u, zero_point, ops.int8_gemm_pack(w), shape[2])
+    assert got.dtype == torch.int32 and torch.equal(got, ref.int8_gemm(u, zero_point, w))
+
+
+@needs_ext
+def test_int8_gemm_extreme_operands_do_not_saturate():
+    """255·(-128) and 255·127 in every pair: far outside int16, exact in the int32 pair sums."""
+    u = torch.full((7, 40), 255, dtype=torch.uint8)
+    w = torch.where(torch.arange(20)[:, None] % 2 == 0, 127, -128).expand(20, 40).to(torch.int8).contiguous()
+    got = ops.int8_gemm(u, 0, ops.int8_gemm_pack(w), 20)
+    assert torch.equal(got, (255 * 40 * w[:, 0].int()).expand(7, 20))
+
+
+@needs_ext
+def test_int8_gemm_thread_count_does_not_change_result():
+    u, w = gemm_inputs(300, 384, 200, seed=11)
+    packed = ops.int8_gemm_pack(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.int8_gemm(u, 77, packed, 200)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ops.int8_gemm(u, 77, packed, 200))
+    assert torch.equal(one, ref.int8_gemm(u, 77, w))
+
+
+@needs_ext
+def test_int8_gemm_portable_path_matches_reference():
+    """ATEN_CPU_CAPABILITY=default selects the kernel's portable loop (CPUs below AVX2)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, maskaq; from maskaq import ops, reference as ref\n"
+            "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "for m, k, n in [(13, 385, 17), (100, 600, 33)]:\n"
+            "    u = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)\n"
+            "    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)\n"
+            "    assert torch.equal(ops.int8_gemm(u, 129, ops.int8_gemm_pack(w), n), ref.int8_gemm(u, 129, w))\n")
+    import os
+
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _gemm_bad_calls():
+    u, w = gemm_inputs(5, 10, 7, seed=0)
+    packed = lambda: ops.int8_gemm_pack(w)  # noqa: E731
+    return [
+        (TypeError, "weight must have dtype", lambda: ops.int8_gemm_pack(w.float())),
+        (ValueError, "weight", lambda: ops.int8_gemm_pack(w[0])),
+        (TypeError, "input must have dtype", lambda: ops.int8_gemm(u.to(torch.int8), 0, packed(), 7)),
+        (ValueError, "input", lambda: ops.int8_gemm(u[0], 0, packed(), 7)),
+        (ValueError, "does not hold 17 output features", lambda: ops.int8_gemm(u, 0, packed(), 17)),
+        (ValueError, "input features, input has 12", lambda: ops.int8_gemm(torch.zeros(5, 12, dtype=torch.uint8), 0,
+                                                                            packed(), 7)),
+        (TypeError, "packed_weight must have dtype", lambda: ops.int8_gemm(u, 0, packed().int(), 7)),
+        (ValueError, "overflow", lambda: ops.int8_gemm(u, 40000, packed(), 7)),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(_gemm_bad_calls())))
+def test_int8_gemm_bad_inputs(case):
+    error, match, call = _gemm_bad_calls()[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+@needs_ext
+def test_int8_gemm_empty_inputs():
+    _, w = gemm_inputs(1, 10, 7, seed=0)
+    packed = ops.int8_gemm_pack(w)
+    assert ops.int8_gemm(torch.zeros(0, 10, dtype=torch.uint8), 0, packed, 7).shape == (0, 7)
+    empty_k = ops.int8_gemm(torch.zeros(3, 0, dtype=torch.uint8), 0, ops.int8_gemm_pack(w[:, :0]), 7)
+    assert torch.equal(empty_k, torch.zeros(3, 7, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels (torch.compile), AOT dispatch
 
 
@@ -302,6 +401,9 @@ def test_opcheck_int_ops():
                           test_utils=utils)
     torch.library.opcheck(torch.ops.maskaq.int8_attention.default, (q, k, v, s, 1 / 15, 0, 0, 15),
                           test_utils=utils)
+    u, w = gemm_inputs(9, 21, 18, seed=8)
+    torch.library.opcheck(torch.ops.maskaq.int8_gemm_pack.default, (w,), test_utils=utils)
+    torch.library.opcheck(torch.ops.maskaq.int8_gemm.default, (u, 100, ops.int8_gemm_pack(w), 18), test_utils=utils)
 
 
 # --------------------------------------------------------------------------------------------

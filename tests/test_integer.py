@@ -98,33 +98,56 @@ def test_int_linear_accumulates_exact_integers(kernel):
     assert torch.equal(got.double(), expected)
 
 
-@pytest.fixture
-def saturating_cpu(monkeypatch):
-    """Pretend this CPU's int8 GEMMs clip pair sums to int16 (as without VNNI): the split-weight
-    path then runs on any machine, and its exactness is checked on the real kernels."""
+@pytest.fixture(params=["int16", "split"])
+def saturating_cpu(request, monkeypatch):
+    """Pretend this CPU's int8 GEMMs clip pair sums to int16 (as without VNNI), with AVX2 ("int16":
+    maskaq's exact GEMM takes the overflowing layers) or without ("split": the library runs them on
+    split weights). Both paths then run on any machine, and their exactness is checked."""
     from maskaq.integer import linear
 
     monkeypatch.setattr(linear, "cpu_int8_pairs_saturate", lambda kernel: True)
+    if request.param == "split":
+        monkeypatch.setattr(linear, "int16_gemm_available", lambda: False)
+    elif not linear.int16_gemm_available():
+        pytest.skip("maskaq's int16 GEMM needs the extension and an AVX2 CPU")
+    return request.param
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("wbits,abits,splits", [(8, 8, True), (4, 8, False), (8, 7, False), (8, 4, False)])
-def test_split_weights_exact_and_only_where_pairs_overflow(saturating_cpu, kernel, wbits, abits, splits):
-    """On a saturating CPU the weights are split only where 2·max u·max|w| > 32767 (8-bit weights
-    against 8-bit activations), and the split layer is still exact; fused MLP epilogues step aside."""
+@pytest.mark.parametrize("wbits,abits,overflows", [(8, 8, True), (4, 8, False), (8, 7, False), (8, 4, False)])
+def test_saturating_cpu_reroutes_only_overflowing_layers_and_stays_exact(saturating_cpu, kernel, wbits, abits,
+                                                                        overflows):
+    """On a saturating CPU only the layers with 2·max u·max|w| > 32767 (8-bit weights against 8-bit
+    activations) leave the library's direct path, for maskaq's int16 GEMM or split weights, and
+    stay exact; the int16 GEMM keeps the fused GELU + requantize epilogue, split weights cannot."""
     layer = _exact_linear(wbits, abits, False, -5 if abits == 8 else 0, True)
     integer = IntLinear.from_quant(layer, kernel)
-    assert integer.splits_weights == splits
+    rerouted = "int16" if saturating_cpu == "int16" else f"{kernel}-split"
+    assert integer.cpu_gemm == (rerouted if overflows else kernel)
+    assert integer.splits_weights == (overflows and saturating_cpu == "split")
     g = torch.Generator().manual_seed(4)
     x = torch.round(_random_input(layer, 29, g) * 2 ** 10) / 2 ** 10 + 2.0 ** -12
     with torch.no_grad():
         assert torch.equal(integer(x), layer(x))
-    if splits and kernel == "onednn":
-        with pytest.raises(RuntimeError, match="cannot fuse"):
-            integer.run_uint8(integer.quantize_input(x), act="gelu")
+    if not overflows:
+        return
+    u = integer.quantize_input(x)
+    if saturating_cpu == "split":
+        if kernel == "onednn":
+            with pytest.raises(RuntimeError, match="cannot fuse"):
+                integer.run_uint8(u, act="gelu")
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(integer.run_uint8(u, act="gelu"), nn.functional.gelu(layer(x)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="cannot fuse"):
+        integer.run_uint8(u, act="gelu_tanh")
 
 
-def test_split_halves_recombine_to_the_weights(saturating_cpu):
+def test_split_halves_recombine_to_the_weights(monkeypatch):
+    from maskaq.integer import linear
+
+    monkeypatch.setattr(linear, "cpu_int8_pairs_saturate", lambda kernel: True)
+    monkeypatch.setattr(linear, "int16_gemm_available", lambda: False)
     layer = _exact_linear(8, 8, True, 0, True)
     integer = IntLinear.from_quant(layer)
     assert integer.splits_weights
@@ -133,6 +156,27 @@ def test_split_halves_recombine_to_the_weights(saturating_cpu):
     assert int(high.min()) >= -64 and int(high.max()) <= 63 and set(low.unique().tolist()) <= {0, 1}
     assert torch.equal(2 * high + low, integer.weight_int.to(torch.int16))
     assert torch.equal(scales[:24], 2 * scales[24:]) and not bias[24:].any()
+
+
+@pytest.mark.parametrize("route", ["int16", "split"])
+def test_int_mlp_on_saturating_cpu_matches_fake_quant(monkeypatch, route):
+    """A W8A8 MLP on a saturating CPU: fused through maskaq's int16 GEMM, or unfused on split weights."""
+    from maskaq.integer import linear
+
+    monkeypatch.setattr(linear, "cpu_int8_pairs_saturate", lambda kernel: True)
+    if route == "split":
+        monkeypatch.setattr(linear, "int16_gemm_available", lambda: False)
+    elif not linear.int16_gemm_available():
+        pytest.skip("maskaq's int16 GEMM needs the extension and an AVX2 CPU")
+    qmodel, imodel = _exported_w8a8(seed=3)
+    mlp = imodel.blocks[0].mlp
+    x = torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(0))
+    assert mlp._fusable(x) == (route == "int16")
+    assert {mlp.fc1.cpu_gemm, mlp.fc2.cpu_gemm} == {"int16" if route == "int16" else "onednn-split"}
+    with torch.no_grad():
+        got, fake = mlp(x), qmodel.blocks[0].mlp(x)
+    close = torch.isclose(got, fake, rtol=1e-4, atol=1e-4 * fake.abs().max().item())
+    assert close.float().mean() > 0.99
 
 
 def test_integer_path_is_recorded():

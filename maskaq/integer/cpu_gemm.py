@@ -6,7 +6,8 @@ import warnings
 
 import torch
 
-__all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", "cpu_integer_path"]
+__all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", "int16_gemm_available",
+           "cpu_integer_path"]
 
 # CPU GEMM libraries of IntLinear. "onednn": onednn::qlinear_pointwise on uint8 activations
 # (fused GELU / requantization epilogues; measured faster here); "fbgemm": fbgemm's
@@ -76,13 +77,33 @@ def cpu_int8_pairs_saturate(kernel: str) -> bool:
     return _saturation_probe(_GEMMS[kernel])
 
 
+def int16_gemm_available() -> bool:
+    """Whether maskaq's own exact int8 GEMM (``maskaq.ops.int8_gemm``: int16 operands, int32 pair
+    sums) runs vectorized here: the extension is loaded and ATen's CPU capability is AVX2 or above
+    (it honours ``ATEN_CPU_CAPABILITY``, as the kernel's dispatch does)."""
+    from maskaq import _extension
+
+    return _extension.loaded() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+# What IntLinear does with 8-bit weights against 8-bit activations, per kernel (cpu_integer_path).
+PATH_DIRECT = "direct (int32 pair sums)"
+PATH_INT16 = "maskaq int16 GEMM where pairs would saturate (the library adds pairs in int16)"
+PATH_SPLIT = "split-weights where pairs would saturate (the library adds pairs in int16; no AVX2 for maskaq's GEMM)"
+
+
 def cpu_integer_path() -> dict:
-    """How this machine runs IntLinear on the CPU: ATen's CPU capability and, per kernel, whether
-    its int8 GEMM saturates pair sums (then 8-bit weights against 8-bit activations run split)."""
-    saturate = {kernel: cpu_int8_pairs_saturate(kernel) for kernel in KERNELS}
+    """How this machine runs IntLinear on the CPU: ATen's CPU capability and, per kernel, what runs
+    the layers whose pair sums overflow int16 (8-bit weights against 8-bit activations): the
+    library itself where it adds pairs in int32 (VNNI), else maskaq's int16 GEMM (AVX2), else
+    the library on split weights."""
+    def path(kernel):
+        if not cpu_int8_pairs_saturate(kernel):
+            return PATH_DIRECT
+        return PATH_INT16 if int16_gemm_available() else PATH_SPLIT
+
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{f"{kernel}_int8": "split-weights (int16 pair sums saturate)" if sat else "direct (int32 pair sums)"
-               for kernel, sat in saturate.items()}}
+            **{f"{kernel}_int8": path(kernel) for kernel in KERNELS}}
 
 
 def _check_kernel(kernel: str) -> str:

@@ -1,4 +1,5 @@
-"""IntLinear: a Linear on int8 weights and LSQ-quantized activations (CPU: oneDNN or fbgemm; CUDA: cuBLASLt)."""
+"""IntLinear: a Linear on int8 weights and LSQ-quantized activations (CPU: oneDNN or fbgemm, or maskaq's
+exact int16 GEMM where they would saturate; CUDA: cuBLASLt)."""
 from __future__ import annotations
 
 import warnings
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq import ops
-from maskaq.integer.cpu_gemm import DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack
+from maskaq.integer.cpu_gemm import (DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack,
+                                     int16_gemm_available)
 from maskaq.integer.device import _cuda_kernels
 from maskaq.integer.grid import ActGrid, _grid_buffer
 
@@ -136,10 +138,15 @@ class IntLinear(nn.Module):
         return weights, torch.cat([2 * w_scales, w_scales]), torch.cat([bias, torch.zeros_like(bias)])
 
     def _pack_cpu(self):
-        self._split = self.quantized_input and self._pairs_overflow_int16() and cpu_int8_pairs_saturate(self.kernel)
         if not self.quantized_input:  # weight-only: float GEMM on the dequantized weights
+            self._split = False
             w = (self.weight_int.double() * (self.weight_scale.double() * self.output_scale.double())[:, None])
             return ("float", w.float(), self._bias())
+        saturates = self._pairs_overflow_int16() and cpu_int8_pairs_saturate(self.kernel)
+        self._split = saturates and not int16_gemm_available()
+        if saturates and not self._split:  # the library would clip pair sums: maskaq's exact GEMM
+            scales = (self.kernel_step() * self._weight_scales()).float()
+            return ("int16", ops.int8_gemm_pack(self.weight_int), scales, self._bias())
         weights, w_scales, bias = self._kernel_weights(self._split)
         if self.kernel == "onednn":
             packed = torch.ops.onednn.qlinear_prepack(weights, None)
@@ -147,17 +154,33 @@ class IntLinear(nn.Module):
         return ("fbgemm", fbgemm_prepack(weights, w_scales, bias))
 
     def _cpu_packed(self):
-        kind = self.kernel if self.quantized_input else "float"
-        if self._packed is None or self._packed[0] != kind:
+        if self._packed is None or self._packed[0] == "cuda":
             self._packed = self._pack_cpu()
         return self._packed
 
     @property
+    def cpu_gemm(self) -> str:
+        """What runs this layer's GEMM on the CPU: "onednn" or "fbgemm" (the library of ``kernel``),
+        "onednn-split" / "fbgemm-split" (the library on split weights, see ``_kernel_weights``),
+        "int16" (maskaq's exact GEMM, ``maskaq.ops.int8_gemm``: where the library's int8 GEMM
+        would clip this layer's pair sums and the CPU has AVX2) or "float" (weight-only layers)."""
+        kind = self._cpu_packed()[0]
+        return f"{kind}-split" if self._split else kind
+
+    @property
     def splits_weights(self) -> bool:
         """True when the CPU kernel runs this layer's weights as two halves (see ``_kernel_weights``):
-        exact, at twice the GEMM work, on CPUs whose int8 GEMM saturates (no VNNI)."""
+        exact, at twice the GEMM work, on CPUs whose int8 GEMM saturates and that lack AVX2."""
         self._cpu_packed()
         return self._split
+
+    def fuses_epilogue(self, act: Optional[str]) -> bool:
+        """Whether ``run_uint8`` can apply ``act`` (None, "gelu" or "gelu_tanh") and requantize in the
+        GEMM's epilogue on this CPU."""
+        kind = self._cpu_packed()[0]
+        if kind == "onednn":
+            return not self._split
+        return kind == "int16" and act in (None, "gelu")  # maskaq's epilogue has erf GELU only
 
     def _join_halves(self, y: torch.Tensor) -> torch.Tensor:
         return y[:, :self.out_features] + y[:, self.out_features:] if self._split else y
@@ -180,14 +203,18 @@ class IntLinear(nn.Module):
         return torch.div(x2d, step).round_().add_(zp).clamp_(0, 255).to(torch.uint8)
 
     def run_uint8(self, u: torch.Tensor, act: Optional[str] = None, out: Optional["IntLinear"] = None):
-        """oneDNN GEMM on uint8 activations u (on this layer's grid), bias and an optional GELU
+        """The CPU GEMM on uint8 activations u (on this layer's grid), bias and an optional GELU
         ("gelu" or "gelu_tanh") fused in the epilogue; with ``out`` the result is requantized
-        to ``out``'s input grid (uint8) in the same epilogue, else float32."""
+        to ``out``'s input grid (uint8) in the same epilogue, else float32. Runs oneDNN or
+        maskaq's int16 GEMM (see ``cpu_gemm``); ``fuses_epilogue`` says which epilogues it takes."""
         packed = self._cpu_packed()
-        if packed[0] != "onednn":
-            raise RuntimeError("run_uint8 needs the onednn kernel")
-        if self._split and (act is not None or out is not None):
-            raise RuntimeError("a split-weight layer (see splits_weights) cannot fuse an epilogue")
+        if packed[0] not in ("onednn", "int16"):
+            raise RuntimeError(f"run_uint8 needs the onednn kernel or maskaq's int16 GEMM, this layer runs {self.cpu_gemm}")
+        if (act is not None or out is not None) and not self.fuses_epilogue(act):
+            raise RuntimeError(f"a layer on {self.cpu_gemm} cannot fuse the epilogue act={act!r}"
+                               + (" with requantization" if out is not None else ""))
+        if packed[0] == "int16":
+            return self._run_int16(u, act, out)
         _, weight, w_scales, w_zeros, bias = packed
         post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
         if out is None:
@@ -198,11 +225,19 @@ class IntLinear(nn.Module):
                                                w_zeros, bias, out_scale, out_zp, dtype, post, [], algorithm)
         return self._join_halves(y)
 
+    def _run_int16(self, u: torch.Tensor, act: Optional[str], out: Optional["IntLinear"]) -> torch.Tensor:
+        """maskaq's exact GEMM (int32 accumulators of (u − z)·W) and maskaq's epilogue op."""
+        _, packed, scales, bias = self._packed
+        acc = ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features)
+        requant = (0.0, 0, 0, 255) if out is None else (out.kernel_step(), out.kernel_zero_point(), 0,
+                                                        out.grid.qmax - out.grid.qmin)
+        return ops.int8_linear_epilogue(acc, scales, bias, act or "none", *requant)
+
     def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = self._cpu_packed()
         if packed[0] == "float":
             return F.linear(x2d, packed[1], packed[2])
-        if packed[0] == "onednn":
+        if packed[0] in ("onednn", "int16"):
             return self.run_uint8(x2d if x2d.dtype == torch.uint8 else self.quantize_input(x2d))
         if x2d.dtype == torch.uint8:
             raise RuntimeError("the fbgemm kernel takes float inputs")

@@ -12,9 +12,10 @@ __all__ = ["IntMlp"]
 
 class IntMlp(nn.Module):
     """timm Mlp (fc1 → GELU → fc2) with fc1's GELU and the requantization to fc2's input grid
-    fused in fc1's oneDNN epilogue: fc1 emits uint8 on fc2's grid, so the 4·D-wide hidden
-    activation is written once, as bytes, and never re-read as float (CPU, onednn kernel, 8-bit
-    fc2 grid). Otherwise it runs fc1, the activation module and fc2 one after the other."""
+    fused in fc1's epilogue: fc1 emits uint8 on fc2's grid, so the 4·D-wide hidden activation is
+    written once, as bytes, and never re-read as float (CPU: oneDNN's epilogue, or maskaq's after
+    its int16 GEMM, with an 8-bit fc2 grid; CUDA: maskaq's). Otherwise it runs fc1, the activation
+    module and fc2 one after the other."""
 
     def __init__(self, fc1: IntLinear, fc2: IntLinear, act: nn.Module):
         super().__init__()
@@ -23,9 +24,9 @@ class IntMlp(nn.Module):
         self.act_name = None if type(act) is not nn.GELU else ("gelu_tanh" if approximate == "tanh" else "gelu")
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and self.act_name is not None and self.fc1.kernel == "onednn"
-                and self.fc2.kernel == "onednn" and self.fc1.quantized_input and self.fc2.quantized_input
-                and self.fc2.grid.full_uint8 and not self.fc1.splits_weights)
+        return (x.device.type == "cpu" and self.act_name is not None and self.fc1.quantized_input
+                and self.fc2.quantized_input and self.fc2.grid.full_uint8 and self.fc1.fuses_epilogue(self.act_name)
+                and self.fc2.cpu_gemm in ("onednn", "int16"))
 
     def _cuda_fusable(self, x: torch.Tensor) -> bool:
         # maskaq's epilogue has erf GELU only (not the tanh approximation)

@@ -19,11 +19,14 @@ per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero po
   - CPUs without VNNI (AVX2-only x86, AVX512 before Cascade Lake): both libraries multiply u8·s8
     with ``vpmaddubsw``, which adds adjacent products into int16 with saturation, so 8-bit weights
     against 8-bit activations (255·127·2 > 32767) would give wrong accumulators. A probe GEMM
-    (``cpu_int8_pairs_saturate``) detects this once per process; such layers then run their
-    weights as two halves W = 2·W_hi + W_lo (|W_hi| ≤ 64, W_lo ∈ {0, 1}) stacked in one GEMM of
-    twice the width: exact, at twice the GEMM work, and without the fused MLP epilogue. Layers
-    whose operands cannot overflow a pair (weights of ≤ 7 bits, activations of ≤ 7 bits) run as
-    on VNNI. ``cpu_integer_path()`` says which path this machine takes.
+    (``cpu_int8_pairs_saturate``) detects this once per process; such layers then run maskaq's own
+    GEMM (``maskaq.ops.int8_gemm``: both operands widened to int16, ``vpmaddwd`` adds each pair of
+    products in int32) followed by maskaq's epilogue op, exact and with the fused MLP epilogue.
+    Where ATen's CPU capability is below AVX2 they run the library on split weights instead,
+    W = 2·W_hi + W_lo (|W_hi| ≤ 64, W_lo ∈ {0, 1}) stacked in one GEMM of twice the width: exact,
+    at twice the GEMM work, without the fused MLP epilogue. Layers whose operands cannot overflow
+    a pair (weights of ≤ 7 bits, activations of ≤ 7 bits) run as on VNNI. ``cpu_integer_path()``
+    says which path this machine takes, ``IntLinear.cpu_gemm`` which one a layer takes.
   - CUDA: cuBLASLt int8 GEMM (``torch._int_mm``) on int8 activations s = q − qmin − 128, then
     maskaq's fused epilogue kernel (``maskaq.ops.int8_linear_epilogue``: dequantize, bias,
     optional GELU and requantization in one pass over the int32 accumulators).

@@ -1,0 +1,256 @@
+// maskaq::int8_gemm_pack / maskaq::int8_gemm: an exact uint8 × int8 GEMM for x86 CPUs without VNNI.
+//
+// Why it exists: without VNNI, oneDNN and fbgemm multiply u8·s8 with vpmaddubsw, which adds each
+// pair of adjacent products in int16 with saturation, so 8-bit weights against full 8-bit
+// activations clip (255·127·2 > 32767). Here both operands are widened to int16 and multiplied
+// with vpmaddwd, which adds each pair of int16 products in int32: every accumulator is exact.
+// vpmaddwd does 16 multiply-adds per instruction, as many as vpmaddubsw's 32 once its int16 sums
+// are widened (vpmaddubsw + vpmaddwd), so exactness costs no multiplier throughput.
+//
+// Layout. The weights W (N, K) are packed once (int8_gemm_pack) into panels of 16 output columns:
+// panel p holds, for every pair of inputs (k, k+1), the 16 columns' (W[n][k], W[n][k+1]) as int16
+// pairs, i.e. (ceil(N/16), ceil(K/2), 32) int16 with zeros past N and K. The activations are
+// packed per task into strips of kRows rows, (ceil(K/2), kRows) int32, each int32 the int16 pair
+// (u[m][k] − z, u[m][k+1] − z). The micro-kernel keeps a kRows × 16 int32 tile in 12 registers;
+// per input pair it loads one panel row (2 vectors), broadcasts kRows activation pairs and issues
+// 2·kRows vpmaddwd + vpaddd. Inputs are blocked by kDepth so a panel block (8 KB) stays in L1
+// while every strip of the task's rows passes over it.
+//
+// Dispatch follows ATen's CPU capability (ATEN_CPU_CAPABILITY=default selects the portable loop),
+// so tests can run both code paths on one machine.
+#include "checks.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MASKAQ_INT8_GEMM_AVX2 1
+#endif
+
+namespace maskaq {
+namespace {
+
+constexpr int64_t kCols = 16;     // output columns per weight panel (two 8-lane int32 vectors)
+constexpr int64_t kRows = 6;      // activation rows per strip: 12 accumulators + 2 panel vectors + 1 broadcast
+constexpr int64_t kDepth = 256;   // inputs per block (128 pairs): a panel block is 8 KB
+constexpr int64_t kBlockRows = 16 * kRows;  // rows per task block
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Problem {
+  const uint8_t* u;  // (M, K) row-major
+  int64_t M, K, N;
+  int32_t zero_point;
+  const int16_t* w;  // packed (panels, pairs, 32)
+  int64_t pairs;     // ceil(K / 2)
+  int32_t* out;      // (M, N) row-major
+};
+
+// Rows [r0, r0 + rows) × inputs [k0, k0 + 2·npairs) of u − z as int16 pairs, strip after strip
+// (kRows rows each; rows past `rows` are zero, as is the odd input past K).
+void pack_strips(const Problem& p, int64_t r0, int64_t rows, int64_t k0, int64_t npairs, int32_t* dst) {
+  const int64_t strips = ceil_div(rows, kRows);
+  for (int64_t s = 0; s < strips; ++s) {
+    int32_t* strip = dst + s * npairs * kRows;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const int64_t r = s * kRows + i;
+      if (r >= rows) {
+        for (int64_t j = 0; j < npairs; ++j) strip[j * kRows + i] = 0;
+        continue;
+      }
+      const uint8_t* row = p.u + (r0 + r) * p.K;
+      for (int64_t j = 0; j < npairs; ++j) {
+        const int64_t k = k0 + 2 * j;
+        const int32_t lo = static_cast<int32_t>(row[k]) - p.zero_point;
+        const int32_t hi = k + 1 < p.K ? static_cast<int32_t>(row[k + 1]) - p.zero_point : 0;
+        strip[j * kRows + i] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(lo)) |
+                                                    (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
+      }
+    }
+  }
+}
+
+// A tile of the output: rows × cols valid entries at `c` (row stride ldc), `tile` the kRows × kCols
+// accumulators. The first input block stores, later blocks add.
+void store_tile(const int32_t* tile, int32_t* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + tile[i * kCols + j];
+}
+
+void tile_portable(const int32_t* a, const int16_t* b, int64_t npairs, int32_t* tile) {
+  std::memset(tile, 0, sizeof(int32_t) * kRows * kCols);
+  for (int64_t j = 0; j < npairs; ++j) {
+    for (int64_t i = 0; i < kRows; ++i) {
+      const int32_t pair = a[j * kRows + i];
+      const int32_t lo = static_cast<int16_t>(pair & 0xffff), hi = static_cast<int16_t>(pair >> 16);
+      for (int64_t n = 0; n < kCols; ++n)
+        tile[i * kCols + n] += lo * b[j * 2 * kCols + 2 * n] + hi * b[j * 2 * kCols + 2 * n + 1];
+    }
+  }
+}
+
+#if defined(MASKAQ_INT8_GEMM_AVX2)
+// The accumulators are named, not an array: GCC kept an array of __m256i partly on the stack.
+#define MASKAQ_ROW(i)                                                  \
+  {                                                                    \
+    const __m256i ai = _mm256_set1_epi32(a[j * kRows + i]);           \
+    c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(ai, b0));    \
+    c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(ai, b1));    \
+  }
+
+__attribute__((target("avx2"))) void tile_avx2(const int32_t* a, const int16_t* b, int64_t npairs, int32_t* c,
+                                               int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+  static_assert(kRows == 6, "tile_avx2 is written out for 6 rows");
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t j = 0; j < npairs; ++j) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * 2 * kCols));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * 2 * kCols + kCols));
+    MASKAQ_ROW(0) MASKAQ_ROW(1) MASKAQ_ROW(2) MASKAQ_ROW(3) MASKAQ_ROW(4) MASKAQ_ROW(5)
+  }
+  alignas(32) int32_t tile[kRows * kCols];
+  const __m256i acc[kRows * 2] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  if (rows == kRows && cols == kCols) {
+    for (int i = 0; i < kRows; ++i) {
+      __m256i* dst = reinterpret_cast<__m256i*>(c + i * ldc);
+      __m256i lo = acc[2 * i], hi = acc[2 * i + 1];
+      if (accumulate) {
+        lo = _mm256_add_epi32(lo, _mm256_loadu_si256(dst));
+        hi = _mm256_add_epi32(hi, _mm256_loadu_si256(dst + 1));
+      }
+      _mm256_storeu_si256(dst, lo);
+      _mm256_storeu_si256(dst + 1, hi);
+    }
+    return;
+  }
+  for (int i = 0; i < 2 * kRows; ++i) _mm256_store_si256(reinterpret_cast<__m256i*>(tile + 8 * i), acc[i]);
+  store_tile(tile, c, ldc, rows, cols, accumulate);
+}
+#undef MASKAQ_ROW
+#endif
+
+// ATen's capability ("DEFAULT", "AVX2", "AVX512", ...), read once: it already checks the CPU and
+// honours ATEN_CPU_CAPABILITY.
+bool use_avx2() {
+#if defined(MASKAQ_INT8_GEMM_AVX2)
+  static const bool avx2 = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+// One task: output rows [r0, r0 + rows) × panels [p0, p1).
+void run_block(const Problem& p, int64_t r0, int64_t rows, int64_t p0, int64_t p1, bool avx2,
+               std::vector<int32_t>& strips) {
+  const int64_t nstrips = ceil_div(rows, kRows);
+  for (int64_t j0 = 0; j0 < p.pairs; j0 += kDepth / 2) {
+    const int64_t npairs = std::min(kDepth / 2, p.pairs - j0);
+    strips.resize(static_cast<size_t>(nstrips * npairs * kRows));
+    pack_strips(p, r0, rows, 2 * j0, npairs, strips.data());
+    const bool accumulate = j0 > 0;
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int16_t* b = p.w + (panel * p.pairs + j0) * 2 * kCols;
+      const int64_t n0 = panel * kCols, cols = std::min(kCols, p.N - n0);
+      for (int64_t s = 0; s < nstrips; ++s) {
+        const int32_t* a = strips.data() + s * npairs * kRows;
+        const int64_t m0 = r0 + s * kRows, srows = std::min(kRows, r0 + rows - m0);
+        int32_t* c = p.out + m0 * p.N + n0;
+#if defined(MASKAQ_INT8_GEMM_AVX2)
+        if (avx2) {
+          tile_avx2(a, b, npairs, c, p.N, srows, cols, accumulate);
+          continue;
+        }
+#endif
+        int32_t tile[kRows * kCols];
+        tile_portable(a, b, npairs, tile);
+        store_tile(tile, c, p.N, srows, cols, accumulate);
+      }
+    }
+  }
+}
+
+at::Tensor int8_gemm_pack_cpu(const at::Tensor& weight) {
+  checks::check_defined(weight, "weight");
+  checks::check_dtype(weight, "weight", at::kChar);
+  checks::check_dim(weight, "weight", 2, "(out_features, in_features)");
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), "int8_gemm_pack: weight must be a CPU tensor, got ", weight.device());
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), panels = ceil_div(N, kCols), pairs = ceil_div(K, 2);
+  at::Tensor packed = at::zeros({panels, pairs, 2 * kCols}, w.options().dtype(at::kShort));
+  const int8_t* src = w.data_ptr<int8_t>();
+  int16_t* dst = packed.data_ptr<int16_t>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel)
+      for (int64_t c = 0; c < kCols && panel * kCols + c < N; ++c) {
+        const int8_t* row = src + (panel * kCols + c) * K;
+        for (int64_t k = 0; k < K; ++k) dst[(panel * pairs + k / 2) * 2 * kCols + 2 * c + k % 2] = row[k];
+      }
+  });
+  return packed;
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& input, int64_t input_zero_point, const at::Tensor& packed_weight,
+                         int64_t out_features) {
+  checks::check_defined(input, "input");
+  checks::check_defined(packed_weight, "packed_weight");
+  checks::check_dtype(input, "input", at::kByte);
+  checks::check_dtype(packed_weight, "packed_weight", at::kShort);
+  checks::check_dim(input, "input", 2, "(M, in_features)");
+  checks::check_dim(packed_weight, "packed_weight", 3, "(ceil(out_features/16), ceil(in_features/2), 32), from int8_gemm_pack");
+  TORCH_CHECK_VALUE(input.device().is_cpu() && packed_weight.device().is_cpu(),
+                    "int8_gemm runs on CPU tensors, got input on ", input.device(), " and packed_weight on ",
+                    packed_weight.device());
+  checks::check_contiguous(packed_weight, "packed_weight");
+  const int64_t M = input.size(0), K = input.size(1), N = out_features;
+  TORCH_CHECK_VALUE(N >= 0 && packed_weight.size(0) == ceil_div(N, kCols) && packed_weight.size(2) == 2 * kCols,
+                    "packed_weight of shape ", packed_weight.sizes(), " does not hold ", N, " output features");
+  TORCH_CHECK_VALUE(packed_weight.size(1) == ceil_div(K, 2), "packed_weight was packed for ",
+                    2 * packed_weight.size(1) - 1, " or ", 2 * packed_weight.size(1), " input features, input has ", K);
+  // u − z must be an int16, and every accumulator an int32: |acc| <= K·max|u − z|·128.
+  const int64_t widest = std::max<int64_t>(std::abs(input_zero_point), std::abs(255 - input_zero_point));
+  TORCH_CHECK_VALUE(widest <= 32767 && K * widest * 128 < (int64_t(1) << 31), "int8_gemm: input_zero_point ",
+                    input_zero_point, " with ", K, " input features can overflow the int32 accumulators");
+  at::Tensor out = at::empty({M, N}, input.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const at::Tensor u = input.contiguous();
+  const Problem p{u.data_ptr<uint8_t>(), M, K, N, static_cast<int32_t>(input_zero_point),
+                  packed_weight.data_ptr<int16_t>(), ceil_div(K, 2), out.data_ptr<int32_t>()};
+  const bool avx2 = use_avx2();
+  // Tasks are (row block, panel range) pairs: enough of them to keep every thread busy at batch 1,
+  // each wide enough (>= 4 panels) that packing its rows stays a small part of its work.
+  const int64_t row_blocks = ceil_div(M, kBlockRows), panels = ceil_div(N, kCols);
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t panel_groups = std::clamp<int64_t>(ceil_div(want, row_blocks), 1, std::max<int64_t>(1, panels / 4));
+  const int64_t group = ceil_div(panels, panel_groups);
+  at::parallel_for(0, row_blocks * panel_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> strips;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t rb = t / panel_groups, pg = t % panel_groups;
+      const int64_t r0 = rb * kBlockRows, p0 = pg * group, p1 = std::min(panels, p0 + group);
+      if (p0 < p1) run_block(p, r0, std::min(kBlockRows, M - r0), p0, p1, avx2, strips);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskaq, CPU, m) {
+  m.impl("int8_gemm_pack", &int8_gemm_pack_cpu);
+  m.impl("int8_gemm", &int8_gemm_cpu);
+}
+
+}  // namespace maskaq
