@@ -56,6 +56,14 @@ MASKAQ_VINLINE vf8 vmin_keep(vf8 t, vf8 hi) { return vselect(hi < t, hi, t); }
 // Round half to even for |x| <= 2^22 (float_math.h's, lane by lane).
 MASKAQ_VINLINE vf8 vround_small(vf8 x) { return fmath::round_small(x); }
 
+// The low byte of each int32 lane (lanes known to fit a byte): 8 bytes. A byte shuffle, where
+// __builtin_convertvector to an 8-byte vector was scalarized by GCC 12 (lane extracts and shifts).
+typedef uint8_t vb32 __attribute__((vector_size(32)));
+MASKAQ_VINLINE vu8 vlow_bytes(vi8 v) {
+  const vb32 b = (vb32)v;
+  return __builtin_shufflevector(b, b, 0, 4, 8, 12, 16, 20, 24, 28);
+}
+
 MASKAQ_VINLINE float hsum(vf8 v) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
