@@ -176,11 +176,10 @@ class IntLinear(nn.Module):
 
     def fuses_epilogue(self, act: Optional[str]) -> bool:
         """Whether ``run_uint8`` can apply ``act`` (None, "gelu" or "gelu_tanh") and requantize in the
-        GEMM's epilogue on this CPU."""
-        kind = self._cpu_packed()[0]
-        if kind == "onednn":
-            return not self._split
-        return kind == "int16" and act in (None, "gelu")  # maskaq's epilogue has erf GELU only
+        GEMM's epilogue on this CPU: oneDNN's unsplit GEMM can. maskaq's int16 GEMM runs maskaq's
+        epilogue op, whose erf GELU is slower on the CPU than torch's GELU and a separate quantize
+        pass together, so it takes no fused epilogue."""
+        return self._cpu_packed()[0] == "onednn" and not self._split
 
     def _join_halves(self, y: torch.Tensor) -> torch.Tensor:
         return y[:, :self.out_features] + y[:, self.out_features:] if self._split else y
@@ -214,7 +213,7 @@ class IntLinear(nn.Module):
             raise RuntimeError(f"a layer on {self.cpu_gemm} cannot fuse the epilogue act={act!r}"
                                + (" with requantization" if out is not None else ""))
         if packed[0] == "int16":
-            return self._run_int16(u, act, out)
+            return self._run_int16(u)
         _, weight, w_scales, w_zeros, bias = packed
         post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
         if out is None:
@@ -225,13 +224,11 @@ class IntLinear(nn.Module):
                                                w_zeros, bias, out_scale, out_zp, dtype, post, [], algorithm)
         return self._join_halves(y)
 
-    def _run_int16(self, u: torch.Tensor, act: Optional[str], out: Optional["IntLinear"]) -> torch.Tensor:
-        """maskaq's exact GEMM (int32 accumulators of (u − z)·W) and maskaq's epilogue op."""
+    def _run_int16(self, u: torch.Tensor) -> torch.Tensor:
+        """maskaq's exact GEMM (int32 accumulators of (u − z)·W), then y = acc·scale + bias (float32)."""
         _, packed, scales, bias = self._packed
         acc = ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features)
-        requant = (0.0, 0, 0, 255) if out is None else (out.kernel_step(), out.kernel_zero_point(), 0,
-                                                        out.grid.qmax - out.grid.qmin)
-        return ops.int8_linear_epilogue(acc, scales, bias, act or "none", *requant)
+        return ops.int8_linear_epilogue(acc, scales, bias)
 
     def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = self._cpu_packed()

@@ -13,9 +13,9 @@ __all__ = ["IntMlp"]
 class IntMlp(nn.Module):
     """timm Mlp (fc1 → GELU → fc2) with fc1's GELU and the requantization to fc2's input grid
     fused in fc1's epilogue: fc1 emits uint8 on fc2's grid, so the 4·D-wide hidden activation is
-    written once, as bytes, and never re-read as float (CPU: oneDNN's epilogue, or maskaq's after
-    its int16 GEMM, with an 8-bit fc2 grid; CUDA: maskaq's). Otherwise it runs fc1, the activation
-    module and fc2 one after the other."""
+    written once, as bytes, and never re-read as float (CPU: oneDNN's epilogue, 8-bit fc2 grid;
+    CUDA: maskaq's). Otherwise (e.g. layers on maskaq's int16 GEMM, see ``IntLinear.cpu_gemm``) it
+    runs fc1, the activation module and fc2 one after the other."""
 
     def __init__(self, fc1: IntLinear, fc2: IntLinear, act: nn.Module):
         super().__init__()
