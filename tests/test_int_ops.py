@@ -637,3 +637,30 @@ def test_cuda_int_modules_match_cpu(abits):
         close = torch.isclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         assert close.float().mean() > 0.98, (cls.__name__, close.float().mean())
         assert (got - want).abs().mean() < 0.02 * want.abs().mean(), cls.__name__
+
+
+@needs_ext
+def test_bench_int8_gemm_checks_every_impl_and_writes_json(tmp_path, capsys):
+    """benchmarks/bench_int8_gemm.py (timing not asserted): every implementation's accumulators are
+    compared with the exact product; maskaq's int16 GEMM and split weights are exact on any CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_int8_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_int8_gemm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gemm.json"
+    assert bench.main(["--layers", "40x24", "--tokens", "7", "--batches", "1", "2", "--rounds", "1", "--calls", "1",
+                       "--threads", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["m"], r["impl"]) for r in records] == [(m, i) for m in (7, 14) for i in bench.IMPLS]
+    for r in records:
+        assert (r["k"], r["n"]) == (40, 24) and r["ms"] > 0 and r["vs_fp32"] > 0
+        assert (r["exact"] is None) == (r["impl"] == "fp32")
+        if r["impl"] in ("maskaq_int16", "onednn_split"):
+            assert r["exact"] is True
+    assert "maskaq_int16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--layers", "40by24"])
