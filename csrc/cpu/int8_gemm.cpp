@@ -41,7 +41,7 @@ namespace {
 constexpr int64_t kCols = 16;     // output columns per weight panel (two 8-lane int32 vectors)
 constexpr int64_t kRows = 6;      // activation rows per strip: 12 accumulators + 2 panel vectors + 1 broadcast
 constexpr int64_t kDepth = 256;   // inputs per block (128 pairs): a panel block is 8 KB
-constexpr int64_t kBlockRows = 16 * kRows;  // rows per task block
+constexpr int64_t kBlockRows = 16 * kRows;  // the most rows a row block has
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -229,18 +229,19 @@ at::Tensor int8_gemm_cpu(const at::Tensor& input, int64_t input_zero_point, cons
   const Problem p{u.data_ptr<uint8_t>(), M, K, N, static_cast<int32_t>(input_zero_point),
                   packed_weight.data_ptr<int16_t>(), ceil_div(K, 2), out.data_ptr<int32_t>()};
   const bool avx2 = use_avx2();
-  // Tasks are (row block, panel range) pairs: enough of them to keep every thread busy at batch 1,
-  // each wide enough (>= 4 panels) that packing its rows stays a small part of its work.
+  // The work is a grid of (row block, panel) units of equal size: row blocks of equal height (a
+  // whole number of strips, at most kBlockRows), 16-column panels. Each thread takes an equal
+  // contiguous range of units in row-block order, so it widens each of its row blocks once and the
+  // threads stay balanced at batch 1 (197 rows: 3 blocks of 66) as at batch 8.
   const int64_t row_blocks = ceil_div(M, kBlockRows), panels = ceil_div(N, kCols);
-  const int64_t want = 4 * at::get_num_threads();
-  const int64_t panel_groups = std::clamp<int64_t>(ceil_div(want, row_blocks), 1, std::max<int64_t>(1, panels / 4));
-  const int64_t group = ceil_div(panels, panel_groups);
-  at::parallel_for(0, row_blocks * panel_groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block_rows = ceil_div(ceil_div(M, row_blocks), kRows) * kRows;
+  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> strips;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t rb = t / panel_groups, pg = t % panel_groups;
-      const int64_t r0 = rb * kBlockRows, p0 = pg * group, p1 = std::min(panels, p0 + group);
-      if (p0 < p1) run_block(p, r0, std::min(kBlockRows, M - r0), p0, p1, avx2, strips);
+    for (int64_t unit = begin; unit < end;) {
+      const int64_t rb = unit / panels, p0 = unit % panels, p1 = std::min(panels, p0 + (end - unit));
+      const int64_t r0 = rb * block_rows;
+      if (r0 < M) run_block(p, r0, std::min(block_rows, M - r0), p0, p1, avx2, strips);
+      unit += p1 - p0;
     }
   });
   return out;
