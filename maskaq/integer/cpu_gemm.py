@@ -83,7 +83,8 @@ def int16_gemm_available() -> bool:
     (it honours ``ATEN_CPU_CAPABILITY``, as the kernel's dispatch does)."""
     from maskaq import _extension
 
-    return _extension.loaded() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    # ATen's levels are DEFAULT, AVX2, AVX512 (and non-x86 ones): none is below AVX2 and named AVX
+    return _extension.loaded() and torch.backends.cpu.get_cpu_capability().startswith("AVX")
 
 
 # What IntLinear does with 8-bit weights against 8-bit activations, per kernel (cpu_integer_path).
