@@ -511,6 +511,27 @@ def test_int_attention_kernel_path_on_cpu(monkeypatch, fold, abits):
     assert torch.equal(kernel, loop)
 
 
+@needs_ext
+def test_int_attention_cpu_path_follows_thread_count_and_gives_the_same_integers():
+    """On the CPU IntAttention takes the int8_attention op with several threads and its per-sample
+    loop with one (measured faster each way); the two give the same output."""
+    from maskaq.integer import IntAttention
+
+    integer = IntAttention.from_quant(_student(8, 8, seed=4).blocks[0].attn, fold=True)
+    x = torch.randn(2, 50, 48, generator=gen(6))
+    threads = torch.get_num_threads()
+    outputs = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert IntAttention._uses_int8_kernel(x) == (n > 1)
+            with torch.no_grad():
+                outputs[n] = integer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[1], outputs[2])
+
+
 def test_missing_cuda_kernels_warn_once(monkeypatch):
     from maskaq.integer import device
 
