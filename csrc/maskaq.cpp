@@ -37,8 +37,9 @@
 // int8_gemm_pack — weight (N, K) int8 -> the packed int16 panels int8_gemm reads (CPU only).
 // int8_gemm — input (M, K) uint8, packed_weight from int8_gemm_pack: returns the exact int32
 // accumulators Σ_k (input[m, k] − input_zero_point)·weight[n, k], (M, out_features), with no int16
-// saturation on any x86 CPU (AVX2 or portable code; csrc/cpu/int8_gemm.cpp). CPU only: on CUDA,
-// IntLinear runs cuBLASLt's int8 GEMM.
+// saturation on any x86 CPU (AVX2 or portable code; csrc/cpu/int8_gemm.cpp). With scale (and bias),
+// (N,) float32, returns float32 acc·scale + bias instead (int8_linear_epilogue's arithmetic, applied
+// to each finished tile). CPU only: on CUDA, IntLinear runs cuBLASLt's int8 GEMM.
 TORCH_LIBRARY(maskaq, m) {
   m.def("fq_attention(Tensor q, Tensor k, Tensor v, Tensor? step, Tensor? zero_point, "
         "int[] qmin, int[] qmax, float scale, bool return_logits) -> (Tensor, Tensor)");
@@ -56,7 +57,8 @@ TORCH_LIBRARY(maskaq, m) {
   m.def("int8_attention(Tensor q, Tensor k, Tensor v, float scale_qk, float p_step, int p_zero_point, "
         "int p_qmin, int p_qmax, int q_zero_point=0, int k_zero_point=0, int v_zero_point=0) -> Tensor");
   m.def("int8_gemm_pack(Tensor weight) -> Tensor");
-  m.def("int8_gemm(Tensor input, int input_zero_point, Tensor packed_weight, int out_features) -> Tensor");
+  m.def("int8_gemm(Tensor input, int input_zero_point, Tensor packed_weight, int out_features, "
+        "Tensor? scale=None, Tensor? bias=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -215,7 +215,7 @@ def int8_gemm_pack(weight):
     return torch.ops.maskaq.int8_gemm_pack(weight)
 
 
-def int8_gemm(input, input_zero_point, packed_weight, out_features):
+def int8_gemm(input, input_zero_point, packed_weight, out_features, scale=None, bias=None):
     """Exact uint8 × int8 GEMM on the CPU, for x86 CPUs whose int8 libraries saturate (no VNNI).
 
     Args:
@@ -223,14 +223,18 @@ def int8_gemm(input, input_zero_point, packed_weight, out_features):
         input_zero_point: int z; the GEMM multiplies u − z (an int16: |u − z| <= 32767).
         packed_weight: :func:`int8_gemm_pack` of the int8 weights W (out_features, in_features).
         out_features: N, the rows of W.
+        scale, bias: optional (N,) float32. With ``scale`` the GEMM returns float32
+            acc·scale + bias (bias optional), as :func:`int8_linear_epilogue` would from the
+            accumulators, computed on each finished tile instead of in a second pass.
 
     Returns:
-        (M, N) int32: Σ_k (u[m, k] − z)·W[n, k], exact (the operands are multiplied as int16 with
-        int32 pair sums, AVX2's ``vpmaddwd``; a portable loop where ATen's CPU capability is
-        below AVX2). Raises ValueError where the accumulators could overflow int32.
+        (M, N) int32 accumulators acc = Σ_k (u[m, k] − z)·W[n, k], exact (the operands are multiplied
+        as int16 with int32 pair sums, AVX2's ``vpmaddwd``; a portable loop where ATen's CPU
+        capability is below AVX2), or float32 with ``scale``. Raises ValueError where the
+        accumulators could overflow int32.
     """
     _require_extension("int8_gemm")
-    return torch.ops.maskaq.int8_gemm(input, int(input_zero_point), packed_weight, int(out_features))
+    return torch.ops.maskaq.int8_gemm(input, int(input_zero_point), packed_weight, int(out_features), scale, bias)
 
 
 def _require_extension(name):
@@ -284,8 +288,8 @@ def _int8_gemm_pack_fake(weight):
     return weight.new_empty((-(-weight.shape[0] // 16), -(-weight.shape[1] // 2), 32), dtype=torch.int16)
 
 
-def _int8_gemm_fake(input, input_zero_point, packed_weight, out_features):
-    return input.new_empty((input.shape[0], out_features), dtype=torch.int32)
+def _int8_gemm_fake(input, input_zero_point, packed_weight, out_features, scale=None, bias=None):
+    return input.new_empty((input.shape[0], out_features), dtype=torch.int32 if scale is None else torch.float32)
 
 
 def _fq_attention_setup(ctx, inputs, output):

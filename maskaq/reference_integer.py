@@ -110,10 +110,14 @@ def int8_linear_epilogue(acc, scale, bias, activation="none", out_step=0.0, out_
     return _requantize(y, out_step, zp, qmin, qmax).to(dtype)
 
 
-def int8_gemm(input, input_zero_point, weight):
-    """The exact accumulators of :func:`maskaq.ops.int8_gemm` on unpacked int8 ``weight`` (N, K):
-    Σ_k (input[m, k] − input_zero_point)·weight[n, k] as int32 (computed in int64)."""
-    return ((input.long() - int(input_zero_point)) @ weight.long().T).to(torch.int32)
+def int8_gemm(input, input_zero_point, weight, scale=None, bias=None):
+    """:func:`maskaq.ops.int8_gemm` on unpacked int8 ``weight`` (N, K): the exact accumulators
+    Σ_k (input[m, k] − input_zero_point)·weight[n, k] as int32 (computed in int64), or with
+    ``scale`` their :func:`int8_linear_epilogue` (bias zero when None)."""
+    acc = ((input.long() - int(input_zero_point)) @ weight.long().T).to(torch.int32)
+    if scale is None:
+        return acc
+    return int8_linear_epilogue(acc, scale, torch.zeros_like(scale) if bias is None else bias)
 
 
 def _int8_magnitude(zero_point: int) -> int:

@@ -310,6 +310,23 @@ def test_int8_gemm_matches_reference_exactly(shape, zero_point):
 
 
 @needs_ext
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_gemm_dequantized_equals_the_epilogue_bit_for_bit(shape, with_bias):
+    """With scale (and bias) the GEMM returns int8_linear_epilogue's float32 of its accumulators,
+    computed on each tile (partial tiles too: N, M not multiples of 16 and 6)."""
+    u, w = gemm_inputs(*shape, seed=sum(shape) + 1)
+    g = gen(shape[2])
+    scale = torch.rand(shape[2], generator=g) * 1e-3 + 1e-5
+    bias = torch.randn(shape[2], generator=g) if with_bias else None
+    got = ops.int8_gemm(u, 131, ops.int8_gemm_pack(w), shape[2], scale, bias)
+    acc = ref.int8_gemm(u, 131, w)
+    expected = ops.int8_linear_epilogue(acc, scale, bias if with_bias else torch.zeros_like(scale))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(got, ref.int8_gemm(u, 131, w, scale, bias))
+
+
+@needs_ext
 def test_int8_gemm_extreme_operands_do_not_saturate():
     """255·(-128) and 255·127 in every pair: far outside int16, exact in the int32 pair sums."""
     u = torch.full((7, 40), 255, dtype=torch.uint8)
@@ -344,7 +361,9 @@ def test_int8_gemm_portable_path_matches_reference():
             "for m, k, n in [(13, 385, 17), (100, 600, 33)]:\n"
             "    u = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)\n"
             "    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)\n"
-            "    assert torch.equal(ops.int8_gemm(u, 129, ops.int8_gemm_pack(w), n), ref.int8_gemm(u, 129, w))\n")
+            "    assert torch.equal(ops.int8_gemm(u, 129, ops.int8_gemm_pack(w), n), ref.int8_gemm(u, 129, w))\n"
+            "    s, b = torch.rand(n, generator=g) * 1e-3, torch.randn(n, generator=g)\n"
+            "    assert torch.equal(ops.int8_gemm(u, 129, ops.int8_gemm_pack(w), n, s, b), ref.int8_gemm(u, 129, w, s, b))\n")
     import os
 
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
@@ -365,6 +384,10 @@ def _gemm_bad_calls():
                                                                             packed(), 7)),
         (TypeError, "packed_weight must have dtype", lambda: ops.int8_gemm(u, 0, packed().int(), 7)),
         (ValueError, "overflow", lambda: ops.int8_gemm(u, 40000, packed(), 7)),
+        (ValueError, "scale must be", lambda: ops.int8_gemm(u, 0, packed(), 7, torch.ones(6))),
+        (TypeError, "bias must have dtype", lambda: ops.int8_gemm(u, 0, packed(), 7, torch.ones(7),
+                                                                  torch.ones(7, dtype=torch.float64))),
+        (ValueError, "bias needs a scale", lambda: ops.int8_gemm(u, 0, packed(), 7, None, torch.ones(7))),
     ]
 
 
@@ -383,6 +406,9 @@ def test_int8_gemm_empty_inputs():
     assert ops.int8_gemm(torch.zeros(0, 10, dtype=torch.uint8), 0, packed, 7).shape == (0, 7)
     empty_k = ops.int8_gemm(torch.zeros(3, 0, dtype=torch.uint8), 0, ops.int8_gemm_pack(w[:, :0]), 7)
     assert torch.equal(empty_k, torch.zeros(3, 7, dtype=torch.int32))
+    bias = torch.randn(7, generator=gen(1))
+    empty_k = ops.int8_gemm(torch.zeros(3, 0, dtype=torch.uint8), 0, ops.int8_gemm_pack(w[:, :0]), 7, torch.ones(7), bias)
+    assert torch.equal(empty_k, bias.expand(3, 7))
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +430,8 @@ def test_opcheck_int_ops():
     u, w = gemm_inputs(9, 21, 18, seed=8)
     torch.library.opcheck(torch.ops.maskaq.int8_gemm_pack.default, (w,), test_utils=utils)
     torch.library.opcheck(torch.ops.maskaq.int8_gemm.default, (u, 100, ops.int8_gemm_pack(w), 18), test_utils=utils)
+    torch.library.opcheck(torch.ops.maskaq.int8_gemm.default,
+                          (u, 100, ops.int8_gemm_pack(w), 18, torch.rand(18), torch.randn(18)), test_utils=utils)
 
 
 # --------------------------------------------------------------------------------------------

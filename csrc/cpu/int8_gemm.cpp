@@ -53,7 +53,9 @@ struct Problem {
   int32_t zero_point;
   const int16_t* w;  // packed (panels, pairs, 32)
   int64_t pairs;     // ceil(K / 2)
-  int32_t* out;      // (M, N) row-major
+  int32_t* out;      // (M, N) row-major: the accumulators, or the float32 results in their place
+  const float* scale;  // (N,), or null: return the accumulators
+  const float* bias;   // (N,), or null (with scale: no bias)
 };
 
 // Rows [r0, r0 + rows) × inputs [k0, k0 + 2·npairs) of u − z as int16 pairs, strip after strip
@@ -85,6 +87,18 @@ void pack_strips(const Problem& p, int64_t r0, int64_t rows, int64_t k0, int64_t
 void store_tile(const int32_t* tile, int32_t* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + tile[i * kCols + j];
+}
+
+// y = float(acc)·scale + bias over a finished tile, written over its accumulators: the arithmetic of
+// int8_linear_epilogue (two roundings; nothing in this file is built with FMA, so nothing contracts).
+void dequantize_tile_portable(int32_t* c, int64_t ldc, int64_t rows, int64_t cols, const float* scale,
+                              const float* bias) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      float y = static_cast<float>(c[i * ldc + j]) * scale[j];
+      y = y + (bias ? bias[j] : 0.0f);
+      std::memcpy(c + i * ldc + j, &y, sizeof(y));
+    }
 }
 
 void tile_portable(const int32_t* a, const int16_t* b, int64_t npairs, int32_t* tile) {
@@ -137,6 +151,21 @@ __attribute__((target("avx2"))) void tile_avx2(const int32_t* a, const int16_t* 
   store_tile(tile, c, ldc, rows, cols, accumulate);
 }
 #undef MASKAQ_ROW
+
+__attribute__((target("avx2"))) void dequantize_tile_avx2(int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                                                          const float* scale, const float* bias) {
+  if (cols != kCols) return dequantize_tile_portable(c, ldc, rows, cols, scale, bias);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    int32_t* row = c + i * ldc;
+    const __m256 y0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<__m256i*>(row))), s0), b0);
+    const __m256 y1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<__m256i*>(row + 8))), s1), b1);
+    _mm256_storeu_ps(reinterpret_cast<float*>(row), y0);
+    _mm256_storeu_ps(reinterpret_cast<float*>(row + 8), y1);
+  }
+}
 #endif
 
 // ATen's capability ("DEFAULT", "AVX2", "AVX512", ...), read once: it already checks the CPU and
@@ -161,7 +190,7 @@ void run_block(const Problem& p, int64_t r0, int64_t rows, int64_t p0, int64_t p
     const int64_t npairs = std::min(kDepth / 2, p.pairs - j0);
     strips.resize(static_cast<size_t>(nstrips * npairs * kRows));
     pack_strips(p, r0, rows, 2 * j0, npairs, strips.data());
-    const bool accumulate = j0 > 0;
+    const bool accumulate = j0 > 0, finish = p.scale && j0 + kDepth / 2 >= p.pairs;
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int16_t* b = p.w + (panel * p.pairs + j0) * 2 * kCols;
       const int64_t n0 = panel * kCols, cols = std::min(kCols, p.N - n0);
@@ -169,15 +198,18 @@ void run_block(const Problem& p, int64_t r0, int64_t rows, int64_t p0, int64_t p
         const int32_t* a = strips.data() + s * npairs * kRows;
         const int64_t m0 = r0 + s * kRows, srows = std::min(kRows, r0 + rows - m0);
         int32_t* c = p.out + m0 * p.N + n0;
+        const float* bias = p.bias ? p.bias + n0 : nullptr;
 #if defined(MASKAQ_INT8_GEMM_AVX2)
         if (avx2) {
           tile_avx2(a, b, npairs, c, p.N, srows, cols, accumulate);
+          if (finish) dequantize_tile_avx2(c, p.N, srows, cols, p.scale + n0, bias);
           continue;
         }
 #endif
         int32_t tile[kRows * kCols];
         tile_portable(a, b, npairs, tile);
         store_tile(tile, c, p.N, srows, cols, accumulate);
+        if (finish) dequantize_tile_portable(c, p.N, srows, cols, p.scale + n0, bias);
       }
     }
   }
@@ -203,8 +235,16 @@ at::Tensor int8_gemm_pack_cpu(const at::Tensor& weight) {
   return packed;
 }
 
+void check_epilogue_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return;
+  checks::check_dtype(*t, name, at::kFloat);
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == n && t->is_contiguous(), name,
+                    " must be a contiguous CPU tensor of shape (", n, "), got ", t->sizes(), " on ", t->device());
+}
+
 at::Tensor int8_gemm_cpu(const at::Tensor& input, int64_t input_zero_point, const at::Tensor& packed_weight,
-                         int64_t out_features) {
+                         int64_t out_features, const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& bias) {
   checks::check_defined(input, "input");
   checks::check_defined(packed_weight, "packed_weight");
   checks::check_dtype(input, "input", at::kByte);
@@ -224,12 +264,24 @@ at::Tensor int8_gemm_cpu(const at::Tensor& input, int64_t input_zero_point, cons
   const int64_t widest = std::max<int64_t>(std::abs(input_zero_point), std::abs(255 - input_zero_point));
   TORCH_CHECK_VALUE(widest <= 32767 && K * widest * 128 < (int64_t(1) << 31), "int8_gemm: input_zero_point ",
                     input_zero_point, " with ", K, " input features can overflow the int32 accumulators");
-  at::Tensor out = at::empty({M, N}, input.options().dtype(at::kInt));
+  TORCH_CHECK_VALUE(scale.has_value() || !bias.has_value(), "int8_gemm: bias needs a scale");
+  check_epilogue_vector(scale, "scale", N);
+  check_epilogue_vector(bias, "bias", N);
+  const bool dequantize = scale.has_value();
+  at::Tensor out = at::empty({M, N}, input.options().dtype(dequantize ? at::kFloat : at::kInt));
   if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (K == 0) {  // no products: the accumulators are 0, y = 0·scale + bias
+    out.zero_();
+    if (dequantize) out.mul_(*scale);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
   const at::Tensor u = input.contiguous();
   const Problem p{u.data_ptr<uint8_t>(), M, K, N, static_cast<int32_t>(input_zero_point),
-                  packed_weight.data_ptr<int16_t>(), ceil_div(K, 2), out.data_ptr<int32_t>()};
+                  packed_weight.data_ptr<int16_t>(), ceil_div(K, 2),
+                  static_cast<int32_t*>(out.data_ptr()),  // float32 results overwrite their accumulators
+                  dequantize ? scale->data_ptr<float>() : nullptr,
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr};
   const bool avx2 = use_avx2();
   // The work is a grid of (row block, panel) units of equal size: row blocks of equal height (a
   // whole number of strips, at most kBlockRows), 16-column panels. Each thread takes an equal

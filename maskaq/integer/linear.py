@@ -225,10 +225,10 @@ class IntLinear(nn.Module):
         return self._join_halves(y)
 
     def _run_int16(self, u: torch.Tensor) -> torch.Tensor:
-        """maskaq's exact GEMM (int32 accumulators of (u − z)·W), then y = acc·scale + bias (float32)."""
+        """maskaq's exact GEMM (int32 accumulators of (u − z)·W) with y = acc·scale + bias (float32)
+        applied to each finished tile."""
         _, packed, scales, bias = self._packed
-        acc = ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features)
-        return ops.int8_linear_epilogue(acc, scales, bias)
+        return ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features, scales, bias)
 
     def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = self._cpu_packed()
