@@ -21,7 +21,7 @@ per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero po
     against 8-bit activations (255·127·2 > 32767) would give wrong accumulators. A probe GEMM
     (``cpu_int8_pairs_saturate``) detects this once per process; such layers then run maskaq's own
     GEMM (``maskaq.ops.int8_gemm``: both operands widened to int16, ``vpmaddwd`` adds each pair of
-    products in int32) followed by maskaq's epilogue op: exact; the MLP runs unfused there.
+    products in int32; dequantize and bias on each finished tile): exact; the MLP runs unfused there.
     Where ATen's CPU capability is below AVX2 they run the library on split weights instead,
     W = 2·W_hi + W_lo (|W_hi| ≤ 64, W_lo ∈ {0, 1}) stacked in one GEMM of twice the width: exact,
     at twice the GEMM work, without the fused MLP epilogue. Layers whose operands cannot overflow
