@@ -176,9 +176,9 @@ class IntLinear(nn.Module):
 
     def fuses_epilogue(self, act: Optional[str]) -> bool:
         """Whether ``run_uint8`` can apply ``act`` (None, "gelu" or "gelu_tanh") and requantize in the
-        GEMM's epilogue on this CPU: oneDNN's unsplit GEMM can. maskaq's int16 GEMM runs maskaq's
-        epilogue op, whose erf GELU is slower on the CPU than torch's GELU and a separate quantize
-        pass together, so it takes no fused epilogue."""
+        GEMM's epilogue on this CPU: oneDNN's unsplit GEMM can. maskaq's int16 GEMM dequantizes in
+        its tiles but fuses no GELU or requantization: maskaq's erf GELU epilogue is slower on the
+        CPU than torch's GELU and a separate quantize pass together."""
         return self._cpu_packed()[0] == "onednn" and not self._split
 
     def _join_halves(self, y: torch.Tensor) -> torch.Tensor:
