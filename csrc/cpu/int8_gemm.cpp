@@ -58,6 +58,12 @@ struct Problem {
   const float* bias;   // (N,), or null (with scale: no bias)
 };
 
+// (lo, hi) as the int16 pair of one int32, lo in the low half (the operand layout of vpmaddwd).
+inline int32_t int16_pair(int32_t lo, int32_t hi) {
+  return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
+                              (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
+}
+
 // Rows [r0, r0 + rows) × inputs [k0, k0 + 2·npairs) of u − z as int16 pairs, strip after strip
 // (kRows rows each; rows past `rows` are zero, as is the odd input past K).
 void pack_strips(const Problem& p, int64_t r0, int64_t rows, int64_t k0, int64_t npairs, int32_t* dst) {
@@ -70,14 +76,13 @@ void pack_strips(const Problem& p, int64_t r0, int64_t rows, int64_t k0, int64_t
         for (int64_t j = 0; j < npairs; ++j) strip[j * kRows + i] = 0;
         continue;
       }
-      const uint8_t* row = p.u + (r0 + r) * p.K;
-      for (int64_t j = 0; j < npairs; ++j) {
-        const int64_t k = k0 + 2 * j;
-        const int32_t lo = static_cast<int32_t>(row[k]) - p.zero_point;
-        const int32_t hi = k + 1 < p.K ? static_cast<int32_t>(row[k + 1]) - p.zero_point : 0;
-        strip[j * kRows + i] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(lo)) |
-                                                    (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
-      }
+      const uint8_t* row = p.u + (r0 + r) * p.K + k0;
+      // Every pair but a last one that stops at K has both inputs: no branch in the main loop.
+      const int64_t full = std::min(npairs, (p.K - k0) / 2);
+      for (int64_t j = 0; j < full; ++j)
+        strip[j * kRows + i] = int16_pair(row[2 * j] - p.zero_point, row[2 * j + 1] - p.zero_point);
+      for (int64_t j = full; j < npairs; ++j)
+        strip[j * kRows + i] = int16_pair(k0 + 2 * j < p.K ? row[2 * j] - p.zero_point : 0, 0);
     }
   }
 }
