@@ -16,7 +16,8 @@
 // (u[m][k] − z, u[m][k+1] − z). The micro-kernel keeps a kRows × 16 int32 tile in 12 registers;
 // per input pair it loads one panel row (2 vectors), broadcasts kRows activation pairs and issues
 // 2·kRows vpmaddwd + vpaddd. Inputs are blocked by kDepth so a panel block (8 KB) stays in L1
-// while every strip of the task's rows passes over it.
+// while every strip of the task's rows passes over it. With a scale (and bias), each tile is turned
+// into float32 acc·scale + bias in place once its last input block is in, while it is still in L1.
 //
 // Dispatch follows ATen's CPU capability (ATEN_CPU_CAPABILITY=default selects the portable loop),
 // so tests can run both code paths on one machine.
