@@ -139,18 +139,11 @@ MASKAQ_VINLINE void store_vector(void* out, int64_t j, vf8 y, OutKind kind, cons
 }
 
 // One row of `cols` columns; `gelu` and `kind` are loop-invariant (the branches predict perfectly).
-// Two vectors per step: erf's polynomials are long dependency chains (no FMA contraction here), and
-// two independent ones in flight nearly halve the time of a GELU row.
 MASKAQ_CLONES void epilogue_row(const int32_t* acc, const float* scale, const float* bias, void* out,
                                 int64_t cols, bool gelu, OutKind kind, const checks::Requant& rq) {
-  const int64_t nv2 = cols - cols % (2 * kLanes), nv = cols - cols % kLanes;
-  for (int64_t j = 0; j < nv2; j += 2 * kLanes) {
-    const vf8 y0 = epilogue_vector(acc + j, scale + j, bias + j, gelu);
-    const vf8 y1 = epilogue_vector(acc + j + kLanes, scale + j + kLanes, bias + j + kLanes, gelu);
-    store_vector(out, j, y0, kind, rq);
-    store_vector(out, j + kLanes, y1, kind, rq);
-  }
-  for (int64_t j = nv2; j < nv; j += kLanes) store_vector(out, j, epilogue_vector(acc + j, scale + j, bias + j, gelu), kind, rq);
+  const int64_t nv = cols - cols % kLanes;
+  for (int64_t j = 0; j < nv; j += kLanes)
+    store_vector(out, j, epilogue_vector(acc + j, scale + j, bias + j, gelu), kind, rq);
   for (int64_t j = nv; j < cols; ++j) store_scalar(out, j, epilogue_value(acc[j], scale[j], bias[j], gelu), kind, rq);
 }
 #else
