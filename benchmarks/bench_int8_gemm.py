@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from maskaq import ops  # noqa: E402
+from maskaq.integer.cpu_gemm import onednn_gemm, split_weights  # noqa: E402
 
 # (model, layer) -> (in_features, out_features)
 LAYERS = {
@@ -41,27 +42,17 @@ IMPLS = ("fp32", "maskaq_int16", "onednn", "onednn_split")
 TOKENS = 197  # a 224-pixel ViT/DeiT with patch 16 and a CLS token
 
 
-def _onednn(u, w, zero_point):
-    """A float32-out oneDNN GEMM on uint8 u and int8 weights w (scales 1)."""
-    n = w.shape[0]
-    packed = torch.ops.onednn.qlinear_prepack(w, None)
-    scales, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int32)
-    return lambda: torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, packed, scales, zeros, None, 1.0, 0,
-                                                      torch.float32, "none", [], "")
-
-
 def _calls(u, w, zero_point):
     """impl -> (call, the map of its result to float64 accumulators; None for fp32, which has none)."""
     n = w.shape[0]
     x, wf = u.float(), w.float()
     packed = ops.int8_gemm_pack(w)
-    high = torch.div(w, 2, rounding_mode="floor")
-    split = _onednn(u, torch.cat([high, w - 2 * high]).to(torch.int8), zero_point)
+    direct, split = onednn_gemm(w, zero_point), onednn_gemm(split_weights(w), zero_point)
     return {
         "fp32": (lambda: torch.nn.functional.linear(x, wf), None),
         "maskaq_int16": (lambda: ops.int8_gemm(u, zero_point, packed, n), lambda y: y.double()),
-        "onednn": (_onednn(u, w, zero_point), lambda y: y.double()),
-        "onednn_split": (split, lambda y: 2 * y[:, :n].double() + y[:, n:].double()),
+        "onednn": (lambda: direct(u), lambda y: y.double()),
+        "onednn_split": (lambda: split(u), lambda y: 2 * y[:, :n].double() + y[:, n:].double()),
     }
 
 

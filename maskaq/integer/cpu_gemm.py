@@ -7,7 +7,7 @@ import warnings
 import torch
 
 __all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", "int16_gemm_available",
-           "cpu_integer_path"]
+           "cpu_integer_path", "onednn_gemm", "split_weights"]
 
 # CPU GEMM libraries of IntLinear. "onednn": onednn::qlinear_pointwise on uint8 activations
 # (fused GELU / requantization epilogues; measured faster here); "fbgemm": fbgemm's
@@ -29,11 +29,28 @@ def _saturation_probe(gemm) -> bool:
         return not torch.equal(gemm(u, w).double(), exact.expand(m, n))
 
 
-def _onednn_gemm(u, w):
+def onednn_gemm(w: torch.Tensor, zero_point: int = 0):
+    """oneDNN's int8 GEMM on the int8 weights ``w`` (N, K), packed once: returns the call that maps
+    uint8 activations u (M, K) to float32 Σ_k (u − zero_point)·w (scales 1, no bias)."""
     n = w.shape[0]
     packed = torch.ops.onednn.qlinear_prepack(w, None)
-    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int32),
-                                              None, 1.0, 0, torch.float32, "none", [], "")
+    scales, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int32)
+    return lambda u: torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, packed, scales, zeros, None, 1.0, 0,
+                                                        torch.float32, "none", [], "")
+
+
+def _onednn_gemm(u, w):
+    return onednn_gemm(w)(u)
+
+
+def split_weights(w: torch.Tensor) -> torch.Tensor:
+    """W (N, K) int8 as the stacked halves [W_hi; W_lo] (2N, K) int8 with W = 2·W_hi + W_lo,
+    W_hi = floor(W/2) ∈ [-64, 63] and W_lo ∈ {0, 1}: both halves keep every pair sum u1·w1 + u2·w2
+    of uint8 activations within int16 (2·255·64 < 2^15), so a GEMM that saturates pair sums is
+    exact on them, and the two halves of its output add up (2·y_hi + y_lo) to the product with W."""
+    w16 = w.to(torch.int16)
+    high = torch.div(w16, 2, rounding_mode="floor")
+    return torch.cat([high, w16 - 2 * high]).to(torch.int8)
 
 
 def fbgemm_prepack(weights: torch.Tensor, scales: torch.Tensor, bias=None):

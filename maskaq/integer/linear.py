@@ -11,7 +11,7 @@ from torch import nn
 
 from maskaq import ops
 from maskaq.integer.cpu_gemm import (DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack,
-                                     int16_gemm_available)
+                                     int16_gemm_available, split_weights)
 from maskaq.integer.device import _cuda_kernels
 from maskaq.integer.grid import ActGrid, _grid_buffer
 
@@ -125,17 +125,14 @@ class IntLinear(nn.Module):
 
     def _kernel_weights(self, split: bool):
         """(int8 weights, per-channel scales, bias) the CPU kernel packs. With ``split`` (this CPU's
-        int8 GEMM saturates pair sums and this layer's operands can overflow them), W = 2·W_hi + W_lo
-        with W_hi = floor(W/2) ∈ [-64, 63] and W_lo ∈ {0, 1}: both halves keep every pair sum within
-        int16 (2·255·64 < 2^15), so one GEMM over the stacked halves gives exact accumulators and
-        the two halves of its output add up to the layer's result."""
+        int8 GEMM saturates pair sums and this layer's operands can overflow them), the stacked
+        halves of ``split_weights``: one GEMM over them gives exact accumulators, and with scales
+        2·s and s the two halves of its output add up to the layer's result."""
         w_scales, bias = self._weight_scales(), self._bias()
         if not split:
             return self.weight_int, w_scales, bias
-        w = self.weight_int.to(torch.int16)
-        high = torch.div(w, 2, rounding_mode="floor")
-        weights = torch.cat([high, w - 2 * high]).to(torch.int8)
-        return weights, torch.cat([2 * w_scales, w_scales]), torch.cat([bias, torch.zeros_like(bias)])
+        scales, biases = torch.cat([2 * w_scales, w_scales]), torch.cat([bias, torch.zeros_like(bias)])
+        return split_weights(self.weight_int), scales, biases
 
     def _pack_cpu(self):
         if not self.quantized_input:  # weight-only: float GEMM on the dequantized weights
