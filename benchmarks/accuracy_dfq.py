@@ -100,6 +100,25 @@ def aggregate(runs, methods, bits_list, fp):
     return {"full_precision_top1": fp, "table": table}
 
 
+def paired_differences(agg, base="ptq"):
+    """{bits: {method: (mean, standard error, n)}} of top-1 minus `base`'s on the same seed.
+
+    Every method of one seed starts from the same calibration (ptq's), so the seed-to-seed spread
+    that both share cancels: the standard error of the paired difference says which gaps in the
+    mean ± std table are more than seed noise."""
+    out = {}
+    for bits, row in agg["table"].items():
+        ref = dict(zip(row.get(base, {}).get("seeds", []), row.get(base, {}).get("top1", [])))
+        for method, cell in row.items():
+            diffs = [acc - ref[seed] for seed, acc in zip(cell["seeds"], cell["top1"]) if seed in ref]
+            if method == base or not diffs:
+                continue
+            m, s = mean_std(diffs)
+            out.setdefault(bits, {})[method] = (m, s / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan"),
+                                                len(diffs))
+    return out
+
+
 def targets(agg, lead="maskaq"):
     """The goals of issue 9 on the means so far; `lead` is the method that should lead."""
     lines = []
@@ -148,6 +167,15 @@ def markdown(agg, methods, bits_list, meta):
             cell = agg["table"][bits][method]
             cells.append("—" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f} ({cell['n']})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    paired = paired_differences(agg)
+    if paired:
+        lines += ["", "Minus ptq on the same seed: mean ± standard error (n)", "", head,
+                  "|" + "---|" * (len(bits_list) + 1)]
+        for method in methods:
+            cells = [paired.get(bits, {}).get(method) for bits in bits_list]
+            if any(cells):
+                lines.append(f"| {method} | " + " | ".join("—" if c is None else f"{c[0]:+.2f} ± {c[1]:.2f} ({c[2]})"
+                                                          for c in cells) + " |")
     goals = targets(agg) + targets(agg, lead="maskaq+")
     lines += ["", "Targets (on the seeds so far):"] + (goals or ["- (not enough results yet)"])
     return "\n".join(lines) + "\n"
@@ -204,7 +232,9 @@ def main(argv=None) -> int:
     def publish():
         runs = collect()
         agg = aggregate(runs, methods, bits_list, fp)
-        write_json(json_path, {"meta": meta, "runs": runs, **agg})
+        paired = {bits: {m: {"mean": c[0], "se": c[1], "n": c[2]} for m, c in row.items()}
+                  for bits, row in paired_differences(agg).items()}
+        write_json(json_path, {"meta": meta, "runs": runs, **agg, "minus_ptq_paired": paired})
         atomic_write_bytes(md_path, markdown(agg, methods, bits_list, meta).encode())
         return agg
 

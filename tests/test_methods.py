@@ -29,3 +29,31 @@ def test_lookup_suggests_and_filters():
     with pytest.raises(ValueError, match="unknown method 'real'"):
         methods.get("real", synthesizes=True)
     assert methods.did_you_mean("zzz", ["maskaq"]) == ""
+
+
+def _accuracy_dfq():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_dfq.py"
+    spec = importlib.util.spec_from_file_location("accuracy_dfq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_table_pairs_differences_by_seed():
+    """accuracy_dfq's 'minus ptq' table subtracts ptq's top-1 of the same seed (runs listed in any
+    order, seeds ptq lacks left out), so a shift shared by every method of a seed cancels."""
+    bench = _accuracy_dfq()
+    runs = [{"method": "ptq", "bits": "W3A3", "seed": s, "top1": t} for s, t in ((0, 80.0), (1, 78.0), (2, 82.0))]
+    runs += [{"method": "maskaq", "bits": "W3A3", "seed": s, "top1": t}
+             for s, t in ((2, 82.5), (0, 80.4), (1, 78.3), (7, 10.0))]
+    agg = bench.aggregate(runs, ["ptq", "maskaq"], ["W3A3"], fp=88.0)
+    mean, se, n = bench.paired_differences(agg)["W3A3"]["maskaq"]
+    diffs = [0.4, 0.3, 0.5]
+    sd = (sum((d - 0.4) ** 2 for d in diffs) / 2) ** 0.5
+    assert n == 3 and mean == pytest.approx(0.4) and se == pytest.approx(sd / 3 ** 0.5)
+    assert "ptq" not in bench.paired_differences(agg)["W3A3"]
+    # the unpaired std is large (seed spread), the paired error small
+    assert agg["table"]["W3A3"]["maskaq"]["std"] > 10 * se
+    assert "+0.40 ± 0.06 (3)" in bench.markdown(agg, ["ptq", "maskaq"], ["W3A3"], {"preset": "cpu", "overrides": {}})
