@@ -45,7 +45,8 @@ ALL_METHODS = list(methods.names())  # table order of the method registry
 # 2: the faithful fixes of issue 9 (alignment gradient through T, LSQ scaling, full weight grid,
 # QAT settings, Gaussian stream, patch-scaled jitter) and the measured activation init.
 # 3: calibration on Gaussian noise by default (calib_data="noise"; preset paper keeps the images).
-PIPELINE_VERSION = 3
+# 4: presets cpu and cpu-long weigh L_hd by 1 instead of the public code's 10 (maskaq/config.py).
+PIPELINE_VERSION = 4
 ALL_BITS = ["W4A4", "W3A3"]
 
 

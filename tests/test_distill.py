@@ -212,8 +212,25 @@ def test_build_config_presets_methods_and_unknown_keys():
         build_config("maskaq", "fast")
     assert build_config("maskaq", "paper").pipeline.act_init == "minmax"  # chosen by measurement
     assert build_config("maskaq", "cpu").qat.qat_lr == 1e-4 and build_config("maskaq", "paper").qat.qat_lr == 1e-3
+    # λ of L_hd: the public 10 in paper, 1 in the CPU presets (measured, maskaq/config.py)
+    assert build_config("maskaq", "paper").qat.hd_weight == 10.0
+    assert build_config("maskaq", "cpu").qat.hd_weight == build_config("mimiq", "cpu-long").qat.hd_weight == 1.0
     with pytest.raises(ValueError, match="act_init"):
         build_config("gaussian", "quick", act_init="percentile")
+
+
+def test_qat_step_loss_weighs_head_distillation_by_hd_weight():
+    """total = KD + λ·L_hd for any λ, with L_hd computed (and nonzero) on the same batch."""
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    images = gaussian_images(describe_model(teacher), 4, seed=3).images
+    losses = {w: QATTrainer(teacher, student, QATConfig(hd_weight=w), progress=False).step_loss(images, student)
+              for w in (1.0, 10.0)}
+    assert losses[1.0]["hd"].item() > 1e-3
+    torch.testing.assert_close(losses[1.0]["hd"], losses[10.0]["hd"])
+    for w, out in losses.items():
+        torch.testing.assert_close(out["total"], out["kd"] + w * out["hd"])
+    assert "hd" not in QATTrainer(teacher, student, QATConfig(hd_weight=0.0), progress=False).step_loss(images, student)
 
 
 @pytest.mark.parametrize("act_init", ["lsq", "minmax"])

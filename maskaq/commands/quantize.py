@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", default=None,
                         help="real training images for --method real: ImageFolder or 'fashion-mnist'")
     parser.add_argument("--out", required=True, help="output directory (model, report.json, synthetic.png)")
-    parser.add_argument("--preset", default="cpu", help="quick, cpu, cpu-long or paper")
+    parser.add_argument("--preset", default="cpu",
+                        help="quick (seconds, a smoke run), cpu (minutes on 2 cores: 64 images, 120 QAT steps, "
+                             "L_hd weight 1), cpu-long (about 3x cpu) or paper (the public code's settings: "
+                             "10k images, 200 epochs, L_hd weight 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. --set synth_iters=500 (repeatable)")
