@@ -8,9 +8,11 @@ For each data source (maskaq, mimiq, psaq, gaussian, real) on the preset's setti
    total variation per pixel, all in pixel space [0, 1]);
 3. the teacher's confidence (mean top-1 probability) and class balance (entropy of its
    predicted classes, in bits; log2(10) = 3.32 is perfectly balanced) on the images;
-4. QAT on the images (the preset's QAT, same student init) while tracking the KD loss and
+4. QAT on the images (the preset's QAT, the pipeline's calibration) while tracking the KD loss and
    top-1 agreement with the teacher on 1,000 held-out real test images, every few steps,
-   next to the same numbers for the PTQ start point;
+   next to the same numbers for the PTQ start point; and at the start of QAT, on one batch of
+   the images, the QAT loss terms (KD, L_hd) and the share of the weighted L_hd in the norm of
+   the gradient over Q's parameters (`--set hd_weight=...` changes λ);
 5. where MaskAQ's alignment mask falls on real images: the share of background patches (mean
    pixel < 0.05) among the top-k patches of the teacher's CLS-row logits (mean over blocks and
    heads, as L_align; k = ratio·N' for the mask's ratios 0.5 → 0.1), against their share of all
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="quick preset, 200 held-out images")
     p.add_argument("--teacher", default="vit_fmnist", help="zoo model name (default: the bundled teacher)")
     p.add_argument("--teacher-dir", default=None, help="read TEACHER.json/.safetensors from this directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -113,6 +116,26 @@ def gradient_shares(synth, student, seed: int) -> list:
     return rows, synth
 
 
+def qat_loss_terms(trainer, images: torch.Tensor) -> dict:
+    """KD, L_hd and their gradients' norms over Q's trainable parameters, on one batch (no augmentation)."""
+    student, weight = trainer.student, trainer.config.hd_weight
+    params = [p for p in student.parameters() if p.requires_grad]
+    was = student.training
+    student.train()
+    out = trainer.step_loss(images, student)
+    student.train(was)
+
+    def grad_norm(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+
+    kd = grad_norm(out["kd"])
+    hd = grad_norm(out["hd"]) if "hd" in out else 0.0
+    return {"hd_weight": weight, "kd": out["kd"].item(), "hd": out["hd"].item() if "hd" in out else 0.0,
+            "kd_grad_norm": kd, "hd_grad_norm": hd,
+            "hd_grad_share": weight * hd / (kd + weight * hd) if kd + weight * hd > 0 else 0.0}
+
+
 def mask_focus(teacher, images: torch.Tensor, spec) -> dict:
     """Where the alignment mask falls on ``images`` (real): background share of its top-k patches."""
     from maskaq.quant import capture_attention
@@ -146,7 +169,8 @@ def main(argv=None) -> int:
     from maskaq import methods, zoo
     from maskaq.data import fashion_mnist
     from maskaq.distill.trainer import QATTrainer
-    from maskaq.pipeline import _data_source, build_config
+    from maskaq.commands.common import collect_overrides
+    from maskaq.pipeline import _calibration_batch, _data_source, build_config
     from maskaq.quant import calibrate, quantize_model
     from maskaq.synthesis.baselines import gaussian_images
     from maskaq.synthesis.io import write_json
@@ -159,7 +183,9 @@ def main(argv=None) -> int:
     spec = describe_model(teacher)
     test, train = fashion_mnist("test"), fashion_mnist("train")
     held = torch.stack([test[i][0] for i in range(len(test) - held_n, len(test))])  # the last N test images
-    results = {"teacher": args.teacher, "bits": args.bits, "seed": args.seed, "preset": preset, "held_out": held_n, "sources": {}}
+    extra = collect_overrides(args.set)
+    results = {"teacher": args.teacher, "bits": args.bits, "seed": args.seed, "preset": preset, "overrides": extra,
+               "held_out": held_n, "sources": {}}
     real_sample = torch.stack([train[i][0] for i in range(512)])
     results["real_images"] = {**pixel_stats(real_sample, spec.mean, spec.std),
                               **teacher_view(teacher, real_sample, spec.num_classes)}
@@ -167,7 +193,7 @@ def main(argv=None) -> int:
 
     for source in args.sources:
         started = time.perf_counter()
-        overrides = {"progress": False}
+        overrides = {**extra, "progress": False}
         if source == "real":
             overrides["real_data"] = train
         cfg = build_config(source, preset, **overrides)
@@ -187,10 +213,13 @@ def main(argv=None) -> int:
             data = _data_source(source, teacher, spec, cfg, args.seed)(student, 0)
         entry.update(pixel_stats(data.images, spec.mean, spec.std))
         entry.update(teacher_view(teacher, data.images, spec.num_classes))
-        # QAT from the same kind of start the pipeline uses (calibrated on this source's images),
-        # tracking KD and agreement on held-out real images.
-        calibrate(student, data.images[:cfg.pipeline.calib_images], init=cfg.pipeline.act_init)
+        # QAT from the start the pipeline uses (its calibration source, calib_data), tracking KD
+        # and agreement on held-out real images.
+        batch, _ = _calibration_batch(cfg.pipeline.calib_data, data, spec, cfg.pipeline.calib_images, args.seed, source)
+        calibrate(student, batch, init=cfg.pipeline.act_init)
         curve = [{"step": 0, **agreement(teacher, student, held, cfg.qat.kd_temperature)}]
+        probe = QATTrainer(teacher, student, cfg.qat, seed=args.seed, progress=False, spec=spec)
+        entry["qat_loss_terms"] = qat_loss_terms(probe, data.images[:cfg.qat.qat_batch_size])
         original = QATTrainer.step_loss
         counter = {"n": 0}
 
@@ -256,6 +285,15 @@ def print_tables(results) -> None:
         for r in e.get("gradient_shares", []):
             cells = " | ".join(f"{r.get(k + '_share', 0.0):.2f}" for k in ("ce", "tv", "ssim", "entropy", "align"))
             print(f"| {name} | {r['step']} | {cells} |")
+    print("\nQAT loss terms at the start of QAT (one batch of the images): values and the weighted L_hd's share "
+          "of the gradient norm over Q's parameters")
+    print("| source | λ | KD | L_hd | ‖∇KD‖ | ‖∇L_hd‖ | λ·L_hd share of the gradient |")
+    print("|---|---|---|---|---|---|---|")
+    for name, e in results["sources"].items():
+        t = e.get("qat_loss_terms")
+        if t:
+            print(f"| {name} | {t['hd_weight']:g} | {t['kd']:.4f} | {t['hd']:.4f} | {t['kd_grad_norm']:.3g} | "
+                  f"{t['hd_grad_norm']:.3g} | {100 * t['hd_grad_share']:.0f}% |")
     print(f"\nKD loss / top-1 agreement with the teacher on {results['held_out']} held-out real images during QAT")
     print("| source | start (PTQ) | middle | end |")
     print("|---|---|---|---|")

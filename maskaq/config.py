@@ -64,8 +64,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {"calib_data": "images"},  # the public code calibrates on its first QAT batch
     # qat_lr 1e-4: with 64 images and 116 optimizer steps the public 1e-3 overfits the synthetic set
     # (W3A3 seed 0: gaussian 71.88% -> 78.94%, maskaq 71.38% -> 75.83% at 1e-4).
-    # hd_weight 1: at λ = 10 the L_hd term is ~99 % of the QAT loss, and on 64 synthetic images it
-    # fits T's attention outputs on images unlike any real one. W3A3, seeds 0-2, minus ptq on the
+    # hd_weight 1: at λ = 10 the L_hd term is ~94 % of the QAT loss and ~72 % of its gradient
+    # (W3A3, MaskAQ's images; benchmarks/diagnose_dfq.py), and on 64 synthetic images it fits T's
+    # attention outputs on images unlike any real one. W3A3, seeds 0-2, minus ptq on the
     # same seed: maskaq −2.44 (λ 10), −0.07 (λ 3, seed 0), +0.79 (λ 1), −0.44 (λ 0); gaussian
     # −1.70, +0.16, +0.12 (λ 10, 1, 0); real-data QAT +0.68, +0.60, +0.18. At W4A4 λ 1 costs
     # little (maskaq seed 0: +0.40 at λ 10, +0.30 at λ 1).
