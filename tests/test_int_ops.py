@@ -692,14 +692,10 @@ def test_cuda_int_modules_match_cpu(abits):
 def test_bench_int8_gemm_checks_every_impl_and_writes_json(tmp_path, capsys):
     """benchmarks/bench_int8_gemm.py (timing not asserted): every implementation's accumulators are
     compared with the exact product; maskaq's int16 GEMM and split weights are exact on any CPU."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_int8_gemm.py"
-    spec = importlib.util.spec_from_file_location("bench_int8_gemm", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _benchmarks import load_benchmark
+    bench = load_benchmark("bench_int8_gemm")
     out = tmp_path / "gemm.json"
     assert bench.main(["--layers", "40x24", "--tokens", "7", "--batches", "1", "2", "--rounds", "1", "--calls", "1",
                        "--threads", "1", "--json", str(out)]) == 0

@@ -4,6 +4,8 @@ import pytest
 from maskaq import methods
 from maskaq.pipeline import build_config, config_keys
 
+from _benchmarks import load_benchmark
+
 
 def test_every_method_builds_with_its_settings():
     keys = config_keys()
@@ -31,20 +33,10 @@ def test_lookup_suggests_and_filters():
     assert methods.did_you_mean("zzz", ["maskaq"]) == ""
 
 
-def _accuracy_dfq():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_dfq.py"
-    spec = importlib.util.spec_from_file_location("accuracy_dfq", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accuracy_table_pairs_differences_by_seed():
     """accuracy_dfq's 'minus ptq' table subtracts ptq's top-1 of the same seed (runs listed in any
     order, seeds ptq lacks left out), so a shift shared by every method of a seed cancels."""
-    bench = _accuracy_dfq()
+    bench = load_benchmark("accuracy_dfq")
     runs = [{"method": "ptq", "bits": "W3A3", "seed": s, "top1": t} for s, t in ((0, 80.0), (1, 78.0), (2, 82.0))]
     runs += [{"method": "maskaq", "bits": "W3A3", "seed": s, "top1": t}
              for s, t in ((2, 82.5), (0, 80.4), (1, 78.3), (7, 10.0))]

@@ -18,6 +18,8 @@ import torch
 from maskaq import _extension, ops
 from maskaq import reference as ref
 
+from _benchmarks import load_benchmark
+
 HAS_EXT = _extension.loaded()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="maskaq._C is not built (reference fallback only)")
 F64 = torch.float64
@@ -662,21 +664,10 @@ def test_fallback_without_extension_matches_reference(monkeypatch):
     assert torch.equal(loss, loss_r) and torch.equal(mask, mask_r)
 
 
-def _loop_baselines():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_baselines.py"
-    spec = importlib.util.spec_from_file_location("loop_baselines", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loop_baselines_agree_where_no_draw_is_involved():
     """The per-sample loops of benchmarks/loop_baselines.py compute the same losses (they
     draw differently, so compare where nothing is drawn: all rows, keep = 1)."""
-    loops = _loop_baselines()
+    loops = load_benchmark("loop_baselines")
     logits = randn(3, 2, 12, 12, seed=1, requires_grad=True)
     h_loop = loops.patch_similarity_entropy_loop(logits, num_rows=64)
     torch.testing.assert_close(h_loop, ops.patch_similarity_entropy(logits, num_rows=64))
