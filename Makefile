@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.maskaq-installed
 export MAX_JOBS ?= 2
 
-.PHONY: install test fuzz demo bench clean
+.PHONY: install test test-avx2 fuzz demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,21 @@ $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*/*
 
 test: install
 	$(PY) -m pytest -q
+
+# The integer tests on an emulated AMD EPYC-Rome (AVX2, no AVX-512, no VNNI), whatever this CPU is:
+# the path the most common cloud CPUs take, checked on any x86 machine. Needs qemu-user
+# (apt-get install qemu-user); slow (every instruction is emulated), so not part of `make test`.
+# K=EXPR narrows the tests (pytest -k), e.g. make test-avx2 K=exact_integers.
+QEMU_CPU ?= EPYC-Rome
+AVX2_TESTS ?= tests/test_integer.py tests/test_int_ops.py
+test-avx2: SHELL := /bin/bash
+test-avx2: .SHELLFLAGS := -o pipefail -c
+test-avx2: install
+	@command -v qemu-x86_64 >/dev/null || { echo "make test-avx2 needs qemu-x86_64 (apt-get install qemu-user)"; exit 2; }
+	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -c "import maskaq.integer as i; p = i.cpu_integer_path(); print(p); \
+	  assert p['cpu_capability'] == 'AVX2' and 'int16 GEMM' in p['onednn_int8'], 'not the AVX2 path'" 2>&1 | grep -v "TCG doesn't support"
+	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -m pytest -q -p no:cacheprovider $(AVX2_TESTS) \
+	  -k "not forced_avx2 $(if $(K),and ($(K)))" 2>&1 | grep -v "TCG doesn't support"
 
 # The property-based tests with hundreds of examples per op (make test runs a small fixed set).
 fuzz: install
