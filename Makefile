@@ -32,8 +32,9 @@ test-avx2: SHELL := /bin/bash
 test-avx2: .SHELLFLAGS := -o pipefail -c
 test-avx2: install
 	@command -v qemu-x86_64 >/dev/null || { echo "make test-avx2 needs qemu-x86_64 (apt-get install qemu-user)"; exit 2; }
-	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -c "import maskaq.integer as i; p = i.cpu_integer_path(); print(p); \
-	  assert p['cpu_capability'] == 'AVX2' and 'int16 GEMM' in p['onednn_int8'], 'not the AVX2 path'" 2>&1 | grep -v "TCG doesn't support"
+	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -c "import maskaq.integer.cpu_gemm as g; p = g.cpu_integer_path(); print(p); \
+	  assert p['cpu_capability'] == 'AVX2' and all(p[k + '_int8'] == g.PATH_INT16 for k in g.KERNELS), \
+	  'the emulated CPU does not take the AVX2 path'" 2>&1 | grep -v "TCG doesn't support"
 	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -m pytest -q -p no:cacheprovider $(AVX2_TESTS) \
 	  -k "not forced_avx2 $(if $(K),and ($(K)))" 2>&1 | grep -v "TCG doesn't support"
 
