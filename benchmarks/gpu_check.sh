@@ -8,7 +8,7 @@
 #   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py,
 #      tests/test_int_ops.py, the CUDA test of tests/test_integer.py), the bad-input tests in
 #      steps of their own (with and without pytest's plugins) so that a crash there cannot hide
-#      the other results;
+#      the other results, and benchmarks/probe_bad_input.py to tell what makes those crash;
 #   3. runs benchmarks/bench_ops.py --device cuda and writes its JSON, then one ViT-B batch-128
 #      synthesis step in fp32 without and with checkpoint_blocks and in bf16 with it (peak memory, time);
 #   4. prints a short table last: each step's status and time, then the benchmark rows.
@@ -92,6 +92,9 @@ for device in ('cpu', 'cuda'):
         torch.ops.maskaq.fq_attention(q, q, q, None, None, [], [], 0.3, False)
     except ValueError as e:
         print(device, 'raised ValueError:', e)"
+# If the bad-input tests crash: which pytest feature, imported module or second libstdc++ is to blame.
+run_step "probe of the bad-input crash" 240 "$LOGS/gpu_check_probe_bad_input.log" \
+  "$PY" benchmarks/probe_bad_input.py --device cuda "${TESTS[@]%%::*}"
 
 # 2b. NCCL: torchrun synthesis on every GPU of the machine (NCCL needs one GPU per process).
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -143,6 +146,7 @@ done
 for log in pytest bad_inputs bad_inputs_noplugins; do
   tail -n 1 "$LOGS/gpu_check_${log}.log" 2>/dev/null | sed "s/^/${log}: /" || true
 done
+grep -v "^===" "$LOGS/gpu_check_probe_bad_input.log" 2>/dev/null | sed "s/^/probe: /" || true
 grep -h "^vit_base b128" "$LOGS/gpu_check_synthesis_memory.log" 2>/dev/null || true
 if [[ -f "$BENCH_JSON" ]]; then
   "$PY" - "$BENCH_JSON" <<'EOF' || true
