@@ -20,6 +20,17 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Prints a command's docstring as written (its example command lines stay lines) and an
+    option's default only where it has one: no "(default: None)" after a required or optional
+    value, nor "(default: False)" after a flag."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class CliError(Exception):
     """Bad user input: printed as one line, exit status 2."""
 
@@ -46,7 +57,7 @@ def build_parser(command=None):
     sub.required = True
     for name, (module_name, help_text) in _available_commands().items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text,
-                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                        formatter_class=HelpFormatter)
         if command is None or name == command:
             module = importlib.import_module(module_name)
             command_parser.description = (module.__doc__ or help_text).strip()

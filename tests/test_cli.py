@@ -109,3 +109,14 @@ def test_set_values_parse_true_false_and_none_in_any_case():
     assert parse_override("refresh_every=None") == ("refresh_every", None)
     assert parse_override("qat_lr=1e-4") == ("qat_lr", 1e-4)
     assert parse_override("weight_method=minmax") == ("weight_method", "minmax")
+
+
+@pytest.mark.parametrize("command", ["quantize", "synthesize"])
+def test_help_keeps_the_example_line_and_shows_only_real_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    # the docstring's example command is printed as one line, as written, not folded into prose
+    assert any(line.strip().startswith(f"maskaq {command} --model vit_fmnist") for line in out.splitlines())
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "(default: 4)" in out  # --wbits has a real default, and it is shown

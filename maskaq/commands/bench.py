@@ -19,7 +19,8 @@ numbers across runs. ``peak_mb`` = bytes of the stored weights (parameters, buff
 weights, or the ONNX file) + the growth of the peak resident set (CPU, VmHWM reset before the
 runs) or of the CUDA allocator's peak during the runs.
 
-Used by ``maskaq bench`` and ``benchmarks/bench_inference.py``; the measuring half is maskaq/integer/latency.py.
+Used by ``maskaq bench`` and ``benchmarks/bench_inference.py``; the measuring half is
+maskaq/integer/latency.py.
 """
 from __future__ import annotations
 

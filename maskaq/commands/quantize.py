@@ -5,8 +5,9 @@ distill (maskaq.pipeline), evaluate on --val, save the student, its report and a
 
 While it runs, OUT/checkpoint holds its checkpoints (maskaq.checkpoint: finished synthesis
 batches, each round's images, and the synthesis batch in progress and the QAT state every --set
-checkpoint_every_steps=N steps and checkpoint_every_seconds=T seconds). A killed run continues with the same command plus --resume
-and ends with the student an uninterrupted run makes; a finished run removes OUT/checkpoint.
+checkpoint_every_steps=N steps and checkpoint_every_seconds=T seconds). A killed run continues
+with the same command plus --resume and ends with the student an uninterrupted run makes; a
+finished run removes OUT/checkpoint.
 """
 from __future__ import annotations
 
