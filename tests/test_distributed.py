@@ -4,13 +4,14 @@ each process on its half of every global batch of the configured size) the two r
 are identical, and close to the one-process student; a two-rank run stopped mid-QAT resumes to the
 uninterrupted two-rank students bit for bit; a failing rank stops the job.
 
-Close, not equal: the ranks' gradients are averaged in another order than one process sums them.
-Measured here, the distance to the one-process student is 7e-8 of how far training moved the
-weights. The bound is 1/100 of that move, not 1e-6, because fake quantization can turn such a
-last-bit difference into another rounding of a weight or activation on a machine with other
-float kernels, which training then carries on (on the bundled teacher, with more steps, the
-largest weight difference reached a tenth of that weight's move); training on other images, batch sizes or LSQ gradient
-scales than the one-process run moves the student much further.
+Close, not equal: the ranks' gradients are averaged in another order than one process sums them,
+and fake quantization can turn such a last-bit difference into another rounding of an activation
+or weight, which training then carries on. How far that goes depends on the machine's float
+kernels. Measured, as the distance to the one-process student over how far training moved the
+weights: 1.4e-7 with MKL's AVX-512 code, 0.066-0.081 with MKL's AVX2 code
+(MKL_ENABLE_INSTRUCTIONS=AVX2 on the same machine, as on an AVX2-only CPU), while a student trained
+with half the global batch size (as a per-rank batch size taken for the global one would train)
+lands 1.48 away. The bound, a quarter of the move, sits between the two.
 """
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_two_ranks_train_one_student_close_to_the_one_process_student(tmp_path):
     apart = torch.cat([(ranks[0][k] - one[k]).flatten() for k in weights]).norm()
     assert moved > 0
     print(f"distance to the one-process student / training move: {float(apart / moved):.2e}")
-    assert apart <= moved / 100, (float(apart), float(moved))
+    assert apart <= moved / 4, (float(apart), float(moved))
 
 
 def test_torchrun_synthesis_equals_the_one_process_images(tmp_path):
