@@ -89,6 +89,14 @@ def mean_std(values):
     return m, s
 
 
+def table_axes(runs, methods, bits_list):
+    """The table's methods and bit widths: those asked for and those the checkpointed runs already
+    hold, in registry order, so that adding a column or a method keeps the others in the table."""
+    rows = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in runs)]
+    columns = [b for b in ALL_BITS if b in bits_list or any(r["bits"] == b for r in runs)]
+    return rows, columns
+
+
 def aggregate(runs, methods, bits_list, fp):
     table = {}
     for bits in bits_list:
@@ -234,12 +242,14 @@ def main(argv=None) -> int:
 
     def publish():
         runs = collect()
-        agg = aggregate(runs, methods, bits_list, fp)
+        rows, columns = table_axes(runs, methods, bits_list)
+        agg = aggregate(runs, rows, columns, fp)
         paired = {bits: {m: {"mean": c[0], "se": c[1], "n": c[2]} for m, c in row.items()}
                   for bits, row in paired_differences(agg).items()}
         write_json(json_path, {"meta": meta, "runs": runs, **agg, "minus_ptq_paired": paired})
-        atomic_write_bytes(md_path, markdown(agg, methods, bits_list, meta).encode())
-        return agg
+        markdown_text = markdown(agg, rows, columns, meta)
+        atomic_write_bytes(md_path, markdown_text.encode())
+        return markdown_text
 
     # seed-major, then method, then bits: the first hours give every method at both bit widths
     todo = [] if args.aggregate_only else [(seed, bits, method) for seed in seeds for method in methods
@@ -265,9 +275,9 @@ def main(argv=None) -> int:
         publish()
         print(f"[{i + 1}/{len(todo)}] {bits} {method:<18s} seed {seed}: top-1 {acc['top1']:6.2f}%  "
               f"({record['seconds']:.0f}s)", flush=True)
-    agg = publish()
+    markdown_text = publish()
     print()
-    print(markdown(agg, methods, bits_list, meta))
+    print(markdown_text)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

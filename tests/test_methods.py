@@ -49,3 +49,14 @@ def test_accuracy_table_pairs_differences_by_seed():
     # the unpaired std is large (seed spread), the paired error small
     assert agg["table"]["W3A3"]["maskaq"]["std"] > 10 * se
     assert "+0.40 ± 0.06 (3)" in bench.markdown(agg, ["ptq", "maskaq"], ["W3A3"], {"preset": "cpu", "overrides": {}})
+
+
+def test_accuracy_table_keeps_the_methods_and_bit_widths_already_run():
+    """A run of one new column (or method) republishes the table with every checkpointed run in it,
+    in registry order, not just the methods and bit widths that run asked for."""
+    bench = load_benchmark("accuracy_dfq")
+    runs = [{"method": "psaq", "bits": "W3A3", "seed": 0, "top1": 79.0},
+            {"method": "ptq", "bits": "W3A3", "seed": 0, "top1": 78.0}]
+    rows, columns = bench.table_axes(runs, ["maskaq"], ["W4A4"])
+    assert columns == ["W4A4", "W3A3"]
+    assert set(rows) == {"ptq", "maskaq", "psaq"} and rows == [m for m in bench.ALL_METHODS if m in rows]
