@@ -24,8 +24,8 @@ from maskaq.commands import bench  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from maskaq.cli import HelpFormatter  # the docstring as written, only real defaults
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.json is None and not args.quick:

@@ -103,8 +103,8 @@ def format_table(records) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from maskaq.cli import HelpFormatter  # the docstring as written, only real defaults
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--layers", nargs="+", default=None,
                         help="extra layers as KxN (in x out features), run instead of --models")

@@ -262,7 +262,7 @@ def print_memory_table(records) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda too when present)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")

@@ -45,8 +45,8 @@ SOURCES = ["real", "gaussian", "psaq", "mimiq", "maskaq"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from maskaq.cli import HelpFormatter  # the docstring as written, only real defaults
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--bits", default="W3A3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="cpu")

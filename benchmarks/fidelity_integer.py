@@ -108,7 +108,7 @@ def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="i
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", nargs="+", default=["8,8", "4,8"], help="wbits,abits pairs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--calib", type=int, default=64, help="calibration images")
