@@ -242,7 +242,8 @@ def main(argv=None) -> int:
 
     def publish():
         runs = collect()
-        rows, columns = table_axes(runs, methods, bits_list)
+        # what was asked for by name (shown as — until run), and whatever has been run
+        rows, columns = table_axes(runs, args.methods or [], [b.upper() for b in args.bits or []])
         agg = aggregate(runs, rows, columns, fp)
         paired = {bits: {m: {"mean": c[0], "se": c[1], "n": c[2]} for m, c in row.items()}
                   for bits, row in paired_differences(agg).items()}
