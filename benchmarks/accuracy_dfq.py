@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {ALL_METHODS}")
-    bits_list = [b.upper() for b in (args.bits or (["W4A4"] if args.quick else ALL_BITS))]
+    named_bits = [b.upper() for b in args.bits or []]
+    bits_list = named_bits or (["W4A4"] if args.quick else ALL_BITS)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     preset = args.preset or ("quick" if args.quick else "cpu")
     limit = args.limit if args.limit is not None else (256 if args.quick else None)
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     def publish():
         runs = collect()
         # what was asked for by name (shown as — until run), and whatever has been run
-        rows, columns = table_axes(runs, args.methods or [], [b.upper() for b in args.bits or []])
+        rows, columns = table_axes(runs, args.methods or [], named_bits)
         agg = aggregate(runs, rows, columns, fp)
         paired = {bits: {m: {"mean": c[0], "se": c[1], "n": c[2]} for m, c in row.items()}
                   for bits, row in paired_differences(agg).items()}
