@@ -61,9 +61,13 @@ print("RUNTIMES: " + " ".join(libs))
 """
 
 
+def killed_by(proc: subprocess.CompletedProcess) -> str | None:
+    return f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else None
+
+
 def outcome(proc: subprocess.CompletedProcess) -> str:
-    if proc.returncode < 0:
-        return f"killed by {signal.Signals(-proc.returncode).name}"
+    if killed := killed_by(proc):
+        return killed
     probes = [line[len("PROBE: "):] for line in proc.stdout.splitlines() if line.startswith("PROBE: ")]
     if probes:
         return probes[-1] + ("" if proc.returncode == 0 else f" (rc {proc.returncode})")
@@ -82,8 +86,8 @@ def run_child(args: list[str], env: dict | None = None) -> subprocess.CompletedP
 def pytest_child(test_file: str, *options: str, env: dict | None = None) -> str:
     proc = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, test_file],
                      env=env)
-    if proc.returncode < 0:
-        return f"killed by {signal.Signals(-proc.returncode).name}"
+    if killed := killed_by(proc):
+        return killed
     if proc.returncode == 0:
         return "passed (raised ValueError)"
     errors = [line for line in proc.stdout.splitlines() if line.startswith("E ")]
