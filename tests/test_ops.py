@@ -441,10 +441,15 @@ BAD = (RuntimeError, ValueError, TypeError, IndexError)
 
 @needs_ext
 @pytest.mark.parametrize("quantized", [False, True])
-def test_fq_attention_reads_qkv_views_in_place_on_cpu(quantized):
+@pytest.mark.parametrize("d", [5, 64])
+def test_fq_attention_reads_qkv_views_in_place_on_cpu(quantized, d):
     """The CPU kernel takes q, k, v as the strided views of a fused qkv projection (no copy) and
-    gives the results, logits and gradients of contiguous copies, bit for bit."""
-    B, N, H, d = 2, 7, 3, 5
+    gives the results, logits and gradients of contiguous copies: bit for bit when every row of
+    the views starts 32-byte aligned (d = 64, as in every timm ViT), or when quantizing (the
+    kernel then reads the views into its own buffers). Unquantized rows of odd length start at
+    any float, and BLAS may then sum in another order: MKL on an AMD EPYC (Zen 3, AVX2) differs
+    from the copies in the last bit there, so that case asks for float32 rounding only."""
+    B, N, H = 2, 7, 3
     qkv = randn(B, N, 3, H, d, seed=4, dtype=torch.float32).permute(2, 0, 3, 1, 4)
     kw = dict(step=STEP, qmin=QMIN, qmax=QMAX) if quantized else {}
     views = [t.requires_grad_() for t in qkv.detach().clone().unbind(0)]
@@ -457,7 +462,10 @@ def test_fq_attention_reads_qkv_views_in_place_on_cpu(quantized):
                                                     kw.get("qmax", []), d ** -0.5, True)
         results.append([out, logits, *torch.autograd.grad([out, logits], [q, k, v], grads)])
     for got, expected in zip(*results):
-        assert torch.equal(got, expected)
+        if quantized or d % 8 == 0:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def _qkv(shape=(2, 2, 5, 4), dtype=torch.float32):
