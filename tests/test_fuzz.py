@@ -169,10 +169,10 @@ def test_int8_attention(B, H, N, d, p_bits, zero_points, seed):
     assert torch.equal(got, ref.int8_attention(q, k, v, *args))
 
 
-@given(M=st.integers(1, 40), K=st.integers(1, 300), N=st.integers(1, 40), zero_point=st.integers(-300, 300),
+@given(M=st.integers(1, 40), K=st.integers(1, 1100), N=st.integers(1, 40), zero_point=st.integers(-300, 300),
        wbits=st.integers(2, 8), dequantize=st.booleans(), non_contiguous=st.booleans(), seed=st.integers(0, 2 ** 20))
 def test_int8_gemm(M, K, N, zero_point, wbits, dequantize, non_contiguous, seed):
-    """maskaq's exact CPU GEMM against the exact product (K over one 256-input block, odd K, partial
+    """maskaq's exact CPU GEMM against the exact product (K over one and two 512-input blocks, odd K, partial
     tiles, any zero point, full-range uint8 activations, weights of 2-8 bits)."""
     g = _gen(seed)
     u = torch.randint(0, 256, (M, 2 * K) if non_contiguous else (M, K), dtype=torch.uint8, generator=g)

@@ -289,9 +289,10 @@ def test_attention_rejects_non_contiguous_in_the_op():
 # --------------------------------------------------------------------------------------------
 # int8_gemm: maskaq's exact uint8 x int8 GEMM for CPUs whose int8 libraries saturate pair sums
 
-# (M, K, N): 1s, odd K (the padded pair), K over one 256-input block, N not a multiple of the
-# 16-column panel, M not a multiple of the 6-row strip nor of the 96-row task block
-GEMM_SHAPES = [(1, 1, 1), (5, 3, 7), (6, 32, 16), (37, 64, 24), (13, 385, 17), (197, 384, 48), (100, 600, 33)]
+# (M, K, N): 1s, odd K (the padded pair), K over one and over two 512-input blocks, N not a
+# multiple of the 16-column panel, M not a multiple of the 6-row strip nor of the 96-row task block
+GEMM_SHAPES = [(1, 1, 1), (5, 3, 7), (6, 32, 16), (37, 64, 24), (13, 385, 17), (197, 384, 48), (100, 600, 33),
+               (29, 1101, 40)]
 
 
 def gemm_inputs(m, k, n, seed):
@@ -358,7 +359,7 @@ def test_int8_gemm_portable_path_matches_reference():
     code = ("import torch, maskaq; from maskaq import ops, reference as ref\n"
             "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
             "g = torch.Generator().manual_seed(0)\n"
-            "for m, k, n in [(13, 385, 17), (100, 600, 33)]:\n"
+            "for m, k, n in [(13, 385, 17), (100, 600, 33), (29, 1101, 40)]:\n"
             "    u = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)\n"
             "    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)\n"
             "    assert torch.equal(ops.int8_gemm(u, 129, ops.int8_gemm_pack(w), n), ref.int8_gemm(u, 129, w))\n"

@@ -15,7 +15,7 @@
 // packed per task into strips of kRows rows, (ceil(K/2), kRows) int32, each int32 the int16 pair
 // (u[m][k] − z, u[m][k+1] − z). The micro-kernel keeps a kRows × 16 int32 tile in 12 registers;
 // per input pair it loads one panel row (2 vectors), broadcasts kRows activation pairs and issues
-// 2·kRows vpmaddwd + vpaddd. Inputs are blocked by kDepth so a panel block (8 KB) stays in L1
+// 2·kRows vpmaddwd + vpaddd. Inputs are blocked by kDepth so a panel block (16 KB) stays in L1
 // while every strip of the task's rows passes over it. With a scale (and bias), each tile is turned
 // into float32 acc·scale + bias in place once its last input block is in, while it is still in L1.
 //
@@ -43,7 +43,7 @@ namespace {
 
 constexpr int64_t kCols = 16;     // output columns per weight panel (two 8-lane int32 vectors)
 constexpr int64_t kRows = 6;      // activation rows per strip: 12 accumulators + 2 panel vectors + 1 broadcast
-constexpr int64_t kDepth = 256;   // inputs per block (128 pairs): a panel block is 8 KB
+constexpr int64_t kDepth = 512;   // inputs per block (256 pairs): a panel block is 16 KB
 constexpr int64_t kBlockRows = 16 * kRows;  // the most rows a row block has
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
