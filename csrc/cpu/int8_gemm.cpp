@@ -5,9 +5,11 @@
 // activations clip (255·127·2 > 32767). Here both operands are widened to int16 and multiplied
 // with vpmaddwd, which adds each pair of int16 products in int32: every accumulator is exact.
 // The price: vpmaddwd does 16 multiply-adds per instruction where vpmaddubsw does 32 (a float FMA
-// 8). Measured on one core of an AVX-512 Xeon running AVX2 code, one register tile in L1: 32
-// GMAC/s here, 36 for float32 FMA, 50-57 for the saturating vpmaddubsw. So this GEMM is about as
-// fast as FP32's, not faster: the exact alternative to clipping, not a speed-up.
+// 8), and what that costs depends on the core. On an AVX-512 Xeon running AVX2 code (one register
+// tile in L1, one core): 32 GMAC/s here, 36 for float32 FMA, 50-57 for the saturating vpmaddubsw,
+// so about FP32's speed. On an AVX2-only AMD EPYC (Zen 3), the CPUs this GEMM exists for, the DeiT-S
+// and ViT-B layers run 1.4-1.9x MKL's FP32 GEMM and 0.8-1.1x oneDNN's saturating int8 GEMM
+// (benchmarks/results/bench_int8_gemm_epyc_avx2.json).
 //
 // Layout. The weights W (N, K) are packed once (int8_gemm_pack) into panels of 16 output columns:
 // panel p holds, for every pair of inputs (k, k+1), the 16 columns' (W[n][k], W[n][k+1]) as int16
