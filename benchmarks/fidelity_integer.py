@@ -9,7 +9,8 @@ Reports the top-1 agreement (target >= 99.5%), the max and mean absolute logit d
 both models' top-1 accuracy. --random uses a random-init ViT of the teacher's shape on random
 images instead (when the teacher checkpoint is not there).
 
-    python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--target onnx] [--json out.json]
+    python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--target onnx [--onnx-weights uint8]]
+        [--json out.json]
 """
 import argparse
 from collections import Counter
@@ -62,7 +63,7 @@ def _logits(model, images, batch, desc):
     return torch.cat([model(images[i:i + batch]) for i in tqdm(range(0, len(images), batch), desc=desc, leave=False)])
 
 
-def _onnx_model(qmodel):
+def _onnx_model(qmodel, weights="int8"):
     """The student as an ONNX QDQ graph in ONNX Runtime (CPU provider), called like a module."""
     import tempfile
 
@@ -71,13 +72,13 @@ def _onnx_model(qmodel):
     from maskaq.integer.qdq import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(qmodel, f"{tmp}/student.onnx")
+        path = export_onnx(qmodel, f"{tmp}/student.onnx", weights=weights)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
 @torch.no_grad()
-def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="integer"):
+def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="integer", onnx_weights="int8"):
     from maskaq.integer import IntLinear, export_integer
     from maskaq.quant import calibrate, quantize_model
 
@@ -88,15 +89,18 @@ def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="i
     gemms = Counter(m.cpu_gemm for m in linears)  # which GEMM runs each quantized-input layer here
     start = time.perf_counter()
     fake = _logits(qmodel, images, batch, f"W{wbits}A{abits} fake-quant")
-    exported = _onnx_model(qmodel) if target == "onnx" else imodel
+    exported = _onnx_model(qmodel, onnx_weights) if target == "onnx" else imodel
     integer = _logits(exported, images, batch, f"W{wbits}A{abits} {target}")
     diff = (fake - integer).abs()
     record = {
-        "bits": f"W{wbits}A{abits}", "target": target, "kernel": kernel if target == "integer" else "onnxruntime",
+        "bits": f"W{wbits}A{abits}", "target": target,
+        "kernel": kernel if target == "integer" else f"onnxruntime, {onnx_weights} weights",
         "images": len(images),
         "cpu_capability": imodel.maskaq_integer["cpu_path"]["cpu_capability"],
         "cpu_int8": imodel.maskaq_integer["cpu_path"][f"{kernel}_int8"],
-        "cpu_gemms": ", ".join(f"{name} {count}/{len(linears)}" for name, count in sorted(gemms.items())),
+        # what runs the GEMMs: maskaq's path for the integer model, ONNX Runtime's own for onnx
+        "cpu_gemms": (", ".join(f"{name} {count}/{len(linears)}" for name, count in sorted(gemms.items()))
+                      if target == "integer" else f"ort {onnx_weights}w"),
         "agreement_pct": round(100.0 * (fake.argmax(1) == integer.argmax(1)).float().mean().item(), 3),
         "max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
         "mean_abs_logit": fake.abs().mean().item(), "seconds": round(time.perf_counter() - start, 1),
@@ -118,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", default="integer", choices=("integer", "onnx"),
                         help="integer: maskaq's integer model; onnx: the ONNX QDQ export in ONNX Runtime")
+    parser.add_argument("--onnx-weights", default="int8", choices=("int8", "uint8"),
+                        help="onnx: weights stored as int8 (ONNX Runtime's U8S8 kernels, which clip pair "
+                             "sums on CPUs without VNNI) or uint8 (its U8U8 kernels, exact)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--bits takes wbits,abits pairs like 8,8; got {args.bits}")
     model, images, labels, calib = _teacher_and_data(args)
-    records = [measure(model, images, labels, calib, w, a, args.batch, args.kernel, args.target) for w, a in pairs]
+    records = [measure(model, images, labels, calib, w, a, args.batch, args.kernel, args.target, args.onnx_weights)
+               for w, a in pairs]
     header = f"{'bits':<6} {'ISA':<7} {'GEMMs':<14} {'images':>6} {'agree %':>8} {'max |dlogit|':>13} {'mean |dlogit|':>14} {'mean |logit|':>13}"
     if labels is not None:
         header += f" {'top1 FQ':>8} {'top1 int':>8}"

@@ -29,23 +29,47 @@ def _qdq_count(model, kind):
     return sum(node.op_type == kind for node in model.graph.node)
 
 
-@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4), (3, 3)])
-def test_onnx_qdq_matches_fake_quant(tmp_path, wbits, abits):
+def _weight_zero_points(graph) -> list:
+    """The zero points of the weights' QuantizeLinear nodes (on the stored on-grid weights), as numpy arrays."""
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    aliases = {node.output[0]: node.input[0] for node in graph.graph.node if node.op_type == "Identity"}
+
+    def constant(name):  # the exporter shares equal constants through Identity nodes
+        while name not in constants:
+            name = aliases[name]
+        return constants[name]
+
+    return [constant(node.input[2]) for node in graph.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0].endswith("weight_quantizer.weight")]
+
+
+@pytest.mark.parametrize("wbits,abits,weights", [(8, 8, "int8"), (4, 8, "int8"), (4, 4, "int8"), (3, 3, "int8"),
+                                                 (8, 8, "uint8"), (4, 4, "uint8")])
+def test_onnx_qdq_matches_fake_quant(tmp_path, wbits, abits, weights):
     """ORT on the QDQ graph gives the fake-quant student's logits (up to x/α ties), sub-8-bit
-    grids included; a Q/DQ pair on every quantized input, weight and attention operand."""
+    grids included; a Q/DQ pair on every quantized input, weight and attention operand; weights
+    stored as int8 (zero point 0) or uint8 (zero point 128)."""
+    import numpy as np
+
     import maskaq
     from maskaq.quant.modules import QuantConv2d, QuantLinear, _AttentionQuantizers
 
     from maskaq.integer.cpu_gemm import cpu_int8_pairs_saturate
 
-    if wbits == 8 and abits == 8 and cpu_int8_pairs_saturate("onednn"):
+    if wbits == 8 and abits == 8 and weights == "int8" and cpu_int8_pairs_saturate("onednn"):
         # Without VNNI, ONNX Runtime's U8S8 kernels clip adjacent pair sums to int16 (its documented
         # caveat, as oneDNN's and fbgemm's do): 8-bit weights against 8-bit activations are not
-        # exact there. W4A8 and narrower never overflow a pair and are checked on every CPU.
+        # exact there. W4A8 and narrower never overflow a pair and are checked on every CPU, and so
+        # are uint8 weights, which ONNX Runtime multiplies in its U8U8 kernels (int32 pair sums).
         pytest.skip("ONNX Runtime's int8 GEMMs saturate pair sums on this CPU (no VNNI)")
     qmodel = _student(wbits, abits)
-    path = maskaq.export_onnx(qmodel, tmp_path / "student.onnx")
+    path = maskaq.export_onnx(qmodel, tmp_path / "student.onnx", weights=weights)
     graph = onnx.load(str(path))
+    zero_points = _weight_zero_points(graph)
+    assert zero_points and all(z.dtype == np.dtype(weights) and (z == (128 if weights == "uint8" else 0)).all()
+                               for z in zero_points)
     linears = [m for m in qmodel.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     expected = (len(linears) + sum(m.input_quantizer is not None for m in linears)
                 + 4 * sum(isinstance(m, _AttentionQuantizers) for m in qmodel.modules()))
@@ -132,6 +156,20 @@ def test_onnx_export_refuses_what_it_cannot_express(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_onnx_uint8_weights_give_the_int8_graph_logits(tmp_path):
+    """The uint8 weights hold the int8 weights' integers shifted by 128: where neither clips (W4A8),
+    ONNX Runtime returns the same logits for both up to float rounding."""
+    import maskaq
+
+    qmodel = _student(4, 8, seed=3)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    signed = _run(maskaq.export_onnx(qmodel, tmp_path / "s8.onnx"), x)
+    unsigned = _run(maskaq.export_onnx(qmodel, tmp_path / "u8.onnx", weights="uint8"), x)
+    torch.testing.assert_close(unsigned, signed, rtol=1e-5, atol=1e-5 * signed.abs().max().item())
+    with pytest.raises(ValueError, match="weights must be one of int8, uint8"):
+        maskaq.export_onnx(qmodel, tmp_path / "x.onnx", weights="int4")
+
+
 def test_cli_export_onnx_and_integer(tmp_path):
     from maskaq.cli import main
     from maskaq.quant import save_quantized
@@ -146,6 +184,26 @@ def test_cli_export_onnx_and_integer(tmp_path):
     with torch.no_grad():
         fake = qmodel(x)
     assert (_run(out, x).argmax(1) == fake.argmax(1)).all()
+    assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--onnx-weights", "uint8",
+                 "--out", str(out)]) == 0
+    assert (_run(out, x).argmax(1) == fake.argmax(1)).all()
+    assert _weight_zero_points(onnx.load(str(out)))[0].dtype.name == "uint8"
     assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--format", "integer",
                  "--out", str(tmp_path / "int")]) == 0
     assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("impl", ["ort_qdq", "ort_qdq_u8"])
+def test_bench_ort_qdq_impls_run_their_weight_storage(tmp_path, impl):
+    """`maskaq bench` runs the W8A8 QDQ graph with int8 (ort_qdq) or uint8 (ort_qdq_u8) weights."""
+    import argparse
+
+    from maskaq.commands import bench
+
+    args = argparse.Namespace(seed=0, threads=1, kernel="onednn")
+    built = bench.build_impl(impl, small_vit(), "cpu", args, workdir=str(tmp_path))
+    out = built.fn(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(torch.from_numpy(out)).all()
+    expected = "uint8" if impl == "ort_qdq_u8" else "int8"
+    (path,) = tmp_path.glob("*.onnx")
+    assert expected in path.name and _weight_zero_points(onnx.load(str(path)))[0].dtype.name == expected

@@ -8,7 +8,9 @@ do not change latency) for every implementation a user could deploy:
   CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8``
   (torch.ao.quantization.quantize_dynamic), ``ort_int8`` (onnxruntime.quantization.quantize_dynamic),
   ``ort_qdq`` (maskaq's W8A8 student as an ONNX QDQ graph, ``maskaq.export_onnx``, in ONNX
-  Runtime); on request (``--impls``) also ``fakequant`` (maskaq W8A8 fake quant) and ``ort_fp32``.
+  Runtime); on request (``--impls``) also ``fakequant`` (maskaq W8A8 fake quant), ``ort_fp32`` and
+  ``ort_qdq_u8`` (the QDQ graph with uint8 weights, ``export_onnx(weights="uint8")``: ONNX Runtime's
+  U8U8 kernels, exact at W8A8 on CPUs without VNNI, where ``ort_qdq``'s U8S8 kernels clip).
   CPU records say which integer path the machine takes (``cpu_capability``, ``cpu_int8``: see
   ``maskaq.integer.cpu_integer_path``).
 * CUDA (when available): ``fp16``, ``bf16`` eager, ``fp16_compile`` (torch.compile), ``int_w8a8``.
@@ -39,7 +41,7 @@ from maskaq.integer.latency import (Unavailable, build_impl, create_model, input
                                     sync_device, time_interleaved)
 
 CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_fp32", "ort_int8",
-             "ort_qdq")
+             "ort_qdq", "ort_qdq_u8")
 # What a run measures without --impls: the integer models against what a user would otherwise
 # deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
 # without them the default table took 6 min 40 s on 2 cores (one of them busy) instead of over 40.

@@ -125,14 +125,15 @@ def _ort_impl(name, model, threads, int8: bool, workdir: str):
     return _ort_session_impl(name, path, threads)
 
 
-def _ort_qdq_impl(name, model, seed, threads, workdir: str):
-    """maskaq's W8A8 student exported as an ONNX QDQ graph (maskaq.export_onnx), run by ONNX Runtime."""
+def _ort_qdq_impl(name, model, seed, threads, workdir: str, weights: str = "int8"):
+    """maskaq's W8A8 student exported as an ONNX QDQ graph (maskaq.export_onnx, weights stored as
+    ``weights``), run by ONNX Runtime."""
     _import_ort()
     from maskaq.integer.qdq import export_onnx
 
-    path = os.path.join(workdir, "model_qdq_w8a8.onnx")
+    path = os.path.join(workdir, f"model_qdq_w8a8_{weights}.onnx")
     if not os.path.exists(path):
-        export_onnx(build_quantized(model, 8, 8, seed), path)
+        export_onnx(build_quantized(model, 8, 8, seed), path, weights=weights)
     return _ort_session_impl(name, path, threads)
 
 
@@ -174,8 +175,8 @@ def build_impl(name: str, model: torch.nn.Module, device: str, args, workdir: st
             return _torch_impl(name, dyn)
         if name in ("ort_fp32", "ort_int8"):
             return _ort_impl(name, model, args.threads, name == "ort_int8", workdir)
-        if name == "ort_qdq":
-            return _ort_qdq_impl(name, model, seed, args.threads, workdir)
+        if name in ("ort_qdq", "ort_qdq_u8"):
+            return _ort_qdq_impl(name, model, seed, args.threads, workdir, "uint8" if name == "ort_qdq_u8" else "int8")
         raise Unavailable(f"{name} is not a CPU implementation")
     # CUDA
     if name in ("fp16", "bf16"):

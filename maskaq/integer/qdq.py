@@ -18,7 +18,12 @@ The values are the fake-quant student's (up to the float rounding of x/α at .5 
   quantizes x − lo with zero point 0, and lo, the grid's lowest level, is added back (P) or folded
   into the next Linear's bias, so that ONNX Runtime still fuses DequantizeLinear → MatMul.
 * Weights are stored on their grid (integer·step) and pass an int8 Q/DQ with the per-channel
-  step, which gives them back exactly; 4-bit weights are int8 values in [-8, 7].
+  step, which gives them back exactly; 4-bit weights are int8 values in [-8, 7]. With
+  ``weights="uint8"`` the pair is uint8 with zero point 128: the same integers, shifted. ONNX
+  Runtime then multiplies uint8 by uint8 (its U8U8 kernels), which adds products in int32 on every
+  x86 CPU. Its U8S8 kernels for int8 weights are faster, but on CPUs without VNNI (AVX2 only) they
+  add pairs of products in int16 with saturation (ONNX Runtime's documented caveat), so 8-bit
+  weights against full 8-bit activations are not exact there; narrower weights never overflow a pair.
 
 The graph has a dynamic batch axis (or a fixed one with ``batch_size``) and opset 17.
 """
@@ -32,9 +37,11 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "OPSET"]
+__all__ = ["export_onnx", "OPSET", "WEIGHT_DTYPES"]
 
 OPSET = 17
+# The storage of the weights' Q/DQ pairs: (zero point, qmin, qmax) of the shifted integers.
+WEIGHT_DTYPES = {"int8": (0, -128, 127), "uint8": (128, 0, 255)}
 
 
 def uint8_zero_point(qmin: int, qmax: int, z: int) -> Optional[int]:
@@ -72,18 +79,20 @@ class _QdqActivation(nn.Module):
 
 
 class _QdqWeight(nn.Module):
-    """A weight quantizer as the on-grid weight behind an int8 per-channel Q/DQ pair."""
+    """A weight quantizer as the on-grid weight behind a per-channel Q/DQ pair stored as ``dtype``
+    (a key of WEIGHT_DTYPES)."""
 
-    def __init__(self, quantizer, weight: torch.Tensor):
+    def __init__(self, quantizer, weight: torch.Tensor, dtype: str = "int8"):
         super().__init__()
         w_int, step = quantizer.integer_weight(weight.detach())
         shape = (-1,) + (1,) * (weight.dim() - 1)
+        zero_point, self.qmin, self.qmax = WEIGHT_DTYPES[dtype]
         self.register_buffer("weight", w_int.float() * step.float().reshape(shape))
         self.register_buffer("step", step.float())
-        self.register_buffer("zeros", torch.zeros(step.numel(), dtype=torch.int32))
+        self.register_buffer("zeros", torch.full((step.numel(),), zero_point, dtype=torch.int32))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # the float weight is not read
-        return torch.fake_quantize_per_channel_affine(self.weight, self.step, self.zeros, 0, -128, 127)
+        return torch.fake_quantize_per_channel_affine(self.weight, self.step, self.zeros, 0, self.qmin, self.qmax)
 
 
 def _fold_lowest_level(module: nn.Module, name: str) -> None:
@@ -102,14 +111,14 @@ def _fold_lowest_level(module: nn.Module, name: str) -> None:
     module.input_quantizer.add_back = False
 
 
-def _qdq_copy(qmodel: nn.Module) -> nn.Module:
+def _qdq_copy(qmodel: nn.Module, weights: str = "int8") -> nn.Module:
     from maskaq.quant.modules import QuantConv2d, QuantLinear, _AttentionQuantizers
     from maskaq.quant.quantizers import LsqActQuantizer
 
     model = copy.deepcopy(qmodel).float().cpu().eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)):
-            module.weight_quantizer = _QdqWeight(module.weight_quantizer, module.weight)
+            module.weight_quantizer = _QdqWeight(module.weight_quantizer, module.weight, weights)
             if module.input_quantizer is not None:
                 module.input_quantizer = _QdqActivation(module.input_quantizer, f"{name}.input_quantizer")
                 if module.input_quantizer.shift:
@@ -125,12 +134,16 @@ def _qdq_copy(qmodel: nn.Module) -> nn.Module:
     return model
 
 
-def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[int] = None) -> Path:
+def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[int] = None,
+                weights: str = "int8") -> Path:
     """Write the fake-quant student ``qmodel`` as an ONNX QDQ graph to ``path`` (see the module doc).
 
     Input "x" (N, C, H, W) normalized like the model's input, output "logits". ``batch_size=None``
-    makes the batch axis dynamic. The graph passes ``onnx.checker``. Raises TypeError/ValueError for
-    a model that is not a calibrated student, naming the module the exporter cannot express.
+    makes the batch axis dynamic. ``weights`` stores the weight integers as "int8" (ONNX Runtime's
+    fastest kernels) or "uint8" (zero point 128: exact in ONNX Runtime on CPUs without VNNI too, at
+    8-bit weights and activations; see the module doc). The graph passes ``onnx.checker``. Raises
+    TypeError/ValueError for a model that is not a calibrated student, naming the module the
+    exporter cannot express, and for an unknown ``weights``.
     """
     from maskaq.quant.modules import plain_attention
     from maskaq.spec import describe_model
@@ -139,7 +152,9 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[
     check_calibrated_student(qmodel, "export_onnx")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1 or None (dynamic), got {batch_size}")
-    model = _qdq_copy(qmodel)
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    model = _qdq_copy(qmodel, weights)
     spec = describe_model(model)
     example = torch.randn(int(batch_size or 1), spec.in_chans, *spec.image_size)
     path = Path(path)
