@@ -170,6 +170,24 @@ def test_onnx_uint8_weights_give_the_int8_graph_logits(tmp_path):
         maskaq.export_onnx(qmodel, tmp_path / "x.onnx", weights="int4")
 
 
+def test_cli_export_notes_the_layers_int8_weights_clip_without_vnni(tmp_path, capsys):
+    from maskaq.cli import main
+    from maskaq.integer.qdq import pair_sum_overflow_layers
+    from maskaq.quant import save_quantized
+    from maskaq import zoo
+
+    teacher = zoo.load("vit_fmnist")
+    qmodel = _student(8, 8, model=teacher)
+    layers = pair_sum_overflow_layers(qmodel)
+    assert layers and "head" in layers and pair_sum_overflow_layers(_student(4, 8, model=teacher)) == []
+    save_quantized(qmodel, tmp_path / "model")
+    argv = ["export", "--model", "vit_fmnist", "--student", str(tmp_path / "model"), "--out", str(tmp_path / "s.onnx")]
+    assert main(argv) == 0
+    assert f"note: {len(layers)} layers have 8-bit weights and 8-bit inputs" in capsys.readouterr().err
+    assert main(argv + ["--onnx-weights", "uint8"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_cli_export_onnx_and_integer(tmp_path):
     from maskaq.cli import main
     from maskaq.quant import save_quantized

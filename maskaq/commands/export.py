@@ -4,6 +4,7 @@ file: an ONNX QDQ graph (``--format onnx``, ONNX Runtime / TensorRT) or maskaq's
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 FORMATS = ("onnx", "integer")
@@ -42,9 +43,14 @@ def run(args) -> int:
     try:
         student = load_quantized(args.student, model).eval()
         if args.format == "onnx":
-            from maskaq.integer.qdq import export_onnx
+            from maskaq.integer.qdq import export_onnx, pair_sum_overflow_layers
 
             path = export_onnx(student, args.out, batch_size=args.batch_size, weights=args.onnx_weights)
+            clipped = pair_sum_overflow_layers(student) if args.onnx_weights == "int8" else []
+            if clipped:
+                print(f"note: {len(clipped)} layers have 8-bit weights and 8-bit inputs; ONNX Runtime's int8 "
+                      "kernels clip them on x86 CPUs without VNNI (AVX2 only). --onnx-weights uint8 is exact "
+                      "there, and slower.", file=sys.stderr)
         else:
             from maskaq.integer import export_integer, save_integer
 

@@ -37,7 +37,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "OPSET", "WEIGHT_DTYPES"]
+__all__ = ["export_onnx", "OPSET", "WEIGHT_DTYPES", "pair_sum_overflow_layers"]
 
 OPSET = 17
 # The storage of the weights' Q/DQ pairs: (zero point, qmin, qmax) of the shifted integers.
@@ -93,6 +93,17 @@ class _QdqWeight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # the float weight is not read
         return torch.fake_quantize_per_channel_affine(self.weight, self.step, self.zeros, 0, self.qmin, self.qmax)
+
+
+def pair_sum_overflow_layers(qmodel: nn.Module) -> list:
+    """Names of the quantized Linear/Conv layers whose int8 weights against their uint8 inputs can
+    overflow an int16 pair sum (8-bit weights, 256-level input grid: 2·255·128 > 32767), the layers
+    that ONNX Runtime's U8S8 kernels clip on CPUs without VNNI unless exported with uint8 weights."""
+    from maskaq.quant.modules import QuantConv2d, QuantLinear
+
+    return [name for name, m in qmodel.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv2d)) and m.wbits == 8 and m.input_quantizer is not None
+            and m.input_quantizer.qmax - m.input_quantizer.qmin == 255]
 
 
 def _fold_lowest_level(module: nn.Module, name: str) -> None:
