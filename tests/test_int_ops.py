@@ -533,7 +533,8 @@ def test_int_attention_kernel_path_on_cpu(monkeypatch, fold, abits):
             quantizer.zero_point.data.fill_(-3.0 if i % 2 else 3.0)
     integer = IntAttention.from_quant(attn, fold=fold)
     x = torch.randn(3, 50, 48, generator=gen(5))
-    with torch.no_grad():
+    with torch.no_grad():  # both paths forced: with several threads the CPU itself takes the kernel
+        monkeypatch.setattr(IntAttention, "_uses_int8_kernel", staticmethod(lambda x: False))
         loop = integer(x)
         monkeypatch.setattr(IntAttention, "_uses_int8_kernel", staticmethod(lambda x: True))
         kernel = integer(x)
