@@ -86,9 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "inherit"),
                         help="OpenMP wait policy of torch's threads; on a shared machine spinning threads "
                              "(ACTIVE, libgomp's default) make every torch timing many times slower. "
-                             "The benchmark re-runs itself in a child process to apply it. PASSIVE also "
-                             "stops ONNX Runtime's threads from spinning after each run, which slowed the "
-                             "next implementation's calls by 25%% on 2 cores.")
+                             "The benchmark re-runs itself in a child process to apply it.")
 
 
 def _resolve(args):
