@@ -112,6 +112,8 @@ def measure(model, images, labels, calib, wbits, abits, batch, kernel, target="i
 
 
 def main(argv=None) -> int:
+    from maskaq.integer.qdq import WEIGHT_DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", nargs="+", default=["8,8", "4,8"], help="wbits,abits pairs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", default="integer", choices=("integer", "onnx"),
                         help="integer: maskaq's integer model; onnx: the ONNX QDQ export in ONNX Runtime")
-    parser.add_argument("--onnx-weights", default="int8", choices=("int8", "uint8"),
+    parser.add_argument("--onnx-weights", default="int8", choices=tuple(WEIGHT_DTYPES),
                         help="onnx: weights stored as int8 (ONNX Runtime's U8S8 kernels, which clip pair "
                              "sums on CPUs without VNNI) or uint8 (its U8U8 kernels, exact)")
     parser.add_argument("--json", default=None)

@@ -12,6 +12,7 @@ FORMATS = ("onnx", "integer")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from maskaq.commands.common import add_model_arguments
+    from maskaq.integer.qdq import WEIGHT_DTYPES
 
     add_model_arguments(parser, device=False,
                         model_help="the student's full-precision architecture: bundled zoo name or timm name")
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .onnx file (onnx) or directory (integer)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="onnx: fixed batch size (none given: a dynamic batch axis)")
-    parser.add_argument("--onnx-weights", default="int8", choices=("int8", "uint8"),
+    parser.add_argument("--onnx-weights", default="int8", choices=tuple(WEIGHT_DTYPES),
                         help="onnx: how the weight integers are stored. int8: ONNX Runtime's fastest "
                              "kernels, which on x86 CPUs without VNNI (AVX2 only) clip 8-bit weights "
                              "against 8-bit activations; uint8 (zero point 128): exact on every CPU, slower")

@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-__all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", "int16_gemm_available",
-           "cpu_integer_path", "onednn_gemm", "split_weights"]
+__all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "pair_sums_overflow_int16", "cpu_int8_pairs_saturate",
+           "int16_gemm_available", "cpu_integer_path", "onednn_gemm", "split_weights"]
 
 # CPU GEMM libraries of IntLinear. "onednn": onednn::qlinear_pointwise on uint8 activations
 # (fused GELU / requantization epilogues; measured faster here); "fbgemm": fbgemm's
@@ -15,6 +15,14 @@ __all__ = ["KERNELS", "DEFAULT_KERNEL", "INT16_MAX", "cpu_int8_pairs_saturate", 
 KERNELS = ("onednn", "fbgemm")
 DEFAULT_KERNEL = "onednn"
 INT16_MAX = 32767
+
+
+def pair_sums_overflow_int16(widest_input: int, weight_int: torch.Tensor) -> bool:
+    """Whether two adjacent products u·w, |u| <= widest_input and w from the integer weights
+    ``weight_int``, can leave int16: the pair sums a saturating int8 GEMM (vpmaddubsw, without
+    VNNI) clips."""
+    widest_weight = int(weight_int.to(torch.int16).abs().max()) if weight_int.numel() else 0
+    return 2 * widest_input * widest_weight > INT16_MAX
 
 
 def _saturation_probe(gemm) -> bool:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq import ops
-from maskaq.integer.cpu_gemm import (DEFAULT_KERNEL, INT16_MAX, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack,
-                                     int16_gemm_available, split_weights)
+from maskaq.integer.cpu_gemm import (DEFAULT_KERNEL, _check_kernel, cpu_int8_pairs_saturate, fbgemm_prepack,
+                                     int16_gemm_available, pair_sums_overflow_int16, split_weights)
 from maskaq.integer.device import _cuda_kernels
 from maskaq.integer.grid import ActGrid, _grid_buffer
 
@@ -119,9 +119,7 @@ class IntLinear(nn.Module):
     def _pairs_overflow_int16(self) -> bool:
         """Whether two adjacent products u·w of this layer's operands can leave int16: the pair sums
         a saturating CPU kernel (see ``cpu_int8_pairs_saturate``) would clip."""
-        widest_u = self._grid.qmax - self._grid.qmin
-        widest_w = int(self.weight_int.to(torch.int16).abs().max()) if self.weight_int.numel() else 0
-        return 2 * widest_u * widest_w > INT16_MAX
+        return pair_sums_overflow_int16(self._grid.qmax - self._grid.qmin, self.weight_int)
 
     def _kernel_weights(self, split: bool):
         """(int8 weights, per-channel scales, bias) the CPU kernel packs. With ``split`` (this CPU's

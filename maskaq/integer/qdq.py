@@ -97,13 +97,18 @@ class _QdqWeight(nn.Module):
 
 def pair_sum_overflow_layers(qmodel: nn.Module) -> list:
     """Names of the quantized Linear/Conv layers whose int8 weights against their uint8 inputs can
-    overflow an int16 pair sum (8-bit weights, 256-level input grid: 2·255·128 > 32767), the layers
-    that ONNX Runtime's U8S8 kernels clip on CPUs without VNNI unless exported with uint8 weights."""
+    overflow an int16 pair sum (``pair_sums_overflow_int16``, as IntLinear decides it: in practice
+    8-bit weights against a 256-level input grid), the layers that ONNX Runtime's U8S8 kernels clip
+    on CPUs without VNNI unless exported with uint8 weights."""
+    from maskaq.integer.cpu_gemm import pair_sums_overflow_int16
     from maskaq.quant.modules import QuantConv2d, QuantLinear
 
+    def overflows(m) -> bool:
+        w_int, _ = m.weight_quantizer.integer_weight(m.weight.detach())
+        return pair_sums_overflow_int16(m.input_quantizer.qmax - m.input_quantizer.qmin, w_int)
+
     return [name for name, m in qmodel.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv2d)) and m.wbits == 8 and m.input_quantizer is not None
-            and m.input_quantizer.qmax - m.input_quantizer.qmin == 255]
+            if isinstance(m, (QuantLinear, QuantConv2d)) and m.input_quantizer is not None and overflows(m)]
 
 
 def _fold_lowest_level(module: nn.Module, name: str) -> None:
