@@ -198,10 +198,8 @@ inline void widen(const int8_t* src, T* dst, int64_t n, int64_t zero_point) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) - z;
 }
 
-// In place over one (N, N) block: probabilities p (float32) -> their integers P̃ = level − z (as T
-// in `dst`), the requantizer's levels (P >= 0 and finite; its clamp keeps round_small in range).
 template <typename T>
-inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requant& pq) {
+inline void quantize_probs_scalar(const float* p, T* dst, int64_t n, const checks::Requant& pq) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(requantize(p[i], pq) - pq.zero_point);
 }
@@ -212,14 +210,19 @@ inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requ
 MASKAQ_CLONES void quantize_probs_float(const float* p, float* dst, int64_t n, const checks::Requant& pq) {
   const int64_t nv = n - n % kLanes;
   for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, vrequantize_levels(vload(p + i), pq) - pq.zero_point);
-  for (int64_t i = nv; i < n; ++i) dst[i] = requantize(p[i], pq) - pq.zero_point;
-}
-
-template <>
-inline void quantize_probs<float>(const float* p, float* dst, int64_t n, const checks::Requant& pq) {
-  quantize_probs_float(p, dst, n, pq);
+  quantize_probs_scalar(p + nv, dst + nv, n - nv, pq);
 }
 #endif
+
+// In place over one (N, N) block: probabilities p (float32) -> their integers P̃ = level − z (as T
+// in `dst`), the requantizer's levels (P >= 0 and finite; its clamp keeps round_small in range).
+template <typename T>
+inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requant& pq) {
+#if defined(MASKAQ_SIMD)
+  if constexpr (std::is_same<T, float>::value) return quantize_probs_float(p, dst, n, pq);
+#endif
+  quantize_probs_scalar(p, dst, n, pq);
+}
 
 struct Args {
   int64_t slices, N, d;
