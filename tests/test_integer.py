@@ -444,6 +444,35 @@ def test_bench_rejects_bad_options():
             bench._resolve(args)
 
 
+def test_bench_wait_policy_default_is_libgomps_own(monkeypatch):
+    """--omp-wait-policy default (the default) times torch as a user runs it: a set OMP_WAIT_POLICY is
+    removed in the child process; PASSIVE / ACTIVE set it; inherit keeps the environment."""
+    import argparse
+    import subprocess
+
+    from maskaq.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).omp_wait_policy == "default"
+    monkeypatch.delenv("MASKAQ_BENCH_CHILD", raising=False)
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env: seen.update(env=env) or argparse.Namespace(returncode=0))
+    for env_policy, flag, child, policy in ((None, "default", False, None), ("PASSIVE", "default", True, None),
+                                            ("PASSIVE", "PASSIVE", False, None), (None, "ACTIVE", True, "ACTIVE"),
+                                            ("PASSIVE", "inherit", False, None)):
+        if env_policy is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", env_policy)
+        args = parser.parse_args(["--omp-wait-policy", flag])
+        assert bench._needs_child(args) == child, (env_policy, flag)
+        if child:
+            seen.clear()
+            assert bench._run_in_child(args) == 0
+            assert seen["env"].get("OMP_WAIT_POLICY") == policy and seen["env"]["MASKAQ_BENCH_CHILD"] == "1"
+
+
 def test_bench_builds_and_runs_integer_impl():
     """The integer impl builds from a timm name and returns logits (timing not asserted)."""
     import argparse

@@ -83,10 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="write the records to this JSON file")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write a speedup-vs-FP plot (PNG)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "inherit"),
-                        help="OpenMP wait policy of torch's threads; on a shared machine spinning threads "
-                             "(ACTIVE, libgomp's default) make every torch timing many times slower. "
-                             "The benchmark re-runs itself in a child process to apply it.")
+    parser.add_argument("--omp-wait-policy", default="default", choices=("default", "PASSIVE", "ACTIVE", "inherit"),
+                        help="OpenMP wait policy of torch's threads. default: libgomp's own, what a user "
+                             "gets (threads spin a while after each parallel region, then sleep; ONNX "
+                             "Runtime's threads spin likewise); PASSIVE: they sleep at once, so every "
+                             "parallel region wakes them (costly for the integer models' many small ops); "
+                             "ACTIVE: they never stop spinning (they take the cores of whatever runs "
+                             "next); inherit: this process's environment. The benchmark re-runs itself "
+                             "in a child process to apply it.")
 
 
 def _resolve(args):
@@ -244,7 +248,8 @@ def plot_speedups(records: list[dict], path: str) -> None:
 
 
 def _needs_child(args) -> bool:
-    return (args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy
+    wanted = None if args.omp_wait_policy == "default" else args.omp_wait_policy
+    return (args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != wanted
             and not os.environ.get("MASKAQ_BENCH_CHILD"))
 
 
@@ -254,8 +259,11 @@ def _run_in_child(args) -> int:
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # maskaq importable there too
-    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy, MASKAQ_BENCH_CHILD="1", PYTHONPATH=path,
+    env = dict(os.environ, MASKAQ_BENCH_CHILD="1", PYTHONPATH=path,
                MASKAQ_BENCH_ARGS=json.dumps(vars(args), default=lambda _: None))
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     code = "import sys, torch; from maskaq.commands.bench import _child_main; sys.exit(_child_main())"
     return subprocess.run([sys.executable, "-c", code], env=env).returncode
 

@@ -253,6 +253,9 @@ def measure_memory_mb(impl: Impl, x: torch.Tensor, device: str) -> float:
     return (impl.weight_bytes + growth) / 2**20
 
 
+_RUNTIME_PAUSE_S = 0.05
+
+
 def time_interleaved(impls: list[Impl], x: torch.Tensor, device: str, rounds: int, iters: int,
                      warmup: int) -> dict[str, float]:
     """Median ms per call of each impl; rounds alternate between impls so load drift hits all."""
@@ -263,6 +266,10 @@ def time_interleaved(impls: list[Impl], x: torch.Tensor, device: str, rounds: in
     sync_device(device)
     for _ in range(rounds):
         for impl in impls:
+            # Spinning threads of the runtime that ran before (libgomp's and ONNX Runtime's both spin
+            # a while after their work) would take this impl's cores: an ORT int8 call right after
+            # torch work took 49-51 ms at DeiT-S batch 1 on 2 cores, 45-47 after this pause.
+            time.sleep(_RUNTIME_PAUSE_S)
             if iters > 1:  # one call to settle caches after the other impl ran (moot for calls of ~0.3 s+)
                 impl.fn(x)
                 sync_device(device)
