@@ -204,6 +204,29 @@ def test_attention_matches_reference_exactly(shape, p_grid, zero_points):
 
 
 @needs_ext
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_attention_product_paths_match_reference_exactly(capability):
+    """Both CPU product paths give the reference's integers: maskaq's int16 GEMM where ATen's
+    capability is AVX2 (forced here on any x86 CPU) and ATen's BLAS elsewhere ("default")."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, itertools, sys; sys.path.insert(0, %r)\n"
+            "from test_int_ops import *\n"
+            "assert torch.backends.cpu.get_cpu_capability() == %r\n"
+            "for shape, grid, zs in itertools.product([(1, 1, 1, 1), (2, 3, 17, 24), (1, 2, 197, 64), (1, 1, 33, 17)],\n"
+            "                                         P_GRIDS, ZERO_POINTS):\n"
+            "    q, k, v, s = attention_inputs(shape, seed=sum(shape))\n"
+            "    args = (s, *p_grid_args(grid, shape[2]), *zs)\n"
+            "    assert torch.equal(torch.ops.maskaq.int8_attention(q, k, v, *args), ref.int8_attention(q, k, v, *args))\n"
+            ) % (os.path.dirname(os.path.abspath(__file__)), capability.upper())
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@needs_ext
 def test_attention_exact_integers_by_hand():
     """Uniform softmax (scale 0: P = 1/N, a level known in advance) and extreme operands with
     zero points: O = level·Σ_j ṽ_j exactly, computed in int64 here."""
