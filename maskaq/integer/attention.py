@@ -81,13 +81,16 @@ class IntAttention(nn.Module):
     @staticmethod
     def _uses_int8_kernel(x: torch.Tensor) -> bool:
         """CUDA with maskaq's kernels and int8 tensor cores (else the float32 products, with a warning).
-        CPU: maskaq's int8_attention op when more than one thread runs. It splits the B·H slices over
-        the threads, where the per-sample loop below parallelizes each small bmm: DeiT-S at batch 8 on
-        2 threads, the attention modules take 116 ms against 137; on one thread the loop, which needs
-        no int8 copies of q, k and v, is about 8% faster. Both give the same integers."""
+        CPU: maskaq's int8_attention op when more than one thread runs, or when ATen's capability is
+        AVX2, where the op's products run on maskaq's int16 GEMM. The op splits the B·H slices over the
+        threads, where the per-sample loop below parallelizes each small bmm; on one thread the loop
+        needs no int8 copies of q, k and v. A DeiT-S block on an AVX2-only EPYC, batch 8: 11.9 ms
+        against 13.2 (2 threads), 22.5 against 24.2 (1 thread); on an AVX-512 Xeon with one thread
+        the loop was about 8% faster. Both give the same integers."""
         if x.is_cuda:
             return _cuda_kernels(x.device) and _has_int8_tensor_cores(x.device.index or 0)
-        return x.device.type == "cpu" and ops.integer_kernels_available(x.device) and torch.get_num_threads() > 1
+        return (x.device.type == "cpu" and ops.integer_kernels_available(x.device)
+                and (torch.get_num_threads() > 1 or torch.backends.cpu.get_cpu_capability() == "AVX2"))
 
     def _kernel_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """O/(α_p·α_v) as (B, N, H·d) from float tensors q, k, v (B, H, N, d) holding the integers q − z
