@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from maskaq import ops
-from maskaq.integer.cpu_gemm import DEFAULT_KERNEL
+from maskaq.integer.cpu_gemm import ATTENTION_INT16, DEFAULT_KERNEL, attention_products_path
 from maskaq.integer.device import _cuda_kernels, _has_int8_tensor_cores
 from maskaq.integer.grid import ActGrid, integer_grid
 from maskaq.integer.linear import IntLinear
@@ -90,7 +90,7 @@ class IntAttention(nn.Module):
         if x.is_cuda:
             return _cuda_kernels(x.device) and _has_int8_tensor_cores(x.device.index or 0)
         return (x.device.type == "cpu" and ops.integer_kernels_available(x.device)
-                and (torch.get_num_threads() > 1 or torch.backends.cpu.get_cpu_capability() == "AVX2"))
+                and (torch.get_num_threads() > 1 or attention_products_path() == ATTENTION_INT16))
 
     def _kernel_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """O/(α_p·α_v) as (B, N, H·d) from float tensors q, k, v (B, H, N, d) holding the integers q − z

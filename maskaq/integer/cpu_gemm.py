@@ -118,18 +118,33 @@ PATH_INT16 = "maskaq int16 GEMM where pairs would saturate (the library adds pai
 PATH_SPLIT = "split-weights where pairs would saturate (the library adds pairs in int16; no AVX2 for maskaq's GEMM)"
 
 
+# What runs IntAttention's two integer products on the CPU (cpu_integer_path); both are exact.
+ATTENTION_INT16 = "maskaq int16 GEMM (ATen's capability is AVX2)"
+ATTENTION_BLAS = "float32 BLAS on the integers (float64 where a sum could round)"
+
+
+def attention_products_path() -> str:
+    """maskaq's int8_attention runs q̃·k̃ᵀ and P̃·ṽ on its int16 GEMM where ATen's capability is
+    exactly AVX2 (with AVX-512, float32 FMA does as many multiply-adds per instruction), else in
+    float32 BLAS, as IntAttention's per-sample loop and the plain-PyTorch reference do."""
+    if int16_gemm_available() and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return ATTENTION_INT16
+    return ATTENTION_BLAS
+
+
 def cpu_integer_path() -> dict:
-    """How this machine runs IntLinear on the CPU: ATen's CPU capability and, per kernel, what runs
-    the layers whose pair sums overflow int16 (8-bit weights against 8-bit activations): the
-    library itself where it adds pairs in int32 (VNNI), else maskaq's int16 GEMM (AVX2), else
-    the library on split weights."""
+    """How this machine runs the integer model on the CPU: ATen's CPU capability; per kernel, what
+    runs the layers whose pair sums overflow int16 (8-bit weights against 8-bit activations): the
+    library itself where it adds pairs in int32 (VNNI), else maskaq's int16 GEMM (AVX2), else the
+    library on split weights; and what runs the attention products."""
     def path(kernel):
         if not cpu_int8_pairs_saturate(kernel):
             return PATH_DIRECT
         return PATH_INT16 if int16_gemm_available() else PATH_SPLIT
 
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{f"{kernel}_int8": path(kernel) for kernel in KERNELS}}
+            **{f"{kernel}_int8": path(kernel) for kernel in KERNELS},
+            "attention_products": attention_products_path()}
 
 
 def _check_kernel(kernel: str) -> str:
