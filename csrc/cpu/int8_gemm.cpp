@@ -8,7 +8,7 @@
 // 8), and what that costs depends on the core. On an AVX-512 Xeon running AVX2 code (one register
 // tile in L1, one core): 32 GMAC/s here, 36 for float32 FMA, 50-57 for the saturating vpmaddubsw,
 // so about FP32's speed. On an AVX2-only AMD EPYC (Zen 3), the CPUs this GEMM exists for, the DeiT-S
-// and ViT-B layers run 1.4-1.9x MKL's FP32 GEMM and 0.8-1.1x oneDNN's saturating int8 GEMM
+// and ViT-B layers run 1.5-1.9x MKL's FP32 GEMM and 0.8-1.2x oneDNN's saturating int8 GEMM
 // (benchmarks/results/bench_int8_gemm_epyc_avx2.json).
 //
 // Layout. The weights W (N, K) are packed once (int8_gemm_pack) into panels of 16 output columns:
