@@ -156,6 +156,7 @@ def _ort_session_impl(name, path, threads):
     # is 25% slower in isolation (DeiT-S FP32, batch 1, 2 cores: 106 ms instead of 85), but in the
     # interleaved rounds here turning spinning off left the torch rows unchanged (FP32 86 vs 87 ms
     # at batch 1, 521 vs 527 at batch 8) and cost ONNX Runtime 4-10% (int8, batch 1: 43 vs 39 ms).
+    # (Measured with torch's threads PASSIVE, before time_interleaved paused between impls.)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def fn(x):
