@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.maskaq-installed
+# checked before a new venv is made: a full disk otherwise fails half-way through pip, in 30 s
+VENV_MIN_FREE_GB ?= 7
 export MAX_JOBS ?= 2
 
 .PHONY: install test test-avx2 fuzz demo bench clean
@@ -11,6 +13,9 @@ export MAX_JOBS ?= 2
 install: $(STAMP)
 
 $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+	@test -x $(PY) || [ $$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}') -ge $(VENV_MIN_FREE_GB) ] || { \
+	  echo "make install: a new $(VENV) needs about 6 GB (torch with its CUDA libraries is 5.5 GB);" \
+	       "only $$(df -Ph . | awk 'NR==2 {print $$4}') is free here. Free some space, or set VENV_MIN_FREE_GB."; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt torch torchvision
