@@ -9,6 +9,7 @@ from torch import nn
 
 from maskaq.integer import IntAttention, IntLinear, IntMlp, export_integer, load_integer, save_integer, set_kernel
 from maskaq.integer.export import pack_int4, unpack_int4
+from maskaq.integer.grid import integer_grid
 from maskaq.quant import QuantLinear, calibrate, quantize_model
 from _models import small_vit
 
@@ -266,11 +267,14 @@ def test_int_attention_matches_fake_quant_attention(abits, fold):
     assert (got - expected).abs().max() < 0.1 * scale
 
 
-def test_int_mlp_fused_equals_unfused_path():
-    qmodel, imodel = _exported_w8a8(seed=3)
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (8, 7), (4, 4)])
+def test_int_mlp_fused_equals_unfused_path(wbits, abits):
+    _, qmodel = _student(wbits, abits, seed=3)
+    imodel = export_integer(qmodel)
     mlp = imodel.blocks[0].mlp
     assert isinstance(mlp, IntMlp)
-    x = torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(0))
+    # 3x the calibration spread: some of fc1's outputs leave fc2's grid, so the fused requantization's clamp is used
+    x = 3 * torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused = mlp(x)
         unfused = mlp.fc2(mlp.act(mlp.fc1(x)))
@@ -280,6 +284,15 @@ def test_int_mlp_fused_equals_unfused_path():
     for other in (unfused, fake):
         close = torch.isclose(fused, other, rtol=1e-4, atol=1e-4 * other.abs().max().item())
         assert close.float().mean() > 0.99
+    if mlp._fusable(x):  # the hidden bytes are u = q − qmin of fc2's grid, clamped to it
+        grid = mlp.fc2.grid
+        with torch.no_grad():
+            y = mlp.fc1(x.reshape(-1, 48))
+            hidden = mlp.fc1.run_uint8(mlp.fc1.quantize_input(x.reshape(-1, 48)), act=mlp.act_name, out=mlp.fc2)
+        reference = integer_grid(mlp.act(y), grid) + (grid.zero_point - grid.qmin)
+        assert (reference == grid.qmax - grid.qmin).any()  # the clamp is reached
+        close = (hidden.float() - reference).abs() <= 1  # oneDNN's GELU and rounding: off by one at most
+        assert close.all() and (hidden.float() == reference).float().mean() > 0.99
 
 
 # -- whole model -----------------------------------------------------------------------------------

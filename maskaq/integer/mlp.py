@@ -13,8 +13,8 @@ __all__ = ["IntMlp"]
 class IntMlp(nn.Module):
     """timm Mlp (fc1 → GELU → fc2) with fc1's GELU and the requantization to fc2's input grid
     fused in fc1's epilogue: fc1 emits uint8 on fc2's grid, so the 4·D-wide hidden activation is
-    written once, as bytes, and never re-read as float (CPU: oneDNN's epilogue, 8-bit fc2 grid;
-    CUDA: maskaq's). Otherwise (e.g. layers on maskaq's int16 GEMM, see ``IntLinear.cpu_gemm``) it
+    written once, as bytes, and never re-read as float (CPU: oneDNN's epilogue, any fc2 grid up to
+    8 bits; CUDA: maskaq's). Otherwise (e.g. layers on maskaq's int16 GEMM, see ``IntLinear.cpu_gemm``) it
     runs fc1, the activation module and fc2 one after the other."""
 
     def __init__(self, fc1: IntLinear, fc2: IntLinear, act: nn.Module):
@@ -25,7 +25,7 @@ class IntMlp(nn.Module):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return (x.device.type == "cpu" and self.act_name is not None and self.fc1.quantized_input
-                and self.fc2.quantized_input and self.fc2.grid.full_uint8 and self.fc1.fuses_epilogue(self.act_name)
+                and self.fc2.quantized_input and self.fc1.fuses_epilogue(self.act_name)
                 and self.fc2.cpu_gemm in ("onednn", "int16"))
 
     def _cuda_fusable(self, x: torch.Tensor) -> bool:
