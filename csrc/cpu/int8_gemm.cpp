@@ -18,8 +18,9 @@
 // number of kRows-row strips, each int32 of a row the int16 pair (u[m][k] − z, u[m][k+1] − z) (16
 // bytes at a time on AVX2). The micro-kernel keeps a kRows × 16 int32 tile in 12 registers; per
 // input pair it loads one panel row (2 vectors), broadcasts one pair from each of the strip's kRows
-// rows and issues 2·kRows vpmaddwd + vpaddd (on Zen 3 two vpmaddwd a cycle bound it: one thread
-// runs DeiT-S's layers at 74-76 GMAC/s, 30-31 of the 32 multiply-adds a cycle at 2.45 GHz). Inputs
+// rows and issues 2·kRows vpmaddwd + vpaddd (on the Zen 3 EPYC one thread runs DeiT-S's layers at
+// 74-76 GMAC/s, 90-93% of the 82 GMAC/s that core's vpmaddwd + vpaddd issue allows in registers:
+// benchmarks/cpu_peaks.c). Inputs
 // are blocked by kDepth so a panel block (16 KB) stays in L1 while every strip of the task's rows
 // passes over it. With a scale (and bias), each tile is turned into float32 acc·scale + bias in
 // place once its last input block is in, while it is still in L1.
