@@ -188,6 +188,26 @@ def test_cli_export_notes_the_layers_int8_weights_clip_without_vnni(tmp_path, ca
     assert "note:" not in capsys.readouterr().err
 
 
+def test_cli_export_integer_notes_the_int16_layers_of_a_saturating_cpu(tmp_path, capsys, monkeypatch):
+    """`maskaq export --format integer` says when W8A8 layers run on maskaq's int16 GEMM (a CPU without
+    VNNI), and not for W8A7, whose pairs never overflow."""
+    from maskaq.cli import main
+    from maskaq.integer import linear
+    from maskaq.quant import save_quantized
+    from maskaq import zoo
+
+    if not linear.int16_gemm_available():
+        pytest.skip("maskaq's int16 GEMM needs the extension and an AVX2 CPU")
+    monkeypatch.setattr(linear, "cpu_int8_pairs_saturate", lambda kernel: True)  # any CPU acts as an AVX2-only one
+    teacher = zoo.load("vit_fmnist")
+    for abits, noted in ((8, True), (7, False)):
+        save_quantized(_student(8, abits, model=teacher), tmp_path / f"a{abits}")
+        assert main(["export", "--model", "vit_fmnist", "--student", str(tmp_path / f"a{abits}"), "--format", "integer",
+                     "--out", str(tmp_path / f"int{abits}")]) == 0
+        err = capsys.readouterr().err
+        assert ("run on maskaq's exact int16 GEMM" in err) == noted, err
+
+
 def test_cli_export_onnx_and_integer(tmp_path):
     from maskaq.cli import main
     from maskaq.quant import save_quantized
