@@ -173,6 +173,11 @@ def test_int_mlp_on_saturating_cpu_matches_fake_quant(monkeypatch, route):
     assert {mlp.fc1.cpu_gemm, mlp.fc2.cpu_gemm} == {"int16" if route == "int16" else "onednn-split"}
     with torch.no_grad():
         got, fake = mlp(x), qmodel.blocks[0].mlp(x)
+        # the unfused path applies GELU in place on fc1's output: the same numbers as the module
+        assert torch.equal(got, mlp.fc2(mlp.act(mlp.fc1(x))))
+        for act in (nn.GELU(approximate="tanh"), nn.ReLU()):
+            other = IntMlp(mlp.fc1, mlp.fc2, act)
+            assert torch.equal(other(x), mlp.fc2(act(mlp.fc1(x))))
     close = torch.isclose(got, fake, rtol=1e-4, atol=1e-4 * fake.abs().max().item())
     assert close.float().mean() > 0.99
 
