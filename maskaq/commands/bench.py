@@ -3,9 +3,10 @@
 Median latency (ms), throughput (images/s) and peak memory of random-init timm models (weights
 do not change latency) for every implementation a user could deploy:
 
-* CPU (``--threads`` threads, default 2): ``fp32`` eager, ``int_w8a8`` / ``int_w4a8`` (maskaq
-  integer export; ``int_w8a7`` on request: 7-bit activations never overflow the int16 pair sums of
-  CPUs without VNNI, so it runs unsplit there), ``torch_dynamic_int8``
+* CPU (``--threads`` threads, default 2): ``fp32`` eager, ``int_w8a8`` / ``int_w8a7`` / ``int_w4a8``
+  (maskaq integer export; 7-bit activations never overflow the int16 pair sums of CPUs without
+  VNNI, so ``int_w8a7`` runs on the int8 library there, where ``int_w8a8`` takes maskaq's exact
+  int16 GEMM: on those CPUs it is the fast exact configuration), ``torch_dynamic_int8``
   (torch.ao.quantization.quantize_dynamic), ``ort_int8`` (onnxruntime.quantization.quantize_dynamic),
   ``ort_qdq`` (maskaq's W8A8 student as an ONNX QDQ graph, ``maskaq.export_onnx``, in ONNX
   Runtime); on request (``--impls``) also ``fakequant`` (maskaq W8A8 fake quant), ``ort_fp32`` and
@@ -44,8 +45,9 @@ CPU_IMPLS = ("fp32", "fakequant", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dyn
              "ort_qdq", "ort_qdq_u8")
 # What a run measures without --impls: the integer models against what a user would otherwise
 # deploy. fakequant and ort_fp32 are slow and informative only for development (--impls adds them);
-# without them the default table took 6 min 40 s on 2 cores (one of them busy) instead of over 40.
-DEFAULT_CPU_IMPLS = ("fp32", "int_w8a8", "int_w4a8", "torch_dynamic_int8", "ort_int8", "ort_qdq")
+# without them the default table took 6 min 40 s on 2 cores (one of them busy) instead of over 40;
+# with int_w8a7 and ort_qdq_u8 added it took 8 min 5 s on the AVX2 EPYC.
+DEFAULT_CPU_IMPLS = ("fp32", "int_w8a8", "int_w8a7", "int_w4a8", "torch_dynamic_int8", "ort_int8", "ort_qdq")
 GPU_IMPLS = ("fp16", "bf16", "fp16_compile", "int_w8a8")
 DEFAULT_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 CPU_BATCHES = (1, 8, 32)
