@@ -249,9 +249,13 @@ def plot_speedups(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _wanted_wait_policy(args):
+    """The OMP_WAIT_POLICY the timed process needs: None (unset) for libgomp's default."""
+    return None if args.omp_wait_policy == "default" else args.omp_wait_policy
+
+
 def _needs_child(args) -> bool:
-    wanted = None if args.omp_wait_policy == "default" else args.omp_wait_policy
-    return (args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != wanted
+    return (args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != _wanted_wait_policy(args)
             and not os.environ.get("MASKAQ_BENCH_CHILD"))
 
 
@@ -264,8 +268,8 @@ def _run_in_child(args) -> int:
     env = dict(os.environ, MASKAQ_BENCH_CHILD="1", PYTHONPATH=path,
                MASKAQ_BENCH_ARGS=json.dumps(vars(args), default=lambda _: None))
     env.pop("OMP_WAIT_POLICY", None)
-    if args.omp_wait_policy != "default":
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if _wanted_wait_policy(args) is not None:
+        env["OMP_WAIT_POLICY"] = _wanted_wait_policy(args)
     code = "import sys, torch; from maskaq.commands.bench import _child_main; sys.exit(_child_main())"
     return subprocess.run([sys.executable, "-c", code], env=env).returncode
 
