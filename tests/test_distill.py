@@ -405,3 +405,32 @@ def test_rounds_driven_from_outside_train_as_fit_does():
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="data_source"):
         QATTrainer(teacher, students[0], cfg, seed=3).fit()
+
+
+def test_the_activation_steps_learn_at_their_own_rate_and_nothing_else_changes():
+    """qat_act_step_lr_scale multiplies the SGD rate of the activation quantizers' steps only: after
+    the same steps on the same images, each step has moved that many times as far (the first step's
+    update is linear in the rate), and the weights and zero points have moved exactly alike."""
+    from maskaq.quant.quantizers import LsqActQuantizer
+    teacher = tiny_vit()
+    students = [tiny_student(teacher) for _ in range(2)]
+    students[1].load_state_dict(students[0].state_dict())
+    before = {k: v.clone() for k, v in students[0].state_dict().items()}
+    for student, scale in zip(students, (1.0, 10.0)):
+        cfg = QATConfig(qat_epochs=1, qat_batch_size=8, refresh_every=0, qat_lr=1.0, qat_warmup_epochs=0,
+                        qat_act_step_lr_scale=scale)
+        QATTrainer(teacher, student, cfg, recording_source(teacher, []), seed=0, progress=False).fit()
+    steps = {f"{n}.step" for n, m in students[0].named_modules() if isinstance(m, LsqActQuantizer)}
+    moved = 0
+    for name, a in students[0].state_dict().items():
+        b = students[1].state_dict()[name]
+        if name in steps:
+            da, db = (a - before[name]).item(), (b - before[name]).item()
+            if abs(da) > 1e-5:  # far above float32's rounding of step + Δ
+                moved += 1
+                assert db == pytest.approx(10 * da, rel=1e-2), name
+        else:
+            assert torch.equal(a, b), name
+    assert moved >= 2  # the rest move by less than float32 resolves at this rate (which is the point)
+    with pytest.raises(ValueError, match="qat_act_step_lr_scale"):
+        QATConfig(qat_act_step_lr_scale=0).validate()

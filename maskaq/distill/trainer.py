@@ -52,6 +52,10 @@ class QATConfig:
     # False: the activation quantizers' steps and zero points keep their calibration and QAT
     # trains the weights only (METHOD.md trains both).
     qat_train_act_quantizers: bool = True
+    # The learning rate of the activation quantizers' steps, as a multiple of qat_lr (1: METHOD.md,
+    # one rate for all). LSQ scales a step's gradient by 1/sqrt(numel·qmax), which suits the public
+    # code's ~60k optimizer steps; in a few hundred steps the grids do not move at all.
+    qat_act_step_lr_scale: float = 1.0
 
     def validate(self) -> "QATConfig":
         if self.qat_epochs < 1 or self.qat_batch_size < 1:
@@ -66,6 +70,8 @@ class QATConfig:
             raise ValueError(f"qat_warmup_epochs must be in [0, qat_epochs), got {self.qat_warmup_epochs}")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if not self.qat_act_step_lr_scale > 0:
+            raise ValueError(f"qat_act_step_lr_scale must be > 0, got {self.qat_act_step_lr_scale}")
         return self
 
 
@@ -140,13 +146,20 @@ class QATTrainer:
         out["total"] = total
         return out
 
-    def _trainable_parameters(self) -> List[nn.Parameter]:
-        frozen_ids = set()
-        if not self.config.qat_train_act_quantizers:
-            from maskaq.quant.quantizers import LsqActQuantizer
-            frozen_ids = {id(p) for m in self.student.modules() if isinstance(m, LsqActQuantizer)
-                          for p in m.parameters()}
-        return [p for p in self.student.parameters() if p.requires_grad and id(p) not in frozen_ids]
+    def _parameter_groups(self) -> List[Dict]:
+        """SGD's parameter groups: the activation quantizers' steps at qat_lr·qat_act_step_lr_scale
+        (when that is not 1), everything else that trains at qat_lr."""
+        from maskaq.quant.quantizers import LsqActQuantizer
+        cfg = self.config
+        quantizers = [m for m in self.student.modules() if isinstance(m, LsqActQuantizer)]
+        steps = {id(m.step) for m in quantizers}
+        frozen = set() if cfg.qat_train_act_quantizers else {id(p) for m in quantizers for p in m.parameters()}
+        trainable = [p for p in self.student.parameters() if p.requires_grad and id(p) not in frozen]
+        if cfg.qat_act_step_lr_scale == 1.0:
+            return [{"params": trainable, "lr": cfg.qat_lr}] if trainable else []
+        groups = [{"params": [p for p in trainable if id(p) not in steps], "lr": cfg.qat_lr},
+                  {"params": [p for p in trainable if id(p) in steps], "lr": cfg.qat_lr * cfg.qat_act_step_lr_scale}]
+        return [g for g in groups if g["params"]]
 
     def rounds(self) -> List[range]:
         """The epochs of each synthesis round: round r trains epochs refresh_epochs[r] up to the next."""
@@ -168,10 +181,10 @@ class QATTrainer:
         whole run with the steps per epoch of the first set)."""
         cfg = self.config
         world = dist_info()[1]
-        params = self._trainable_parameters()
-        if not params:
+        groups = self._parameter_groups()
+        if not groups:
             raise ValueError("the student has no trainable parameters")
-        opt = torch.optim.SGD(params, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
+        opt = torch.optim.SGD(groups, lr=cfg.qat_lr, momentum=cfg.qat_momentum,
                               weight_decay=cfg.qat_weight_decay, nesterov=True)
         if cfg.qat_batch_size % world:
             raise ValueError(f"qat_batch_size ({cfg.qat_batch_size}) must be a multiple of the number of "
