@@ -97,6 +97,34 @@ def table_axes(runs, methods, bits_list):
     return rows, columns
 
 
+def cpu_description() -> str:
+    """'AMD EPYC, ATen AVX2': the CPU and the vector width of ATen's kernels. Low-bit top-1 depends on
+    it: float sums rounded in another order move values across 3- and 4-bit grid edges (W4A4 ptq,
+    seed 0: 86.78% with AVX2 kernels, 86.85% with ATEN_CPU_CAPABILITY=default, 86.51% on an AVX-512
+    machine), so methods are compared on runs from one CPU."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, ATen {torch.backends.cpu.get_cpu_capability()}"
+
+
+def cpus_line(runs) -> str:
+    """The markdown's line on the CPUs the runs came from (runs recorded before stop 28 name none)."""
+    counts = {}
+    for r in runs:
+        counts[r.get("cpu", "not recorded")] = counts.get(r.get("cpu", "not recorded"), 0) + 1
+    listing = "; ".join(f"{cpu}: {n} runs" for cpu, n in sorted(counts.items()))
+    if len(counts) > 1:
+        return (f"Runs from {len(counts)} CPUs ({listing}). Float rounding differs between them and moves "
+                f"low-bit top-1 by up to ~0.3 pt: compare methods on the runs of one CPU.")
+    return f"CPU: {listing}."
+
+
 def aggregate(runs, methods, bits_list, fp):
     table = {}
     for bits in bits_list:
@@ -106,7 +134,7 @@ def aggregate(runs, methods, bits_list, fp):
             m, s = mean_std(accs)
             table.setdefault(bits, {})[method] = {"mean": m, "std": s, "n": len(accs), "seeds": seeds,
                                                   "top1": accs}
-    return {"full_precision_top1": fp, "table": table}
+    return {"full_precision_top1": fp, "table": table, "cpus": cpus_line(runs)}
 
 
 def paired_differences(agg, base="ptq"):
@@ -171,7 +199,7 @@ def markdown(agg, methods, bits_list, meta):
     overrides = "".join(f", {k}={v}" for k, v in sorted(meta["overrides"].items()))
     teacher = meta.get("teacher", "vit_fmnist")
     lines = [f"Fashion-MNIST ViT teacher {teacher}, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}"
-             f"{overrides}; mean ± std over seeds (n)", "", head, "|" + "---|" * (len(bits_list) + 1)]
+             f"{overrides}; mean ± std over seeds (n)", "", agg["cpus"], "", head, "|" + "---|" * (len(bits_list) + 1)]
     for method in methods:
         cells = []
         for bits in bits_list:
@@ -269,7 +297,7 @@ def main(argv=None) -> int:
         acc = evaluate_model(result.model, test, limit, progress=False)
         record = {"pipeline_version": PIPELINE_VERSION, "teacher_sha256": teacher_sha, "method": method, "bits": bits, "seed": seed, "top1": acc["top1"], "top5": acc["top5"],
                   "seconds": time.perf_counter() - t0, "cpu_seconds": result.report["cpu_seconds"], "preset": preset, "limit": limit,
-                  "overrides": meta["overrides"], "nan_retries": result.report["nan_retries"],
+                  "overrides": meta["overrides"], "cpu": cpu_description(), "nan_retries": result.report["nan_retries"],
                   "synthesis_seconds": result.report["synthesis_seconds"],
                   "qat_epoch_losses": result.report["qat"]["epoch_losses"],
                   "synthesis_final_losses": [s.get("final_losses") for s in result.report["qat"]["synthesis"]]}

@@ -60,3 +60,16 @@ def test_accuracy_table_keeps_the_methods_and_bit_widths_already_run():
     rows, columns = bench.table_axes(runs, ["maskaq"], ["W4A4"])
     assert columns == ["W4A4", "W3A3"]
     assert set(rows) == {"ptq", "maskaq", "psaq"} and rows == [m for m in bench.ALL_METHODS if m in rows]
+
+
+def test_accuracy_table_says_which_cpus_its_runs_came_from():
+    """Low-bit top-1 moves with the CPU's float rounding, so the table names the CPUs of its runs
+    and warns when they are more than one."""
+    bench = load_benchmark("accuracy_dfq")
+    assert "ATen" in bench.cpu_description()
+    one = [{"method": "ptq", "bits": "W4A4", "seed": s, "top1": 86.0, "cpu": "X, ATen AVX2"} for s in range(2)]
+    assert bench.cpus_line(one) == "CPU: X, ATen AVX2: 2 runs."
+    mixed = one + [{"method": "ptq", "bits": "W4A4", "seed": 2, "top1": 86.3}]
+    assert "Runs from 2 CPUs" in bench.cpus_line(mixed) and "not recorded: 1 runs" in bench.cpus_line(mixed)
+    agg = bench.aggregate(mixed, ["ptq"], ["W4A4"], fp=88.0)
+    assert "Runs from 2 CPUs" in bench.markdown(agg, ["ptq"], ["W4A4"], {"preset": "cpu", "overrides": {}})
