@@ -62,6 +62,30 @@ def test_accuracy_table_keeps_the_methods_and_bit_widths_already_run():
     assert set(rows) == {"ptq", "maskaq", "psaq"} and rows == [m for m in bench.ALL_METHODS if m in rows]
 
 
+def test_sensitivity_puts_exactly_one_group_at_8_bits():
+    """sensitivity_ptq names each quantizer's group, and its student has that group (and only it)
+    at 8 bits after calibration, the rest at the low bit width."""
+    from maskaq.quant import LsqActQuantizer, WeightQuantizer
+    from maskaq.spec import describe_model
+    from maskaq.synthesis.baselines import gaussian_images
+    from _models import small_vit
+    bench = load_benchmark("sensitivity_ptq")
+    assert bench.quantizer_group("blocks.2.attn.p_quantizer") == "attention P (softmax)"
+    assert bench.quantizer_group("blocks.0.attn.qkv.input_quantizer") == "input of qkv"
+    assert bench.quantizer_group("patch_embed.proj.weight_quantizer") == "weights of patch_embed"
+    assert bench.quantizer_group("head.weight_quantizer") == "weights of head"
+    teacher = small_vit()
+    calib = gaussian_images(describe_model(teacher), 4, 0).images
+    for group in ("attention P (softmax)", "weights of fc1"):
+        student = bench.ptq_student(teacher, 3, 3, calib, group)
+        quantizers = [(n, m) for n, m in student.named_modules() if isinstance(m, (LsqActQuantizer, WeightQuantizer))]
+        high = {n for n, m in quantizers if m.bits == 8}
+        assert high and high == {n for n, _ in quantizers if bench.quantizer_group(n) == group}
+        assert all(m.bits == 3 for n, m in quantizers if n not in high)
+        p = [m for n, m in quantizers if n.endswith("p_quantizer")][0]
+        assert p.qmax - p.qmin == (255 if group.startswith("attention P") else 7)
+
+
 def test_accuracy_table_says_which_cpus_its_runs_came_from():
     """Low-bit top-1 moves with the CPU's float rounding, so the table names the CPUs of its runs
     and warns when they are more than one."""
