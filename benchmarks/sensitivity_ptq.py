@@ -10,6 +10,7 @@ those grids or weights (issue 9: at W4A4 P's grid alone is about half the gap to
 
     python benchmarks/sensitivity_ptq.py                      # W4A4 and W3A3, ~5 minutes a width on 1 core
     python benchmarks/sensitivity_ptq.py --bits W3A3 --seeds 0 1 2 --limit 2000
+    python benchmarks/sensitivity_ptq.py --p-grids            # also: other PTQ grids for P alone
 
 Prints a table and writes JSON (default benchmarks/results/sensitivity_ptq.json).
 """
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--calib-images", type=int, default=32, help="noise images for min-max (preset cpu's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--teacher", default="vit_fmnist")
+    p.add_argument("--p-grids", action="store_true",
+                   help="also the student with other grids for P (least-squares clip, LSQ init, fixed [0, c])")
     p.add_argument("--json", default=str(RESULTS / "sensitivity_ptq.json"))
     return p.parse_args(argv)
 
@@ -72,6 +75,35 @@ def ptq_student(teacher, wbits, abits, calib, high_group=None):
         if quantizer_group(name) == high_group:
             quantizer.bits = 8  # weights: the step follows bits at every forward; activations: calibrated next
     return calibrate(student, calib).eval()
+
+
+P_GRIDS = ("mse", "lsq", "fixed 0.5", "fixed 1")
+
+
+def with_p_grid(student, calib, grid):
+    """Re-make the P quantizers' grids of a calibrated student: "mse"/"lsq" from `calib` with that
+    init (the rest keep theirs), "fixed c" spans [0, c]."""
+    from maskaq.quant import LsqActQuantizer
+    p_quantizers = [m for n, m in student.named_modules() if n.endswith("p_quantizer")]
+    if grid.startswith("fixed"):
+        top = float(grid.split()[1])
+        with torch.no_grad():
+            for q in p_quantizers:
+                q.step.fill_(top / (q.qmax - q.qmin))
+                q.zero_point.fill_(float(q.qmin))
+        return student
+    others = [m for m in student.modules() if isinstance(m, LsqActQuantizer) and m not in p_quantizers]
+    for q in p_quantizers:
+        q.init_method, q._initialized, q.calibrating = grid, False, True
+        q.initialized_flag.fill_(False)
+    try:
+        with torch.no_grad():
+            student(calib)
+    finally:
+        for q in p_quantizers:
+            q.calibrating = False
+    assert all(q.initialized for q in others)
+    return student
 
 
 def main(argv=None) -> int:
@@ -104,13 +136,19 @@ def main(argv=None) -> int:
             for group in rows:
                 rows[group].append(top1(ptq_student(teacher, wbits, abits, calib, group)))
                 print(f"{bits} seed {seed} {group or 'all at ' + bits}: {rows[group][-1]:.2f}", file=sys.stderr, flush=True)
+        if args.p_grids:
+            for grid in P_GRIDS:
+                rows[f"P grid: {grid}"] = []
+                for seed in args.seeds:
+                    calib = gaussian_images(spec, args.calib_images, seed).images
+                    rows[f"P grid: {grid}"].append(top1(with_p_grid(ptq_student(teacher, wbits, abits, calib), calib, grid)))
         base = statistics.mean(rows[None])
         out["bits"][bits] = {"all_low": base, "groups": {g: statistics.mean(v) for g, v in rows.items() if g},
                              "per_seed": {g or "all_low": v for g, v in rows.items()}}
         print(f"\n{bits}: FP {fp:.2f}, every quantizer at {bits} {base:.2f} (gap {fp - base:.2f} pt); "
               f"one group at 8 bits, mean of seeds {args.seeds}:\n")
         print("| group at 8 bits | top-1 | gain | share of the gap |\n|---|---|---|---|")
-        for g in sorted(groups, key=lambda g: -statistics.mean(rows[g])):
+        for g in sorted(groups, key=lambda g: -statistics.mean(rows[g])) + [g for g in rows if g and g.startswith("P grid")]:
             gain = statistics.mean(rows[g]) - base
             print(f"| {g} | {statistics.mean(rows[g]):.2f} | {gain:+.2f} | {gain / max(fp - base, 1e-9):.0%} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The method registry (maskaq.methods): one record per method, read by the pipeline and the CLI."""
 import pytest
+import torch
 
 from maskaq import methods
 from maskaq.pipeline import build_config, config_keys
@@ -97,3 +98,24 @@ def test_accuracy_table_says_which_cpus_its_runs_came_from():
     assert "Runs from 2 CPUs" in bench.cpus_line(mixed) and "not recorded: 1 runs" in bench.cpus_line(mixed)
     agg = bench.aggregate(mixed, ["ptq"], ["W4A4"], fp=88.0)
     assert "Runs from 2 CPUs" in bench.markdown(agg, ["ptq"], ["W4A4"], {"preset": "cpu", "overrides": {}})
+
+
+def test_sensitivity_p_grids_span_what_they_say():
+    """--p-grids: "fixed c" puts all of P's levels on [0, c]; "mse" re-calibrates P alone."""
+    from maskaq.spec import describe_model
+    from maskaq.synthesis.baselines import gaussian_images
+    from _models import small_vit
+    bench = load_benchmark("sensitivity_ptq")
+    teacher = small_vit()
+    calib = gaussian_images(describe_model(teacher), 4, 0).images
+    student = bench.with_p_grid(bench.ptq_student(teacher, 4, 4, calib), calib, "fixed 0.5")
+    p = [m for n, m in student.named_modules() if n.endswith("p_quantizer")][0]
+    levels = torch.arange(p.qmin, p.qmax + 1, dtype=torch.float32)
+    grid = (levels - p.zero_point.detach().round()) * p.step.detach()
+    assert grid.min().item() == pytest.approx(0.0, abs=1e-7) and grid.max().item() == pytest.approx(0.5)
+    before = bench.ptq_student(teacher, 4, 4, calib)
+    after = bench.with_p_grid(bench.ptq_student(teacher, 4, 4, calib), calib, "mse")
+    steps = lambda m: {n: q.step.item() for n, q in m.named_modules() if hasattr(q, "zero_point")}  # noqa: E731
+    b, a = steps(before), steps(after)
+    assert any(a[n] != b[n] for n in a if n.endswith("p_quantizer"))
+    assert all(a[n] == b[n] for n in a if not n.endswith("p_quantizer"))
