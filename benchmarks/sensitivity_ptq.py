@@ -83,7 +83,6 @@ P_GRIDS = ("mse", "lsq", "fixed 0.5", "fixed 1")
 def with_p_grid(student, calib, grid):
     """Re-make the P quantizers' grids of a calibrated student: "mse"/"lsq" from `calib` with that
     init (the rest keep theirs), "fixed c" spans [0, c]."""
-    from maskaq.quant import LsqActQuantizer
     p_quantizers = [m for n, m in student.named_modules() if n.endswith("p_quantizer")]
     if grid.startswith("fixed"):
         top = float(grid.split()[1])
@@ -92,18 +91,8 @@ def with_p_grid(student, calib, grid):
                 q.step.fill_(top / (q.qmax - q.qmin))
                 q.zero_point.fill_(float(q.qmin))
         return student
-    others = [m for m in student.modules() if isinstance(m, LsqActQuantizer) and m not in p_quantizers]
-    for q in p_quantizers:
-        q.init_method, q._initialized, q.calibrating = grid, False, True
-        q.initialized_flag.fill_(False)
-    try:
-        with torch.no_grad():
-            student(calib)
-    finally:
-        for q in p_quantizers:
-            q.calibrating = False
-    assert all(q.initialized for q in others)
-    return student
+    from maskaq.quant import calibrate
+    return calibrate(student, calib, init=grid, only=lambda name: name.endswith("p_quantizer"))
 
 
 def main(argv=None) -> int:

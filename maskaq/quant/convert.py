@@ -9,7 +9,7 @@ input) use 8 bits whatever ``wbits`` / ``abits`` are.
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -225,8 +225,10 @@ def _first_batch(batches) -> torch.Tensor:
     return first
 
 
-def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: str = "minmax") -> nn.Module:
-    """Initialize every activation quantizer of ``qmodel`` under no_grad.
+def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: str = "minmax",
+              only: Optional[Callable[[str], bool]] = None) -> nn.Module:
+    """Initialize every activation quantizer of ``qmodel`` under no_grad (with ``only``, those whose
+    module name it accepts; the others keep their grids).
 
     ``init``: "minmax" (the default: each grid spans the observed range), "lsq" (METHOD.md's
     α = 2·mean|x|/sqrt(qmax), which clips large activations such as softmax peaks) or
@@ -250,6 +252,10 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: s
     quantizers = activation_quantizers(qmodel)
     if not quantizers:
         raise ValueError(f"{type(qmodel).__name__} has no activation quantizers; pass a model made by quantize_model")
+    chosen = {name: q for name, q in qmodel.named_modules()
+              if isinstance(q, LsqActQuantizer) and (only is None or only(name))}
+    if not chosen:
+        raise ValueError("`only` accepts none of the model's activation quantizers")
     images = _first_batch(batches)
     param = next(qmodel.parameters())
     images = images.to(device=param.device)
@@ -257,9 +263,7 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: s
     qmodel.eval()
     if init not in CALIBRATION_INITS:
         raise ValueError(f"unknown activation init {init!r}; choose one of {', '.join(CALIBRATION_INITS)}")
-    for name, quantizer in qmodel.named_modules():
-        if not isinstance(quantizer, LsqActQuantizer):
-            continue
+    for name, quantizer in chosen.items():
         if init in ("lsq_pminmax", "mse_pminmax"):
             quantizer.init_method = "minmax" if name.endswith("p_quantizer") else init.split("_")[0]
         else:
@@ -271,14 +275,14 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: s
         with torch.no_grad():
             qmodel(images)
     finally:
-        for quantizer in quantizers:
+        for quantizer in chosen.values():
             quantizer.calibrating = False
         qmodel.train(was_training)
-    missed = [name for name, m in qmodel.named_modules() if isinstance(m, LsqActQuantizer) and not m.initialized]
+    missed = [name for name, m in chosen.items() if not m.initialized]
     if missed:
         raise RuntimeError(f"{len(missed)} activation quantizers saw no input during calibration "
                            f"(first: {missed[0]}); the model's forward skips them")
-    _sync_from_rank0(quantizers)
+    _sync_from_rank0(list(chosen.values()))
     return qmodel
 
 
