@@ -24,6 +24,7 @@ from torch import nn
 
 from maskaq.distill.losses import head_distillation_loss, kd_loss
 from maskaq.distill.augment import QATAugment
+from maskaq.distill.guard import MAX_BAD_BATCHES, QATDiverged, StepGuard
 from maskaq.spec import ModelSpec, describe_model
 from maskaq.runtime import SeedStream, batch_seed, dist_info, progress_bar
 from maskaq.synthesis.synthesizer import SyntheticSet
@@ -196,11 +197,12 @@ class QATTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: _cosine(s + offset, total_steps, cfg.qat_lr_min_factor))
         model = nn.parallel.DistributedDataParallel(self.student) if world > 1 else self.student
+        self._guard = StepGuard(self.student, opt)
         # epoch / batch: where training stands (the next epoch, and the batches of it already done),
         # running / count: that epoch's loss sum so far; all of it is in state_dict()
         self._run = {"opt": opt, "sched": sched, "model": model, "step_no": 0, "optimizer_steps": 0,
                      "epoch_losses": [], "epoch": 0, "batch": 0, "running": 0.0, "count": 0,
-                     "g_aug": torch.Generator(device=self.device)}
+                     "skipped_batches": 0, "bad_in_a_row": 0, "g_aug": torch.Generator(device=self.device)}
 
     def state_dict(self) -> Dict:
         """Everything a resumed run needs to continue bit-identically (with the student's own state)."""
@@ -208,6 +210,7 @@ class QATTrainer:
         if run is None:
             return {"started": False, "refresh_log": list(self.refresh_log)}
         return dict({k: run[k] for k in _RUN_COUNTERS}, epoch_losses=list(run["epoch_losses"]), started=True,
+                    clamped_steps=self._guard.clamped,
                     opt=run["opt"].state_dict(), sched=run["sched"].state_dict(), refresh_log=list(self.refresh_log))
 
     def load_state_dict(self, state: Dict, n_images: int) -> None:
@@ -221,7 +224,8 @@ class QATTrainer:
         run["opt"].load_state_dict(state["opt"])
         run["sched"].load_state_dict(state["sched"])
         for k in _RUN_COUNTERS:
-            run[k] = state[k]
+            run[k] = state.get(k, 0)  # counters added later are 0 in an older checkpoint
+        self._guard.clamped = state.get("clamped_steps", 0)
         run["epoch_losses"] = list(state["epoch_losses"])
 
     def train_round(self, data: SyntheticSet, epochs: range, on_step: Optional[Callable[[], None]] = None) -> None:
@@ -270,29 +274,52 @@ class QATTrainer:
                 # the images are those of a one-process run; DDP averages the rank gradients.
                 images = images[rank::world]
                 terms = self.step_loss(images, run["model"])
+                loss = float(terms["total"].detach())
                 run["opt"].zero_grad(set_to_none=True)
-                terms["total"].backward()
-                run["opt"].step()
-                run["sched"].step()
+                if _all_ranks_finite(loss, world):
+                    run["bad_in_a_row"] = 0
+                    terms["total"].backward()
+                    self._guard.before()
+                    run["opt"].step()
+                    self._guard.after()
+                    run["optimizer_steps"] += 1
+                    run["running"] += loss
+                    run["count"] += 1
+                    run["sched"].step()
+                else:
+                    self._skip_bad_batch(epoch, i, terms)
                 run["step_no"] += 1
-                run["optimizer_steps"] += 1
-                run["running"] += float(terms["total"].detach())
-                run["count"] += 1
                 run["batch"] = i + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{run['running'] / run['count']:.4f}")
+                if run["count"]:
+                    bar.set_postfix(loss=f"{run['running'] / run['count']:.4f}")
                 if on_step is not None:
                     on_step()
         run["epoch_losses"].append(run["running"] / max(run["count"], 1))
         run["epoch"], run["batch"], run["running"], run["count"] = epoch + 1, 0, 0.0, 0
 
+    def _skip_bad_batch(self, epoch: int, index: int, terms: Dict[str, torch.Tensor]) -> None:
+        """A batch whose loss is NaN or infinite trains nothing; too many in a row stop the run."""
+        run = self._run
+        run["skipped_batches"] += 1
+        run["bad_in_a_row"] += 1
+        if run["bad_in_a_row"] >= MAX_BAD_BATCHES:
+            parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+            raise QATDiverged(
+                f"QAT diverged: the loss was NaN or infinite for {run['bad_in_a_row']} batches in a row "
+                f"(epoch {epoch + 1}, batch {index + 1}; {parts}); the student was not updated by them, and a "
+                "run with a checkpoint directory keeps the last saved state. Try a lower qat_lr, or check the "
+                "teacher's outputs on the images (an inf logit)")
+
     def report(self) -> Dict:
-        run = self._run or {"step_no": 0, "optimizer_steps": 0, "epoch_losses": []}
+        run = self._run or {"step_no": 0, "optimizer_steps": 0, "epoch_losses": [], "skipped_batches": 0}
         return {
             "epochs": self.config.qat_epochs,
             "warmup_epochs": self.config.qat_warmup_epochs,  # epoch_losses starts after them
             "steps": run["step_no"],
             "optimizer_steps": run["optimizer_steps"],
+            "skipped_batches": run["skipped_batches"],  # non-finite losses, not trained on
+            "clamped_steps": self._guard.clamped if self._run else 0,  # LSQ step updates held at half
             "refresh_epochs": [r["epoch"] for r in self.refresh_log],
             "epoch_losses": run["epoch_losses"],
             "seconds": time.perf_counter() - self._started,
@@ -302,7 +329,22 @@ class QATTrainer:
 
 
 # The training position and loss counters of QATTrainer._run that state_dict() carries as they are.
-_RUN_COUNTERS = ("step_no", "optimizer_steps", "epoch", "batch", "running", "count")
+_RUN_COUNTERS = ("step_no", "optimizer_steps", "epoch", "batch", "running", "count", "skipped_batches",
+                 "bad_in_a_row")
+
+
+def _all_ranks_finite(loss: float, world: int) -> bool:
+    """Whether the loss is finite on every rank (all ranks skip a batch together, or none does: DDP's
+    backward is collective)."""
+    finite = math.isfinite(loss)
+    if world > 1:
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if finite else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() > 0)
+    return finite
 
 
 def _cosine(step: int, total: int, min_factor: float) -> float:
