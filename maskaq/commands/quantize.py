@@ -73,11 +73,15 @@ def _run(args) -> int:
     out = Path(args.out)
     rank, _ = dist_info()
     from maskaq.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+    from maskaq.distill.guard import QATDiverged
     try:
         result = run_pipeline(model, args.wbits, args.abits, method=args.method, seed=args.seed, config=config,
                               checkpoint_dir=out / "checkpoint", resume=args.resume)
     except (FileExistsError, CheckpointMismatchError, CorruptCheckpointError) as exc:
         raise _cli_error(str(exc)) from None
+    except QATDiverged as exc:
+        raise _cli_error(f"{exc}. The run up to its last save is in {out / 'checkpoint'} "
+                         "(--resume continues it with the same settings)") from None
     report = dict(result.report, preset=args.preset, model=args.model, checkpoint=args.checkpoint)
     if val is not None:
         report["val"] = {"path": args.val, "limit": args.val_limit}
