@@ -2,7 +2,10 @@
 
 Nothing here downloads: `load("vit_fmnist")` reads the weights shipped in this directory and
 `create(timm_name, checkpoint=path)` builds a timm architecture with pretrained=False and loads a
-local .pth/.pt/.bin/.safetensors file.
+local .pth/.pt/.bin/.safetensors file. A bundled model may also be derived from another by a
+function-preserving transform (NAME.json with ``derived_from``, no weights of its own):
+``vit_fmnist_outliers`` is the bundled teacher with a pretrained ViT's channel outliers
+(maskaq.zoo.outliers).
 """
 from __future__ import annotations
 
@@ -12,14 +15,28 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ZOO_DIR", "available", "load", "weights_file", "create", "load_state_dict", "load_checkpoint"]
+from maskaq.zoo.outliers import activation_statistics, add_channel_outliers
+
+__all__ = ["ZOO_DIR", "available", "load", "weights_file", "create", "load_state_dict", "load_checkpoint",
+           "add_channel_outliers", "activation_statistics"]
 
 ZOO_DIR = Path(__file__).resolve().parent
 
 
+def _derived_from(config_path: Path) -> Optional[str]:
+    """The base model a zoo .json derives its model from, or None for a model with its own weights."""
+    try:
+        return json.loads(config_path.read_text()).get("derived_from")
+    except (OSError, ValueError):
+        return None
+
+
 def available() -> list:
-    """Names of the bundled models (those whose .json and .safetensors both ship)."""
-    return sorted(p.stem for p in ZOO_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    """Names of the bundled models (those whose .json and .safetensors both ship, and those derived
+    from one of them)."""
+    own = {p.stem for p in ZOO_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file()}
+    derived = {p.stem for p in ZOO_DIR.glob("*.json") if p.stem not in own and _derived_from(p) in own}
+    return sorted(own | derived)
 
 
 def weights_file(name: str, directory=None) -> Path:
@@ -29,6 +46,8 @@ def weights_file(name: str, directory=None) -> Path:
 
 def _read_config(name: str, directory: Path = ZOO_DIR) -> dict:
     config_path = Path(directory) / f"{name}.json"
+    if Path(directory) == ZOO_DIR and name in available() and not config_path.with_suffix(".safetensors").is_file():
+        return json.loads(config_path.read_text())  # derived from another bundled model
     if not config_path.is_file() or not config_path.with_suffix(".safetensors").is_file():
         if Path(directory) != ZOO_DIR:
             raise ValueError(f"no model {name!r} in {directory}: it needs {name}.json and {name}.safetensors "
@@ -56,6 +75,12 @@ def load(name: str = "vit_fmnist", device=None, directory=None) -> torch.nn.Modu
 
     directory = ZOO_DIR if directory is None else Path(directory)
     config = _read_config(name, directory)
+    if config.get("derived_from"):
+        model = add_channel_outliers(load(config["derived_from"]), inplace=True, **config["channel_outliers"])
+        cfg = dict(model.pretrained_cfg)
+        cfg.update(config.get("pretrained_cfg", {}), architecture=name)
+        _set_pretrained_cfg(model, cfg)
+        return model.to(device) if device is not None else model
     model = VisionTransformer(**config["model_args"])
     state = load_file(str(weights_file(name, directory)))
     _load_strict(model, state, f"{name}.safetensors")

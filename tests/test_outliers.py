@@ -1,0 +1,124 @@
+"""add_channel_outliers: a function-preserving transform that gives any timm ViT/DeiT/Swin a pretrained
+ViT's post-LayerNorm channel outliers, and the realistic teacher the zoo builds with it."""
+import pytest
+import torch
+from torch import nn
+
+from maskaq import zoo
+from maskaq.zoo.outliers import MAX_SCALE_OVER_RATIO, activation_statistics, add_channel_outliers, outlier_pairs
+
+
+def _randomize_norms(model, seed=0):
+    """LayerNorm gains and biases that are not timm's (1, 0) init, so that the transform's bias term and
+    its choice of scale per channel are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.3, 1.5, generator=g)
+                               * torch.where(torch.rand(m.weight.shape, generator=g) < 0.2, -1.0, 1.0))
+                m.bias.normal_(0, 0.3, generator=g)
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.1, generator=g)
+    return model
+
+
+def _models():
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    return {  # name: (model, input size)
+        "vit_token": (VisionTransformer(**vit), (1, 28, 28)),
+        "vit_avg_fc_norm": (VisionTransformer(**vit, global_pool="avg", fc_norm=True), (1, 28, 28)),
+        "deit_distilled": (timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32,
+                                             depth=2, num_classes=5), (3, 32, 32)),
+        "swin": (timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                                   depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 2, 2), num_classes=5),
+                 (3, 56, 56)),
+    }
+
+
+@pytest.mark.parametrize("name", ["vit_token", "vit_avg_fc_norm", "deit_distilled", "swin"])
+def test_the_transform_keeps_the_function_and_widens_the_chosen_channels(name):
+    model, size = _models()[name]
+    model = _randomize_norms(model).double().eval()
+    x = torch.randn(3, *size, dtype=torch.float64)
+    ratio = 10.0
+    out = add_channel_outliers(model, ratio=ratio, fraction=0.1, seed=1)
+    assert out is not model
+    # float64 all through: the function is kept up to rounding (|logits| are O(1), rounding ~1e-16)
+    torch.testing.assert_close(out(x), model(x), rtol=0, atol=1e-10)
+    pairs, pairs_before = outlier_pairs(out), outlier_pairs(model)
+    assert len(pairs) >= 2 * len([m for m in model.modules() if hasattr(m, "norm2")])
+    recorded = out.pretrained_cfg["channel_outliers"]
+    for (_, norm, lins), (_, norm0, lins0) in zip(pairs, pairs_before):
+        lin, lin0 = lins[-1], lins0[-1]  # DeiT distilled's final norm feeds two heads: the second one
+        idx = torch.tensor(recorded["channels"][str(norm.weight.numel())])
+        assert len(idx) == max(1, round(0.1 * norm.weight.numel()))
+        others = torch.ones(norm.weight.numel(), dtype=torch.bool)
+        others[idx] = False
+        assert torch.equal(norm.weight[others], norm0.weight[others]) and torch.equal(lin.weight[:, others], lin0.weight[:, others])
+        target = ratio * norm0.weight.abs().median()
+        scale = norm.weight[idx] / norm0.weight[idx]
+        assert bool((scale >= 1).all()) and bool((scale <= ratio * MAX_SCALE_OVER_RATIO).all())
+        widened = norm0.weight[idx].abs() < target
+        torch.testing.assert_close(norm.weight[idx][widened].abs(), target.expand(int(widened.sum())))
+        torch.testing.assert_close(norm.bias[idx], norm0.bias[idx] * scale)
+        torch.testing.assert_close(lin.weight[:, idx], lin0.weight[:, idx] / scale)
+
+
+def test_outlier_channels_are_the_same_in_every_block_and_follow_the_seed():
+    model = _models()["vit_token"][0]
+    a = add_channel_outliers(model, seed=0, fraction=0.1).pretrained_cfg["channel_outliers"]["channels"]
+    b = add_channel_outliers(model, seed=0, fraction=0.1).pretrained_cfg["channel_outliers"]["channels"]
+    c = add_channel_outliers(model, seed=5, fraction=0.1).pretrained_cfg["channel_outliers"]["channels"]
+    assert a == b and a != c
+    widened = add_channel_outliers(model, ratio=20.0, seed=0, fraction=0.1)
+    moved = [torch.nonzero(n.weight != n0.weight).flatten().tolist()
+             for (_, n, _), (_, n0, _) in zip(outlier_pairs(widened), outlier_pairs(model))]
+    assert all(set(m) <= set(a["32"]) for m in moved) and any(m for m in moved)
+
+
+def test_activation_statistics_measure_the_widened_channels():
+    model = _randomize_norms(_models()["vit_token"][0]).eval()
+    x = torch.randn(16, 1, 28, 28)
+    plain = activation_statistics(model, x)
+    wide = activation_statistics(add_channel_outliers(model, ratio=16.0, fraction=0.1), x)
+    assert plain["channel_range_ratio"] < 4 and wide["channel_range_ratio"] > 8
+    assert wide["outlier_channels"] >= 1 > plain["outlier_channels"] - 1e-9
+    # what a function-preserving transform of the norms cannot change: attention and the residual stream
+    for key in ("p_below_1_over_n", "p_max", "p_top5pct_mass", "residual_absmax_over_median",
+                "ln_input_channel_range_ratio"):
+        assert wide[key] == pytest.approx(plain[key], rel=1e-4), key
+    assert 0 < plain["p_max"] <= 1 and 0 < plain["p_below_1_over_n"] < 1
+
+
+def test_bad_arguments_are_refused():
+    model = _models()["vit_token"][0]
+    with pytest.raises(ValueError, match="ratio must be a finite number >= 1, got 0.5"):
+        add_channel_outliers(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        add_channel_outliers(model, fraction=0)
+    with pytest.raises(ValueError, match="Sequential has no LayerNorm feeding a Linear"):
+        add_channel_outliers(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+
+
+@pytest.mark.skipif("vit_fmnist" not in zoo.available(), reason="bundled teacher missing")
+def test_the_realistic_teacher_computes_the_bundled_function_with_published_outliers():
+    from maskaq.data import fashion_mnist
+    from maskaq.evaluation import evaluate_model
+
+    assert "vit_fmnist_outliers" in zoo.available()
+    plain, outliers = zoo.load("vit_fmnist"), zoo.load("vit_fmnist_outliers")
+    assert outliers.pretrained_cfg["architecture"] == "vit_fmnist_outliers"
+    assert outliers.pretrained_cfg["channel_outliers"]["ratio"] == 8.0
+    test = fashion_mnist("test")
+    top1 = [evaluate_model(m, test, progress=False)["top1"] for m in (plain, outliers)]
+    assert abs(top1[0] - top1[1]) <= 0.05, top1
+    x = test.images[:64]
+    stats = activation_statistics(outliers, x)
+    # zoo/vit_fmnist_outliers.json documents a widest-to-median post-LayerNorm channel range near 8
+    assert 6 <= stats["channel_range_ratio"] <= 10 and stats["outlier_channels"] >= 2
+    assert activation_statistics(plain, x)["channel_range_ratio"] < 3
