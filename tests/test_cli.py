@@ -54,9 +54,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--preset", "quick", "--limit", "64", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "full precision" in printed and "maskaq" in printed and "gaussian" in printed
+    assert "vit_fmnist_outliers on Fashion-MNIST" in printed and "full precision" in printed
+    assert all(f"W4A4 {m} " in printed for m in ("ptq", "gaussian", "maskaq"))
+    assert "The data decides here" in printed
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["methods"]) == {"gaussian", "maskaq"}
+    from maskaq.data import DEBIAN_FMNIST_ROOT
+    real = {"real"} if (DEBIAN_FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file() else set()
+    assert set(summary["methods"]) == {"ptq", "gaussian", "maskaq"} | real and summary["teacher"] == "vit_fmnist_outliers"
     assert (out / "maskaq_images.png").is_file() and (out / "gaussian_images.png").is_file()
 
 
