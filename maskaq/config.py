@@ -36,6 +36,10 @@ class PipelineConfig:
     # costs the 3-bit grids more than noise's ranges do.
     calib_data: str = "noise"
     real_data: Any = None  # Dataset of (image, label) for method "real"
+    # > 0: before quantizing, narrow every post-LayerNorm channel wider than this many times its
+    # LayerNorm's median (ranges measured on the calibration noise) and fold the change into the
+    # weights (maskaq.quant.reparam, RepQ-ViT's reparameterization); 0: off, as the public code.
+    equalize_ln_ratio: float = 0.0
     progress: Optional[bool] = None  # tqdm bars (None: only on a terminal)
     # With a checkpoint directory: the QAT state is saved every this many optimizer steps and at
     # least every this many seconds (and at the end of every round).
@@ -119,6 +123,8 @@ def build_config(method: str = "maskaq", preset: str = "cpu", **overrides) -> Fu
     pipeline = PipelineConfig(**parts["pipeline"])
     if pipeline.calib_data not in ("images", "noise", "mixed"):
         raise ValueError(f"calib_data must be images, noise or mixed, got {pipeline.calib_data!r}")
+    if not pipeline.equalize_ln_ratio == 0 and not pipeline.equalize_ln_ratio >= 1:
+        raise ValueError(f"equalize_ln_ratio must be 0 (off) or >= 1, got {pipeline.equalize_ln_ratio!r}")
     if pipeline.calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {pipeline.calib_images}")
     from maskaq.quant.convert import CALIBRATION_INITS

@@ -99,10 +99,15 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
     teacher = model.eval()
     spec = describe_model(teacher)
     dev = next(teacher.parameters()).device
-    student = quantize_model(teacher, wbits, abits, first_last_8bit=cfg.pipeline.first_last_8bit,
+    n_calib = cfg.pipeline.calib_images
+    base = teacher
+    if cfg.pipeline.equalize_ln_ratio:  # the same function with narrower post-LayerNorm channels
+        from maskaq.quant.reparam import equalize_layernorm_channels
+        base = equalize_layernorm_channels(teacher, gaussian_images(spec, n_calib, seed, device=dev).images.to(dev),
+                                           cfg.pipeline.equalize_ln_ratio)
+    student = quantize_model(base, wbits, abits, first_last_8bit=cfg.pipeline.first_last_8bit,
                              weight_method=cfg.pipeline.weight_method)
     student.to(dev)
-    n_calib = cfg.pipeline.calib_images
     calibrated_on = None
     if record.student_in_loop(cfg.synthesis):
         # Q is in the synthesis loop from round 0, so it needs ranges before any image exists:

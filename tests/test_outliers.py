@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from maskaq import zoo
-from maskaq.zoo.outliers import MAX_SCALE_OVER_RATIO, activation_statistics, add_channel_outliers, outlier_pairs
+from maskaq.quant.reparam import layernorm_linear_pairs as outlier_pairs
+from maskaq.zoo.outliers import MAX_SCALE_OVER_RATIO, activation_statistics, add_channel_outliers
 
 
 def _randomize_norms(model, seed=0):
@@ -122,3 +123,31 @@ def test_the_realistic_teacher_computes_the_bundled_function_with_published_outl
     # zoo/vit_fmnist_outliers.json documents a widest-to-median post-LayerNorm channel range near 8
     assert 6 <= stats["channel_range_ratio"] <= 10 and stats["outlier_channels"] >= 2
     assert activation_statistics(plain, x)["channel_range_ratio"] < 3
+
+
+# ------------------------------------------------------------------ the inverse: equalize_layernorm_channels
+@pytest.mark.parametrize("name", ["vit_token", "deit_distilled", "swin"])
+def test_equalizing_the_channels_keeps_the_function_and_narrows_the_outliers(name):
+    from maskaq.quant.reparam import equalize_layernorm_channels
+    model, size = _models()[name]
+    wide = add_channel_outliers(_randomize_norms(model).double().eval(), ratio=16.0, fraction=0.1)
+    x = torch.randn(4, *size, dtype=torch.float64)
+    eq = equalize_layernorm_channels(wide, x, max_ratio=2.0)
+    torch.testing.assert_close(eq(x), wide(x), rtol=0, atol=1e-10)
+    assert eq.maskaq_equalized["channels"] > 0
+    # on the images it measured, no channel is left wider than max_ratio times its LayerNorm's median
+    seen = {}
+    hooks = [lins[0].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
+             for n, _, lins in outlier_pairs(eq)]
+    eq(x)
+    for h in hooks:
+        h.remove()
+    for n, act in seen.items():
+        width = act.amax(0) - act.amin(0)
+        assert width.max() <= 2.0 * width.median() * (1 + 1e-9), n
+
+
+def test_equalizing_refuses_a_ratio_below_one():
+    from maskaq.quant.reparam import equalize_layernorm_channels
+    with pytest.raises(ValueError, match="max_ratio must be >= 1, got 0.5"):
+        equalize_layernorm_channels(_models()["vit_token"][0], torch.randn(1, 1, 28, 28), max_ratio=0.5)

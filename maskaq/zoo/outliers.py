@@ -8,7 +8,8 @@ from bad. ``add_channel_outliers`` gives a model those outliers by a function-pr
 for a LayerNorm whose output feeds a Linear directly, the chosen channels' gain and bias are
 multiplied by s and the Linear's matching input columns divided by s. The float model computes the
 same function (up to float rounding); a per-tensor activation quantizer of the Linear's input sees a
-range s times wider. RepQ-ViT's scale reparameterization is the inverse of this transform.
+range s times wider. maskaq.quant.reparam.equalize_layernorm_channels (RepQ-ViT's scale
+reparameterization) is its inverse, measured on images.
 
 ``activation_statistics`` measures what the transform changes (and what it cannot: the softmax
 distribution and the residual stream are untouched) on a batch of images.
@@ -16,48 +17,21 @@ distribution and the residual stream are untouched) on a batch of images.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
 
-__all__ = ["add_channel_outliers", "outlier_pairs", "activation_statistics", "DEFAULT_RATIO", "DEFAULT_FRACTION"]
+from maskaq.quant.reparam import layernorm_linear_pairs
+
+__all__ = ["add_channel_outliers", "activation_statistics", "DEFAULT_RATIO", "DEFAULT_FRACTION"]
 
 # The chosen channels' LayerNorm gain becomes this many times the median |gain| of their LayerNorm.
-DEFAULT_RATIO = 16.0
+DEFAULT_RATIO = 8.0
 # The share of a LayerNorm's channels made outliers (at least one).
 DEFAULT_FRACTION = 0.02
 # The largest factor one channel is multiplied by (a gain near zero would otherwise ask for ~inf).
 MAX_SCALE_OVER_RATIO = 8.0
-
-
-def outlier_pairs(model: nn.Module) -> List[Tuple[str, nn.LayerNorm, List[nn.Linear]]]:
-    """(name, LayerNorm, the Linears that read its output) wherever a LayerNorm's output is a Linear's
-    input, up to a channel-wise pooling: norm1 -> attn.qkv and norm2 -> mlp.fc1 in every pre-norm block
-    (ViT, DeiT, Swin), Swin's patch merging norm -> reduction, and the final norm -> the classifier
-    head(s) (DeiT distilled: head and head_dist)."""
-    from timm.models import swin_transformer as swin
-    from timm.models import vision_transformer as vit
-
-    pairs = []
-    for name, m in model.named_modules():
-        if type(m) in (vit.Block, swin.SwinTransformerBlock):
-            pairs.append((f"{name}.norm1", m.norm1, [m.attn.qkv]))
-            if isinstance(getattr(m.mlp, "fc1", None), nn.Linear):
-                pairs.append((f"{name}.norm2", m.norm2, [m.mlp.fc1]))
-        elif type(m) is swin.PatchMerging:
-            pairs.append((f"{name}.norm", m.norm, [m.reduction]))
-    if isinstance(model, vit.VisionTransformer) and isinstance(model.head, nn.Linear):
-        heads = [model.head] + ([model.head_dist] if isinstance(getattr(model, "head_dist", None), nn.Linear) else [])
-        if model.global_pool in ("token", "avg", "") and not isinstance(model.fc_norm, nn.Identity):
-            pairs.append(("fc_norm", model.fc_norm, heads))
-        elif model.global_pool in ("token", "avg", "") and isinstance(model.fc_norm, nn.Identity):
-            pairs.append(("norm", model.norm, heads))
-    elif isinstance(model, swin.SwinTransformer) and isinstance(getattr(model.head, "fc", None), nn.Linear):
-        pairs.append(("norm", model.norm, [model.head.fc]))
-    return [(n, norm, lins) for n, norm, lins in pairs
-            if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
-            and all(isinstance(lin, nn.Linear) and lin.in_features == norm.weight.numel() for lin in lins)]
 
 
 @torch.no_grad()
@@ -79,7 +53,7 @@ def add_channel_outliers(model: nn.Module, ratio: float = DEFAULT_RATIO, fractio
     if not inplace:
         import copy
         model = copy.deepcopy(model)
-    pairs = outlier_pairs(model)
+    pairs = layernorm_linear_pairs(model)
     if not pairs:
         raise ValueError(f"{type(model).__name__} has no LayerNorm feeding a Linear that add_channel_outliers "
                          "knows (timm VisionTransformer, DeiT and SwinTransformer blocks)")
@@ -110,7 +84,7 @@ def add_channel_outliers(model: nn.Module, ratio: float = DEFAULT_RATIO, fractio
 def activation_statistics(model: nn.Module, images: torch.Tensor) -> Dict[str, float]:
     """What a per-tensor quantizer of ``model`` faces on ``images`` (a batch, model-normalized).
 
-    Post-LayerNorm inputs of every (LayerNorm, Linear) pair of ``outlier_pairs``, each channel's range
+    Post-LayerNorm inputs of every pair of ``maskaq.quant.reparam.layernorm_linear_pairs``, each channel's range
     (max - min over images and tokens): ``channel_range_ratio`` the widest over the median channel
     (median over the pairs, and ``..._max`` the largest), ``outlier_channels`` the mean count of
     channels wider than 5x the median, ``absmax_over_median`` max|x| over the median |x|.
@@ -124,7 +98,7 @@ def activation_statistics(model: nn.Module, images: torch.Tensor) -> Dict[str, f
     from maskaq.quant.capture import capture_attention
 
     model = model.eval()
-    pairs = outlier_pairs(model)
+    pairs = layernorm_linear_pairs(model)
     inputs: Dict[str, torch.Tensor] = {}
     handles = [lins[0].register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach()))
                for name, _, lins in pairs]
