@@ -1,4 +1,4 @@
-"""The data-free quantization methods: one record each (METHOD.md, "Baselines").
+"""The data-free quantization methods: one record each (docs/method.md#baselines).
 
 A method says where QAT's images come from (``images``), which settings it changes over the
 preset (``settings``: keys of the pipeline's config sections), and so whether the student Q is in
@@ -47,10 +47,12 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     # the public code: fresh noise for every batch and unmasked L_hd
     Method("gaussian", "gaussian", "QAT on Gaussian noise", {**_NO_REFRESH, "hd_mask": False}),
     Method("maskaq", "synthesis", "MaskAQ as the paper and its public code run it"),
-    # this package's variant (README, "maskaq+"): MaskAQ from a dark, low-contrast canvas, with Q's
-    # activation ranges calibrated on noise (as ptq's) instead of on the first synthetic images
-    Method("maskaq+", "synthesis", "MaskAQ from a dark canvas, calibrated on noise (this package's variant)",
-           {"init_pixel": 0.0, "init_std": 0.2, "calib_data": "noise"}),
+    # this package's variant (docs/method.md#baselines): MaskAQ from a dark, low-contrast canvas, with
+    # Q's activation ranges calibrated on noise (as ptq's) instead of on the first synthetic images,
+    # and its post-LayerNorm outlier channels narrowed before quantization (maskaq.quant.reparam)
+    Method("maskaq+", "synthesis", "MaskAQ from a dark canvas, calibrated on noise, outlier channels "
+           "equalized (this package's variant)",
+           {"init_pixel": 0.0, "init_std": 0.2, "calib_data": "noise", "equalize_ln_ratio": 2.0}),
     Method("real", "real", "QAT on real training images (the upper bound)", _NO_REFRESH),
     Method("mimiq", "synthesis", "MimiQ: MaskAQ without L_ent, L_align, refreshing and the L_hd mask",
            {"use_entropy": False, "use_alignment": False, "refresh_every": 0, "hd_mask": False}),
