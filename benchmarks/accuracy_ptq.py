@@ -1,7 +1,7 @@
 """Post-training quantization baselines of the MaskAQ quantizer on the bundled teacher.
 
 FP, then W8A8, W6A6, W4A8, W4A4, W3A3 of ``maskaq.quant.quantize_model`` with the LSQ
-initialization of METHOD.md from one calibration batch of
+initialization of docs/method.md#the-quantizer from one calibration batch of
   * real: Fashion-MNIST training images (a random subset, drawn with --seed), and
   * noise: Gaussian noise x ~ N(0, 1) in the normalized input space (no optimization),
 evaluated on the Fashion-MNIST test split (10k images, bundled). No training happens: these rows
@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-method", default="minmax", choices=("minmax", "lsq"))
     parser.add_argument("--act-init", default="minmax",
                         choices=("minmax", "lsq", "lsq_pminmax", "mse", "mse_pminmax"),
-                        help="activation quantizer init: minmax (PTQ), lsq (METHOD.md's QAT start point), "
-                             "lsq_pminmax (LSQ, min-max for P), mse (the clipped min-max range of least "
-                             "squared error) or mse_pminmax (mse, min-max for P)")
+                        help="activation quantizer init: minmax (PTQ), lsq (the QAT start point of "
+                             "docs/method.md#the-quantizer), lsq_pminmax (LSQ, min-max for P), mse (the "
+                             "clipped min-max range of least squared error) or mse_pminmax (mse, min-max for P)")
     parser.add_argument("--seed", type=int, default=0, help="first calibration seed (subset / noise)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="calibrate with seeds seed..seed+R-1 and report mean ± std (default 1)")

@@ -214,7 +214,7 @@ inline QuantSpec read_quant_spec(const c10::optional<at::Tensor>& step,
   return spec;
 }
 
-// LSQ step-gradient scale of METHOD.md, as the public code runs: g = 1 / sqrt(numel(x) * qmax).
+// LSQ step-gradient scale of docs/method.md#the-quantizer, as the public code runs: g = 1 / sqrt(numel(x) * qmax).
 // The zero point's gradient is not scaled.
 inline double lsq_grad_scale(int64_t numel, int64_t qmax) {
   return numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * static_cast<double>(qmax)) : 0.0;

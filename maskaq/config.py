@@ -24,8 +24,8 @@ class PipelineConfig:
     weight_method: str = "minmax"
     calib_images: int = 32  # LSQ init from this many images of the (first) synthetic set
     # Activation-step init, chosen by measurement (bundled teacher, W4A4 maskaq, seed 0): min-max
-    # 86.14%, METHOD.md's LSQ init 78.75% (its grid tops out far below the softmax peaks). Also
-    # "lsq" and "lsq_pminmax" (LSQ with min-max for P).
+    # 86.14%, docs/method.md's LSQ init (#the-quantizer) 78.75% (its grid tops out far below the
+    # softmax peaks). Also "lsq" and "lsq_pminmax" (LSQ with min-max for P).
     act_init: str = "minmax"
     recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
     # What the round-0 calibration sees: "images" (the method's own, as the public code's first QAT

@@ -138,8 +138,8 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
 
     Args:
         cls_t, cls_q: (L, B, H, M) CLS-row logits A_l[:, :, 0, P:] of every block, stacked,
-            of the teacher and the student. The gradient flows to both (METHOD.md: the public
-            code detaches neither side; only the mask is a constant). The two are exact
+            of the teacher and the student. The gradient flows to both (docs/method.md#synthesis:
+            the public code detaches neither side; only the mask is a constant). The two are exact
             negatives of each other, so the backward kernel computes the student's once.
         ratio: the top-k fraction r in (0, 1] (MaskAQ anneals 0.5 -> 0.1).
         keep: the kept fraction of the top-k (0.7).

@@ -121,8 +121,9 @@ def run_pipeline(model: nn.Module, wbits: int, abits: int, method: str = "maskaq
         calibrate(student, data.images.to(dev), init=cfg.pipeline.act_init)
         calibrated_on, qat_report, last_images = "gaussian noise", _no_qat_report(), data
     else:
-        # METHOD.md's loop: each round makes images with the current student, the first one
-        # calibrates the student's activation grids, and QAT trains for the round's epochs.
+        # docs/method.md's loop (#qat, periodic sample refreshing): each round makes images with the
+        # current student, the first one calibrates the student's activation grids, and QAT trains
+        # for the round's epochs.
         make_images = _data_source(method, teacher, spec, cfg, seed)
         trainer = QATTrainer(teacher, student, cfg.qat, seed=seed, progress=cfg.pipeline.progress, spec=spec)
         ckpt = open_run_checkpoint(checkpoint_dir, resume, method, wbits, abits, seed, cfg.as_dict(), teacher)
@@ -194,7 +195,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, method: str = "maskaq", p
              seed: int = 0, **overrides) -> nn.Module:
     """Data-free quantization of a timm ViT/DeiT/Swin; returns the fake-quantized student.
 
-    The teacher `model` is left untouched. `overrides` set any knob of METHOD.md (see
+    The teacher `model` is left untouched. `overrides` set any knob of docs/method.md#hyperparameters (see
     `maskaq.pipeline.config_keys()`), e.g. `synth_iters=500, qat_epochs=20`; method "real"
     needs `real_data=<Dataset>`. `checkpoint_dir=DIR` checkpoints the run and `resume=True`
     continues a stopped one (see run_pipeline). The run's report is at `qmodel.maskaq_report`.

@@ -1,6 +1,6 @@
-"""The maskaq ops in plain, vectorized PyTorch: the three training ops, written from METHOD.md,
-and (from maskaq/reference_integer.py) the two integer-inference ops (int8 GEMM epilogue, integer
-attention).
+"""The maskaq ops in plain, vectorized PyTorch: the three training ops, written from docs/method.md
+(#the-quantizer, #synthesis), and (from maskaq/reference_integer.py) the two integer-inference ops
+(int8 GEMM epilogue, integer attention).
 
 These are the ground truth the compiled kernels (``maskaq._C``, used through
 :mod:`maskaq.ops`) are tested against, and the fallback when the extension is missing.
@@ -47,7 +47,7 @@ LOG_TWO_PI_E = math.log(2.0 * math.pi * math.e)
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
     """LSQ gradient scale of the step: 1 / sqrt(numel(x) * qmax), as the public code runs
-    (METHOD.md); the zero point's gradient is not scaled."""
+    (docs/method.md#the-quantizer); the zero point's gradient is not scaled."""
     return 1.0 / math.sqrt(numel * qmax) if numel > 0 else 0.0
 
 

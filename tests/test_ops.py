@@ -47,7 +47,7 @@ def quant_range(bits, signed):
 
 
 def quant_params(q, k, v, bits, signed, seed):
-    """LSQ steps initialized from the data (2·mean|x|/sqrt(qmax), METHOD.md), jittered by
+    """LSQ steps initialized from the data (2·mean|x|/sqrt(qmax), docs/method.md#the-quantizer), jittered by
     a factor in [0.3, 3] so both the in-range and the clamped regime occur, and random
     zero points in [-3, 3]. float32 like the model's parameters."""
     rng = random.Random(seed)
@@ -116,8 +116,8 @@ def test_fq_attention_quantized_matches_reference(case):
 
 
 def hand_fq_attention(q, k, v, step, zero_point, qmin, qmax):
-    """fq_attention written out with STE tricks and METHOD.md's LSQ scaling as the public code
-    runs: the step's gradient times 1/sqrt(numel·qmax), the zero point's unscaled."""
+    """fq_attention written out with STE tricks and docs/method.md's LSQ scaling (#the-quantizer)
+    as the public code runs: the step's gradient times 1/sqrt(numel·qmax), the zero point's unscaled."""
     def fq(x, i):
         g = 1.0 / math.sqrt(x.numel() * qmax[i])
         alpha = step[i] * g + (step[i] - step[i] * g).detach()

@@ -43,7 +43,7 @@ def _composed_lsq(x, step, zero_point, qmin, qmax, g):
     def scale_grad(t):
         return (t - t * g).detach() + t * g
 
-    step = scale_grad(step)  # the zero point's gradient is not scaled (METHOD.md)
+    step = scale_grad(step)  # the zero point's gradient is not scaled (docs/method.md#the-quantizer)
     z = round_ste(zero_point)
     return (round_ste(torch.clamp(x / step + z, qmin, qmax)) - z) * step
 

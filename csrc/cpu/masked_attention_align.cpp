@@ -26,7 +26,7 @@ namespace maskaq {
 namespace {
 
 const std::initializer_list<at::ScalarType> kCpuDtypes = {at::kFloat, at::kDouble};
-constexpr double kMaskEps = 1e-8;  // Σ m + 1e-8 in the denominator (METHOD.md)
+constexpr double kMaskEps = 1e-8;  // Σ m + 1e-8 in the denominator (docs/method.md#synthesis)
 
 // diff += t − q and score += t over one (M) row of one head.
 template <typename T>

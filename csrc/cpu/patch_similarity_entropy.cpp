@@ -27,7 +27,7 @@ namespace {
 
 const std::initializer_list<at::ScalarType> kCpuDtypes = {at::kFloat, at::kDouble};
 
-constexpr double kVarianceEps = 1e-8;  // added to s² (METHOD.md)
+constexpr double kVarianceEps = 1e-8;  // added to s² (docs/method.md#synthesis)
 constexpr double kNormEps = 1e-6;      // rows are divided by max(‖row‖, 1e-6), as F.normalize(eps=1e-6)
 const double kLogTwoPiE = std::log(2.0 * M_PI * M_E);
 

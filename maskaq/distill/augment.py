@@ -1,6 +1,6 @@
 """QAT's augmentation of synthetic images, batched and driven by an explicit torch.Generator:
 random resized crop, horizontal flip, colour jitter in pixel space, random grayscale, Gaussian
-blur, every image drawn on its own (METHOD.md, "Training Q on the synthetic set")."""
+blur, every image drawn on its own (docs/method.md#qat)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Losses of QAT by distillation (METHOD.md, "Training Q on the synthetic set").
+"""Losses of QAT by distillation (docs/method.md#qat).
 
     loss = KD(τ = 5) + λ·L_hd,   λ = 10
 

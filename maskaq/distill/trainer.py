@@ -34,7 +34,7 @@ __all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]
 
 @dataclass
 class QATConfig:
-    """Every knob of QAT; defaults follow METHOD.md (the public code's config and example)."""
+    """Every knob of QAT; defaults follow docs/method.md#hyperparameters (the public code's config and example)."""
     qat_epochs: int = 200  # on synthetic data (the public code: 100 on real data)
     qat_batch_size: int = 32
     qat_lr: float = 1e-3
@@ -51,9 +51,9 @@ class QATConfig:
     qat_augment: bool = True
     qat_steps_per_epoch: Optional[int] = None  # default: one pass over the synthetic set
     # False: the activation quantizers' steps and zero points keep their calibration and QAT
-    # trains the weights only (METHOD.md trains both).
+    # trains the weights only (docs/method.md#qat trains both).
     qat_train_act_quantizers: bool = True
-    # The learning rate of the activation quantizers' steps, as a multiple of qat_lr (1: METHOD.md,
+    # The learning rate of the activation quantizers' steps, as a multiple of qat_lr (1: docs/method.md#qat,
     # one rate for all). LSQ scales a step's gradient by 1/sqrt(numel·qmax), which suits the public
     # code's ~60k optimizer steps; in a few hundred steps the grids do not move at all.
     qat_act_step_lr_scale: float = 1.0

@@ -1,4 +1,4 @@
-"""Fake-quant students of timm ViT / DeiT / Swin (METHOD.md, "Quantizer").
+"""Fake-quant students of timm ViT / DeiT / Swin (docs/method.md#the-quantizer).
 
     qmodel = quantize_model(teacher, wbits=4, abits=4)   # deep copy; teacher untouched
     calibrate(qmodel, images)                           # LSQ init from one batch, no_grad

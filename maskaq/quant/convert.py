@@ -1,8 +1,8 @@
 """Conversion of a timm ViT / DeiT / Swin into a fake-quant student, and its calibration.
 
-Policy (METHOD.md): every Linear (qkv, proj, fc1, fc2, head, Swin's patch merging) and the
-patch-embedding Conv2d get fake-quant weights and inputs; both attention products quantize both
-operands. The patch-embedding input is the image and stays full precision. With
+Policy (docs/method.md#the-quantizer): every Linear (qkv, proj, fc1, fc2, head, Swin's patch
+merging) and the patch-embedding Conv2d get fake-quant weights and inputs; both attention products
+quantize both operands. The patch-embedding input is the image and stays full precision. With
 ``first_last_8bit=True`` the patch embedding's weights and the classifier head(s) (weights and
 input) use 8 bits whatever ``wbits`` / ``abits`` are.
 """
@@ -20,9 +20,9 @@ from maskaq.quant.quantizers import WEIGHT_METHODS, LsqActQuantizer, WeightQuant
 __all__ = ["quantize_model", "calibrate", "is_quantized", "quant_config", "activation_quantizers",
            "check_calibrated_student", "NotAStudentError", "CALIBRATION_INITS"]
 
-# Activation-step inits calibrate() offers: LSQ's (METHOD.md), min-max, the clipped min-max range of
-# least squared error, and the LSQ / least-error inits with min-max for the softmax outputs P only
-# (clipping P's peaks costs more than its rounding saves).
+# Activation-step inits calibrate() offers: LSQ's (docs/method.md#the-quantizer), min-max, the
+# clipped min-max range of least squared error, and the LSQ / least-error inits with min-max for the
+# softmax outputs P only (clipping P's peaks costs more than its rounding saves).
 CALIBRATION_INITS = ("minmax", "lsq", "lsq_pminmax", "mse", "mse_pminmax")
 
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantAttention, QuantWindowAttention, LsqActQuantizer, WeightQuantizer)
@@ -131,7 +131,7 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, first_last_8bit:
 
     wbits / abits: integers 2..8 for weights / activations. ``first_last_8bit`` keeps the patch
     embedding weights and the classifier head(s) at 8 bits. ``weight_method``: "minmax"
-    (per-channel symmetric, METHOD.md) or "lsq" (learnable per-channel step).
+    (per-channel symmetric, docs/method.md#the-quantizer) or "lsq" (learnable per-channel step).
     The student's activation quantizers must be initialized with ``calibrate`` before use.
     All student parameters require grad (ready for QAT) even if the teacher was frozen.
     """
@@ -230,8 +230,8 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: s
     """Initialize every activation quantizer of ``qmodel`` under no_grad (with ``only``, those whose
     module name it accepts; the others keep their grids).
 
-    ``init``: "minmax" (the default: each grid spans the observed range), "lsq" (METHOD.md's
-    α = 2·mean|x|/sqrt(qmax), which clips large activations such as softmax peaks) or
+    ``init``: "minmax" (the default: each grid spans the observed range), "lsq" (docs/method.md's
+    α = 2·mean|x|/sqrt(qmax) (#the-quantizer), which clips large activations such as softmax peaks) or
     "lsq_pminmax" (LSQ, but min-max for the attention probabilities P), "mse" (each grid spans
     the clipped range c·[min, max] of least squared error on the batch) or "mse_pminmax" (mse, but
     min-max for P). Min-max was chosen by measurement: W8A8 on 256 real images loses 0.04 pt

@@ -1,7 +1,7 @@
 """Fake-quant modules of the student: Linear, Conv2d, ViT attention, Swin window attention.
 
-Attention products (METHOD.md): A = FQ(q)·FQ(k)ᵀ, P = softmax(A·scale [+ bias]), O = FQ(P)·FQ(v),
-with four per-tensor LSQ quantizers (q, k, p, v).
+Attention products (docs/method.md#notation): A = FQ(q)·FQ(k)ᵀ, P = softmax(A·scale [+ bias]),
+O = FQ(P)·FQ(v), with four per-tensor LSQ quantizers (q, k, p, v).
 
 * ``QuantAttention`` (timm ``Attention``) runs through ``maskaq.ops.fq_attention`` with the four
   quantizers' steps and zero points stacked in the order (q, k, p, v).
@@ -14,7 +14,7 @@ with four per-tensor LSQ quantizers (q, k, p, v).
 The same two forward functions (``vit_attention_forward``, ``window_attention_forward``) serve the
 student (quantizers given) and, through ``capture_attention``, the full-precision teacher
 (quantizers None), so teacher and student logits are computed by one code path.
-Captured logits are always q̂·k̂ᵀ: unscaled, without the Swin bias or mask (METHOD.md's A_l).
+Captured logits are always q̂·k̂ᵀ: unscaled, without the Swin bias or mask (docs/method.md's A_l, #notation).
 Attention dropout is not applied in these paths (DFQ students and teachers run with p = 0).
 """
 from __future__ import annotations

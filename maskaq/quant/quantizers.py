@@ -1,4 +1,4 @@
-"""Fake quantizers of the MaskAQ student (METHOD.md, "Quantizer").
+"""Fake quantizers of the MaskAQ student (docs/method.md#the-quantizer).
 
 Two kinds:
 
@@ -9,7 +9,8 @@ Two kinds:
   x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α, straight-through on both
   roundings; the gradient of α is scaled by g = 1/sqrt(numel(x)·qmax), that of z is not (the
   public code as it runs: its 0.01 factor reaches only the classifier head's input, and the
-  zero point's scaled copy is overwritten before use; METHOD.md).
+  zero point's scaled copy is overwritten before use;
+  docs/method.md#where-the-defaults-differ-from-the-public-code-and-why).
 * ``WeightQuantizer`` — per-output-channel symmetric quantizer of a weight tensor:
   ``"minmax"`` (step = 2·max|w|/(2^w − 1) of each output channel, recomputed every forward, no
   parameters) or ``"lsq"`` (a learnable per-channel step initialized to the same min/max value).
@@ -30,7 +31,7 @@ import numbers
 import torch
 from torch import nn
 
-from maskaq.reference import lsq_grad_scale  # one definition of METHOD.md's g, shared with the reference
+from maskaq.reference import lsq_grad_scale  # the one g of docs/method.md#the-quantizer, shared with the reference
 from maskaq.runtime import world_size
 
 __all__ = [
@@ -49,9 +50,9 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 8
-# The constant of METHOD.md's step-gradient scale g = 1 / sqrt(numel(x)·qmax), as the public code
-# runs; maskaq::fq_attention uses the same value, so linear inputs and attention operands learn at
-# the same rate. (With the 0.01 its flags read, the steps barely move in a short QAT.)
+# The constant of docs/method.md's step-gradient scale g = 1 / sqrt(numel(x)·qmax) (#the-quantizer),
+# as the public code runs; maskaq::fq_attention uses the same value, so linear inputs and attention
+# operands learn at the same rate. (With the 0.01 its flags read, the steps barely move in a short QAT.)
 LSQ_GRAD_SCALE = 1.0
 SIGNED_THRESHOLD = 1e-5
 WEIGHT_METHODS = ("minmax", "lsq")
@@ -152,8 +153,8 @@ def lsq_fake_quant(
 ) -> torch.Tensor:
     """LSQ fake quantization of ``x`` (step and zero_point broadcast against x).
 
-    ``grad_scale`` (of the step's gradient) defaults to METHOD.md's g = 1/sqrt(numel(x)·qmax);
-    the zero point's gradient is not scaled.
+    ``grad_scale`` (of the step's gradient) defaults to docs/method.md's g = 1/sqrt(numel(x)·qmax)
+    (#the-quantizer); the zero point's gradient is not scaled.
     """
     if grad_scale is None:
         # Under DDP x is this rank's share of the global batch: g is that of the whole batch, as in
@@ -210,7 +211,7 @@ def symmetric_weight_integers(weight: torch.Tensor, bits: int) -> tuple[torch.Te
 
 
 class LsqActQuantizer(nn.Module):
-    """Per-tensor LSQ activation quantizer with learnable step and zero point (METHOD.md).
+    """Per-tensor LSQ activation quantizer with learnable step and zero point (docs/method.md#the-quantizer).
 
     Attributes: ``step`` and ``zero_point`` (0-dim Parameters), ``bits``, ``signed``,
     ``initialized``, ``qmin``, ``qmax``. ``signed`` and ``initialized`` are persistent buffers
@@ -257,7 +258,7 @@ class LsqActQuantizer(nn.Module):
     def init_from(self, x: torch.Tensor, method: str = "lsq") -> None:
         """Init from a calibration tensor. Sign: signed iff min x < 1e-5.
 
-        ``lsq`` (METHOD.md, the start of QAT): α = 2·mean|x|/sqrt(qmax), z = 0.1·(min x − α·qmax).
+        ``lsq`` (docs/method.md#the-quantizer, the start of QAT): α = 2·mean|x|/sqrt(qmax), z = 0.1·(min x − α·qmax).
         That grid clips large activations (e.g. softmax peaks above ~0.45 at 8 bits), which QAT
         then learns away; ``minmax`` (for post-training quantization without QAT) spans
         [min x, max x] instead: α = (max − min)/(qmax − qmin), z = qmin − min/α; ``mse`` spans

@@ -4,8 +4,8 @@
 roll, decaying per-sample per-channel offset, colour jitter). QAT's augmentation is
 maskaq.distill.augment.QATAugment.
 
-Pixel sizes are given at 224 px with patch 16 in METHOD.md. MaskAQ's roll is a share of a patch
-(half a patch, then one), so `patch_scaled_pixels` scales it with the patch size; PSAQ's
+Pixel sizes are given at 224 px with patch 16 in docs/method.md#synthesis. MaskAQ's roll is a share
+of a patch (half a patch, then one), so `patch_scaled_pixels` scales it with the patch size; PSAQ's
 jitter scales with the image size (`scaled_pixels`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Losses of image synthesis (METHOD.md, "Synthesis of one batch").
+"""Losses of image synthesis (docs/method.md#synthesis).
 
 Every function takes the tensors the attention capture hands out (lists with one entry per
 block) and returns a scalar to minimize. The two losses that dominate the cost, the
@@ -6,7 +6,8 @@ patch-similarity entropy and the masked attention alignment, run through the fus
 `maskaq.ops`; the others are cheap, batched plain PyTorch.
 
 Prefix tokens (CLS, distillation, register tokens) are `num_prefix_tokens` leading tokens;
-they are dropped wherever METHOD.md says "without CLS". Swin window attention has none.
+they are dropped wherever docs/method.md#synthesis says "without the prefix rows and columns". Swin
+window attention has none.
 """
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def alignment_loss(teacher_blocks: Sequence[torch.Tensor], student_blocks: Seque
                    ops=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Masked attention alignment of T's and Q's CLS-row logits.
 
-    The gradient flows through both sides to the image, as in the public code (METHOD.md);
+    The gradient flows through both sides to the image, as in the public code (docs/method.md#synthesis);
     detach the teacher's blocks before the call to align Q to a fixed T instead.
 
     Blocks of equal shape share one mask (all of a ViT; each Swin stage); groups are weighted

@@ -1,6 +1,6 @@
 """MaskAQ synthesis: optimize noise into calibration images with the student Q in the loop.
 
-One batch (METHOD.md, "Synthesis of one batch"): x ~ N(0, 1) is the only optimized tensor;
+One batch (docs/method.md#synthesis): x ~ N(0, 1) is the only optimized tensor;
 every step rolls, offsets and colour-jitters it, runs T and (when aligning) Q on the result,
 capturing the attention logits of every block, and takes an AdamW step on
 
@@ -40,7 +40,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # the dtype of the T and Q 
 
 @dataclass
 class SynthesisConfig:
-    """Every knob of MaskAQ synthesis; defaults are the public code's (METHOD.md)."""
+    """Every knob of MaskAQ synthesis; defaults are the public code's (docs/method.md#hyperparameters)."""
     num_images: int = 10000
     synth_batch_size: int = 32
     synth_iters: int = 2000
@@ -169,7 +169,7 @@ class Synthesizer:
     # ------------------------------------------------------------------------------ one step
     def losses(self, x: torch.Tensor, x_aug: torch.Tensor, labels: torch.Tensor,
                student: Optional[nn.Module], step: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-        """Forward T (and Q) on the augmented batch; every loss term of METHOD.md."""
+        """Forward T (and Q) on the augmented batch; every loss term of docs/method.md#synthesis."""
         cfg, spec = self.config, self.spec
         aligning = self._aligning(student)
         t_full = cfg.ssim_weight > 0 or (cfg.use_entropy and cfg.entropy_weight > 0)
