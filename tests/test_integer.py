@@ -409,23 +409,31 @@ def test_int_attention_rejects_masks():
 
 
 # -- fidelity on the bundled teacher -------------------------------------------------------------------
-def _teacher():
+def _teacher(name="vit_fmnist"):
     from maskaq import zoo
 
     try:
-        return zoo.load("vit_fmnist")
+        return zoo.load(name)
     except (FileNotFoundError, ValueError, OSError) as exc:
         pytest.skip(f"bundled teacher not available ({exc})")
 
 
+@pytest.mark.parametrize("teacher_name, equalize", [("vit_fmnist", False), ("vit_fmnist_outliers", False),
+                                                    ("vit_fmnist_outliers", True)])
 @pytest.mark.parametrize("wbits", [8, 4])
-def test_fidelity_on_bundled_teacher_subset(wbits):
+def test_fidelity_on_bundled_teacher_subset(wbits, teacher_name, equalize):
+    """Also on the teacher with a pretrained ViT's outlier channels, and on its equalized student
+    (maskaq+'s: maskaq.quant.reparam folds into the float weights, the export stays per tensor)."""
     from maskaq.data import fashion_mnist
+    from maskaq.quant.reparam import equalize_layernorm_channels
 
-    teacher = _teacher()
+    teacher = _teacher(teacher_name)
     data = fashion_mnist("test")
     calib = torch.stack([data[i][0] for i in range(9000, 9032)])
     images = torch.stack([data[i][0] for i in range(300)])
+    if equalize:
+        teacher = equalize_layernorm_channels(teacher, calib, max_ratio=2.0)
+        assert teacher.maskaq_equalized["channels"] > 0
     qmodel = quantize_model(teacher, wbits, 8).eval()
     with torch.no_grad():
         calibrate(qmodel, calib)

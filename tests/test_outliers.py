@@ -151,3 +151,24 @@ def test_equalizing_refuses_a_ratio_below_one():
     from maskaq.quant.reparam import equalize_layernorm_channels
     with pytest.raises(ValueError, match="max_ratio must be >= 1, got 0.5"):
         equalize_layernorm_channels(_models()["vit_token"][0], torch.randn(1, 1, 28, 28), max_ratio=0.5)
+
+
+def test_an_equalized_student_saves_and_reloads_on_the_original_teacher(tmp_path):
+    """maskaq+'s student is built on the equalized copy of the teacher; a user reloads it on the
+    teacher they have: the saved state carries the folded LayerNorm and Linear weights."""
+    from maskaq import pipeline
+    from maskaq.quant import load_quantized, save_quantized
+
+    teacher = add_channel_outliers(_randomize_norms(_models()["vit_token"][0]).eval(), ratio=16.0, fraction=0.1)
+    teacher.pretrained_cfg.update(mean=(0.2860,), std=(0.3530,), input_size=(1, 28, 28), num_classes=10)
+    qmodel = pipeline.quantize(teacher, 4, 4, method="maskaq+", preset="quick", seed=0, progress=False)
+    assert qmodel.maskaq_report["config"]["pipeline"]["equalize_ln_ratio"] == 2.0
+    norms = dict(teacher.named_modules())
+    narrowed = [n for n, m in qmodel.named_modules()
+                if isinstance(m, nn.LayerNorm) and not torch.equal(m.weight, norms[n].weight)]
+    assert narrowed  # the student's LayerNorms are not the teacher's
+    save_quantized(qmodel, tmp_path / "student")
+    reloaded = load_quantized(tmp_path / "student", teacher)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), qmodel.eval()(x))
