@@ -2,15 +2,15 @@
 
 With --target onnx the same for the ONNX QDQ export (maskaq.export_onnx) run in ONNX Runtime.
 
-For each bit setting (default W8A8 and W4A8) the bundled teacher (maskaq.zoo.load('vit_fmnist'))
-is quantized with maskaq.quant.quantize_model, calibrated on --calib images, exported with
+For each bit setting (default W8A8 and W4A8) the bundled teacher (maskaq.zoo.load('vit_fmnist'), or
+--teacher vit_fmnist_outliers: the same function with a pretrained ViT's channel outliers) is quantized with maskaq.quant.quantize_model, calibrated on --calib images, exported with
 maskaq.integer.export_integer, and both models are run on the Fashion-MNIST test split.
 Reports the top-1 agreement (target >= 99.5%), the max and mean absolute logit difference, and
 both models' top-1 accuracy. --random uses a random-init ViT of the teacher's shape on random
 images instead (when the teacher checkpoint is not there).
 
     python benchmarks/fidelity_integer.py [--bits 8,8 4,8] [--limit N] [--target onnx [--onnx-weights uint8]]
-        [--json out.json]
+        [--teacher vit_fmnist_outliers] [--json out.json]
 """
 import argparse
 from collections import Counter
@@ -39,7 +39,7 @@ def _teacher_and_data(args):
     from maskaq.data import fashion_mnist
 
     try:
-        model = zoo.load("vit_fmnist")
+        model = zoo.load(args.teacher)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"fidelity_integer.py: the bundled teacher is not available ({exc}); "
                  "train it (maskaq train-teacher) or pass --random")
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="onednn", choices=("onednn", "fbgemm"))
     parser.add_argument("--random", action="store_true", help="random-init model and images (no teacher)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", default="vit_fmnist", help="zoo teacher (vit_fmnist or vit_fmnist_outliers)")
     parser.add_argument("--target", default="integer", choices=("integer", "onnx"),
                         help="integer: maskaq's integer model; onnx: the ONNX QDQ export in ONNX Runtime")
     parser.add_argument("--onnx-weights", default="int8", choices=tuple(WEIGHT_DTYPES),
