@@ -172,3 +172,18 @@ def test_an_equalized_student_saves_and_reloads_on_the_original_teacher(tmp_path
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(x), qmodel.eval()(x))
+
+
+def test_equalizing_leaves_layernorms_of_mostly_constant_channels_alone():
+    """A LayerNorm whose gain is zero on most channels has a zero median width: no channel can be
+    compared with it, and dividing by it would put inf into the weights."""
+    from maskaq.quant.reparam import equalize_layernorm_channels
+    model = _randomize_norms(_models()["vit_token"][0]).eval()
+    with torch.no_grad():
+        model.blocks[0].norm1.weight[:20] = 0
+        model.blocks[0].norm1.bias[:20] = 0
+    x = torch.randn(4, 1, 28, 28)
+    eq = equalize_layernorm_channels(model, x)
+    assert torch.equal(eq.blocks[0].norm1.weight, model.blocks[0].norm1.weight)
+    assert all(bool(torch.isfinite(p).all()) for p in eq.parameters())
+    torch.testing.assert_close(eq(x), model(x), rtol=1e-4, atol=1e-4)

@@ -93,6 +93,8 @@ def equalize_layernorm_channels(model: nn.Module, images: torch.Tensor, max_rati
         lo, hi = (t.to(norm.weight.device) for t in ranges[name])
         width, centre = hi - lo, (hi + lo) / 2
         limit = max_ratio * width.median()
+        if not bool(torch.isfinite(width).all()) or not limit > 0:
+            continue  # most channels constant (zero-width) or a non-finite range: nothing to compare with
         wide = width > limit
         if not bool(wide.any()):
             continue
