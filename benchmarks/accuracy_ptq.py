@@ -5,7 +5,7 @@ initialization of docs/method.md#the-quantizer from one calibration batch of
   * real: Fashion-MNIST training images (a random subset, drawn with --seed), and
   * noise: Gaussian noise x ~ N(0, 1) in the normalized input space (no optimization),
 evaluated on the Fashion-MNIST test split (10k images, bundled). No training happens: these rows
-are what calibration alone gives; synthesis and QAT (issue 4) start from them.
+are what calibration alone gives; synthesis and QAT start from them.
 
     python benchmarks/accuracy_ptq.py                       # markdown table
     python benchmarks/accuracy_ptq.py --json out/ptq.json   # and JSON

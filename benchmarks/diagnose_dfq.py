@@ -1,4 +1,4 @@
-"""Why synthetic images help QAT or not: evidence on the bundled teacher (issue 9).
+"""Why synthetic images help QAT or not: evidence on a bundled teacher (--teacher).
 
 For each data source (maskaq, mimiq, psaq, gaussian, real) on the preset's settings:
 

@@ -6,7 +6,7 @@ embedding; the inputs of those layers; the attention operands q and k, the softm
 the same student is made again with that group at 8 bits and everything else at the low bit
 width, and its top-1 on the Fashion-MNIST test split is set against the all-low-bit student's.
 A group that gains much is where the low-bit error lives; QAT can only help there if it moves
-those grids or weights (issue 9: at W4A4 P's grid alone is about half the gap to FP).
+those grids or weights (on the plain bundled teacher at W4A4, P's grid alone is about half the gap to FP).
 
     python benchmarks/sensitivity_ptq.py                      # W4A4 and W3A3, ~5 minutes a width on 1 core
     python benchmarks/sensitivity_ptq.py --bits W3A3 --seeds 0 1 2 --limit 2000
