@@ -115,3 +115,30 @@ def assert_within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, w
     bad = err > bound
     assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off, worst ratio "
                                  f"{float((err / bound).max()):.3g}, errors {err[bad][:4].tolist()} bounds {bound[bad][:4].tolist()}")
+
+
+def quant_conv_reference(conv, x: torch.Tensor):
+    """(exact output, bound) of a QuantConv2d on float32 input x, for the integer module on the same x:
+    float64 fake quant, a float32 sum of the window's products and the bias (dot_abs_bound), the
+    weights' u of rounding, and one level wherever x/α + z lies within 4u of a tie (as for linears)."""
+    import torch.nn.functional as F
+
+    kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    with torch.no_grad():
+        w = conv.weight_quantizer(conv.weight).double()
+    b = conv.bias.detach().double() if conv.bias is not None else None
+    x64 = x.detach().double()
+    flips = torch.zeros_like(x64)
+    alpha = 0.0
+    q = conv.input_quantizer
+    if q is not None:
+        alpha, z = float(q.step.detach()), round(float(q.zero_point.detach()))
+        t = x64 / alpha + z
+        flips = near_tie(t, 4 * U32 * ((x64 / alpha).abs() + abs(z) + 1), q.qmin, q.qmax).double()
+        x64 = (torch.round(t).clamp(q.qmin, q.qmax) - z) * alpha
+    y = F.conv2d(x64, w, b, **kw)
+    n = w[0].numel() + 1
+    sum_abs = F.conv2d(x64.abs(), w.abs(), None if b is None else b.abs(), **kw)
+    bound = (dot_abs_bound(n, sum_abs) + EPILOGUE_ROUNDINGS * U32 * sum_abs
+             + (1 + EPILOGUE_ROUNDINGS * U32) * alpha * F.conv2d(flips, w.abs(), None, **kw) + 1e-30)
+    return y, bound

@@ -10,8 +10,9 @@ from torch import nn
 from maskaq.integer import IntAttention, IntLinear, IntMlp, export_integer, load_integer, save_integer, set_kernel
 from maskaq.integer.export import pack_int4, unpack_int4
 from maskaq.integer.grid import integer_grid
-from maskaq.quant import QuantLinear, calibrate, quantize_model
-from _bounds import EPILOGUE_ROUNDINGS, U32, assert_within, near_tie, quant_linear_reference, softmax_rel_bound
+from maskaq.quant import QuantConv2d, QuantLinear, calibrate, quantize_model
+from _bounds import (EPILOGUE_ROUNDINGS, U32, assert_within, near_tie, quant_conv_reference, quant_linear_reference,
+                     softmax_rel_bound)
 from _models import small_vit
 
 KERNELS = ["onednn", "fbgemm"]
@@ -33,11 +34,11 @@ def _exported_w8a8(seed):
 
 
 def _assert_linears_match(qmodel, imodel, x):
-    """Every IntLinear of ``imodel`` on the input its fake-quant QuantLinear saw in ``qmodel(x)``, within
+    """Every IntLinear (and IntConv2d) of ``imodel`` on the input its fake-quant module saw in ``qmodel(x)``, within
     the integer GEMM's bound against float64 fake quant (tests/_bounds.py), folds included."""
     inputs, hooks = {}, []
     for name, m in qmodel.named_modules():
-        if isinstance(m, QuantLinear) and m.input_quantizer is not None:
+        if isinstance(m, QuantConv2d) or (isinstance(m, QuantLinear) and m.input_quantizer is not None):
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach())))
     try:
         with torch.no_grad():
@@ -48,6 +49,11 @@ def _assert_linears_match(qmodel, imodel, x):
     assert inputs
     for name, xin in inputs.items():
         integer = imodel.get_submodule(name)
+        if isinstance(qmodel.get_submodule(name), QuantConv2d):
+            with torch.no_grad():
+                got = integer(xin)
+            assert_within(got, *quant_conv_reference(qmodel.get_submodule(name), xin), name)
+            continue
         assert isinstance(integer, IntLinear), name
         with torch.no_grad():
             got = integer(xin / float(integer.input_prescale))
