@@ -24,6 +24,8 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; a result file gets the mode any other tool would give it.
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -32,6 +34,13 @@ def atomic_write(path: Path, write) -> Path:
         raise
     _fsync(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path) -> None:

@@ -19,7 +19,7 @@ from maskaq._files import atomic_write
 
 __all__ = ["FMNIST_MEAN", "FMNIST_STD", "FMNIST_CLASSES", "DEBIAN_FMNIST_ROOT", "BUNDLED_TEST_NPZ",
            "FashionMNIST", "fashion_mnist", "read_idx", "ImageFolder", "image_folder", "data_config",
-           "DATA_CONFIG_KEYS"]
+           "DATA_CONFIG_KEYS", "image_problem"]
 
 # Mean/std of the Fashion-MNIST training pixels in [0, 1] (computed on the 60k train images).
 FMNIST_MEAN: Tuple[float] = (0.2860,)
@@ -186,6 +186,22 @@ def image_folder(path, model=None, **overrides):
                            loader=functools.partial(_load_image, mode=mode))
     except FileNotFoundError as exc:  # torchvision: no class folder, or no image in them
         raise FileNotFoundError(f"{root}: {exc} (expected one sub-directory of images per class)") from None
+
+
+def image_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be read as an image, or None when it can. Reads only the header (what
+    PIL needs to name the format and size), so a folder of thousands is scanned in seconds."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.size[0] < 1 or image.size[1] < 1:
+                return f"it is {image.size[0]}x{image.size[1]} pixels"
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def _load_image(path: str, mode: str):

@@ -4,6 +4,7 @@
     imodel = export_integer(qmodel)                 # IntLinear / IntAttention / IntConv2d inside
     save_integer(imodel, "out/int_w8a8")            # integer.safetensors + integer.json
     imodel = load_integer("out/int_w8a8", timm.create_model("deit_small_patch16_224"))
+    imodel = load_integer("out/int_w8a8")           # the architecture from the saved record
 
 Weights of <= 4 bits are packed two per byte in the saved file (in memory they are int8, the
 width of the kernels). Files are written atomically, by rank 0 only under torch.distributed.
@@ -171,11 +172,13 @@ def save_integer(imodel: nn.Module, directory: Union[str, os.PathLike]) -> Path:
             state[owner + PACK_SUFFIX] = pack_int4(t.reshape(t.shape[0], -1))
         else:
             state[key] = t
+    from maskaq.quant.io import model_source
+
     pretrained = getattr(imodel, "pretrained_cfg", None) or {}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "class": f"{type(imodel).__module__}.{type(imodel).__qualname__}",
             "timm_name": pretrained.get("architecture"),
-            "quant": imodel.maskaq_integer.get("quant", {}), "modules": specs}
+            "quant": imodel.maskaq_integer.get("quant", {}), "modules": specs, "model": model_source(imodel)}
     return save_tensors_and_json(directory, state, meta, WEIGHTS_NAME, CONFIG_NAME, FORMAT)
 
 
@@ -224,10 +227,11 @@ def _skeleton(fp: nn.Module, name: str, spec: dict, specs: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def load_integer(directory: Union[str, os.PathLike], model: nn.Module,
+def load_integer(directory: Union[str, os.PathLike], model: Optional[nn.Module] = None,
                  device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """Rebuild an integer model saved by save_integer on ``model`` (the full-precision architecture
-    it was exported from; its weights are not used). Raises ValueError on a mismatch."""
+    it was exported from; its weights are not used). Without ``model``, the architecture the folder
+    records is built. Raises ValueError on a mismatch."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -241,6 +245,9 @@ def load_integer(directory: Union[str, os.PathLike], model: nn.Module,
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory / CONFIG_NAME} is not a maskaq integer-model config "
                          f"(format {FORMAT!r} version {FORMAT_VERSION})")
+    if model is None:
+        from maskaq.quant.io import model_from_source
+        model = model_from_source(meta.get("model"), directory)
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_integer needs the full-precision model (nn.Module), got {type(model).__name__}")
     if is_integer(model) or hasattr(model, "maskaq_quant"):

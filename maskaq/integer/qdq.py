@@ -30,6 +30,7 @@ The graph has a dynamic batch axis (or a fixed one with ``batch_size``) and opse
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -184,6 +185,11 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], batch_size: Optional[
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
         import onnx
 
+        from maskaq.quant.io import model_source
+        graph = onnx.load(str(tmp))
+        # the input's preparation and the architecture travel with the file (`maskaq eval x.onnx`)
+        onnx.helper.set_model_props(graph, {"maskaq": json.dumps(model_source(qmodel))})
+        onnx.save(graph, str(tmp))
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     finally:
