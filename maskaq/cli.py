@@ -35,6 +35,51 @@ class CliError(Exception):
     """Bad user input: printed as one line, exit status 2."""
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: hidden from --help, stores into the new option's dest and
+    prints one note naming the new spelling, so old command lines keep working for a release."""
+
+    def __init__(self, option_strings, dest, new, nargs=None, **kwargs):
+        kwargs["help"] = argparse.SUPPRESS
+        kwargs.setdefault("default", argparse.SUPPRESS)  # the new option's default stays
+        self.new = new
+        super().__init__(option_strings, dest, nargs=nargs, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated and will be removed; use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Accept ``old`` (hidden) for the option ``new`` already added to ``parser`` (or for ``dest``)."""
+    dest = kwargs.pop("dest", None) or next(a.dest for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, **kwargs)
+
+
+def continue_command(args) -> str:
+    """The command line that continues the run ``args`` started: its own arguments, --resume
+    instead of --overwrite."""
+    import shlex
+
+    argv = [a for a in getattr(args, "_argv", []) if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "maskaq " + shlex.join(argv)
+
+
+def continue_note(args):
+    """What the user can do after a run stopped early, or None for a command that keeps nothing."""
+    saved_in = getattr(args, "_checkpoint_dir", None)
+    if saved_in is None:
+        return None
+    from pathlib import Path
+
+    if Path(saved_in).is_dir() and any(Path(saved_in).iterdir()):
+        return f"the run so far is kept in {saved_in}; `{continue_command(args)}` continues it"
+    return "nothing was saved yet; the same command starts the run again"
+
+
 def _available_commands():
     """name -> (module name, help) of the subcommands this build has, found without importing them."""
     found = {}
@@ -79,14 +124,21 @@ def main(argv=None) -> int:
     command = _command_in(argv)
     parser = build_parser(command) if command else build_parser(command="")  # "": no module imported
     args = parser.parse_args(argv)
+    args._argv = argv
     try:
         return int(args._run(args) or 0)
     except CliError as exc:
         print(f"maskaq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        note = continue_note(args)
+        print("interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
         return 130
+    except Exception:
+        note = continue_note(args)
+        if note:  # the traceback follows: this line says the work is not lost
+            print(f"maskaq {args.command}: {note}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""`maskaq quantize`, `maskaq synthesize` and `maskaq demo` end to end, and bad input -> exit 2."""
+"""`maskaq quantize`, `maskaq synthesize`, `maskaq eval`, `maskaq export` and `maskaq demo` end to end,
+bad input -> exit 2 before any work, finished runs kept, stopped runs continued, one vocabulary."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,7 @@ TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
 def test_quantize_end_to_end(tmp_path, capsys):
     out = tmp_path / "w4a4"
     rc = main(["quantize", *TINY, "--wbits", "4", "--abits", "4", "--method", "maskaq", "--preset", "quick",
-               "--val", "fashion-mnist", "--val-limit", "32", "--out", str(out), "--set", "qat_epochs=1"])
+               "--data", "fashion-mnist", "--limit", "32", "--out", str(out), "--set", "qat_epochs=1"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "maskaq" and report["wbits"] == 4 and report["abits"] == 4
@@ -39,7 +42,7 @@ def test_synthesize_end_to_end(tmp_path):
     from maskaq.synthesis.io import load_synthetic_set
     out = tmp_path / "imgs"
     rc = main(["synthesize", *TINY, "--method", "maskaq", "--preset", "quick", "--num-images", "6",
-               "--batch-size", "3", "--iters", "2", "--out", str(out)])
+               "--synth-batch-size", "3", "--iters", "2", "--out", str(out)])
     assert rc == 0
     images = load_synthetic_set(out / "images.safetensors")
     assert images.images.shape == (6, 1, 28, 28) and images.labels.shape == (6,)
@@ -124,3 +127,261 @@ def test_help_keeps_the_example_line_and_shows_only_real_defaults(command, capsy
     assert any(line.strip().startswith(f"maskaq {command} --model vit_fmnist") for line in out.splitlines())
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "(default: 4)" in out  # --wbits has a real default, and it is shown
+
+
+# ----------------------------------------------------------------------------- a run on an image folder
+
+# The tiny ViT with a 2-class head, for a folder of 2 classes.
+TINY2 = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
+         json.dumps(dict(img_size=28, patch_size=7, in_chans=1, num_classes=2, embed_dim=24, depth=2, num_heads=3))]
+QUICK = ["--preset", "quick", "--set", "qat_epochs=1"]
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=4):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One finished `maskaq quantize` run on an image folder, with its ONNX and integer exports."""
+    root = tmp_path_factory.mktemp("run")
+    images = _image_folder(root / "imgs")
+    out = root / "out"
+    assert main(["quantize", *TINY2, *QUICK, "--data", str(images), "--out", str(out)]) == 0
+    assert main(["export", str(out / "model"), "--format", "onnx", "--out", str(out / "model.onnx")]) == 0
+    assert main(["export", str(out / "model"), "--format", "integer", "--out", str(out / "integer")]) == 0
+    return out, images
+
+
+def _eval_json(argv, capsys):
+    capsys.readouterr()
+    assert main(["eval", *argv, "--no-progress", "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("how", ["folder", "run", "checkpoint_folder", "checkpoint_file"])
+def test_eval_takes_the_student_quantize_wrote(run_dir, how, capsys):
+    out, images = run_dir
+    argv = {"folder": [str(out / "model")], "run": [str(out)],
+            "checkpoint_folder": [*TINY2[:2], "--model-kwargs", TINY2[3], "--checkpoint", str(out / "model")],
+            "checkpoint_file": [*TINY2[:2], "--model-kwargs", TINY2[3],
+                                "--checkpoint", str(out / "model" / "model.safetensors")]}[how]
+    report = _eval_json([*argv, "--data", str(images)], capsys)
+    expected = json.loads((out / "report.json").read_text())["val"]["quantized"]["top1"]
+    assert report["kind"] == "fake-quant W4A4" and report["images"] == 8
+    assert report["top1"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_eval_compares_the_student_its_integer_and_onnx_exports_in_one_command(run_dir, capsys):
+    out, images = run_dir
+    reports = _eval_json([str(out / "model"), str(out / "integer"), str(out / "model.onnx"), "--data", str(images)],
+                         capsys)
+    assert [r["kind"] for r in reports] == ["fake-quant W4A4", "integer W4A4", "onnx"]
+    assert all(r["images"] == 8 and 0 <= r["top1"] <= 100 for r in reports)
+
+
+def test_load_quantized_and_load_integer_need_only_the_folder(run_dir):
+    import maskaq
+
+    out, _ = run_dir
+    x = torch.randn(3, 1, 28, 28)
+    student = maskaq.load_quantized(out / "model")
+    teacher = maskaq.zoo.create("vit_tiny_patch16_224", **json.loads(TINY2[3]))
+    with torch.no_grad():
+        assert torch.equal(student(x), maskaq.load_quantized(out / "model", teacher)(x))
+        assert maskaq.load_integer(out / "integer")(x).shape == (3, 2)
+
+
+def test_saved_files_are_readable_by_others_under_the_usual_umask(run_dir, tmp_path):
+    out, _ = run_dir
+    old = os.umask(0o022)
+    try:
+        from maskaq._files import write_json
+        write_json(tmp_path / "r.json", {})
+        written = [tmp_path / "r.json", out / "model" / "model.safetensors", out / "report.json",
+                   out / "integer" / "integer.safetensors", out / "model.onnx"]
+        assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+    finally:
+        os.umask(old)
+
+
+def _one_error_line(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_an_unreadable_image_stops_the_run_before_it_starts_and_can_be_skipped(tmp_path, capsys):
+    images = _image_folder(tmp_path / "imgs")
+    (images / "dog" / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["quantize", *TINY2, *QUICK, "--data", str(images), "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "broken.png" in line and "--skip-bad-images" in line and not out.exists()
+    assert main(["quantize", *TINY2, *QUICK, "--data", str(images), "--out", str(out), "--skip-bad-images",
+                 "--method", "ptq"]) == 0
+    assert "left out 1 unreadable" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["val"]["quantized"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["quantize", *TINY2, *QUICK, "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "cannot be created" in _one_error_line(capsys)
+    assert main(["synthesize", *TINY2, "--preset", "quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in _one_error_line(capsys)
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # what a read-only folder answers (root writes anyway)
+    assert main(["quantize", *TINY2, *QUICK, "--out", str(tmp_path / "run")]) == 2
+    assert "cannot be written (Permission denied" in _one_error_line(capsys)
+
+
+def test_more_classes_than_the_head_is_an_error_fewer_a_warning(tmp_path, capsys):
+    three = _image_folder(tmp_path / "three", ("a", "b", "c"), 1)
+    assert main(["quantize", *TINY2, *QUICK, "--data", str(three), "--out", str(tmp_path / "x")]) == 2
+    assert "has 3 classes but the model's head has 2" in _one_error_line(capsys)
+    two = _image_folder(tmp_path / "two", ("a", "b"), 1)
+    assert main(["eval", "vit_tiny_patch16_224", "--img-size", "28", "--in-chans", "1", "--data", str(two),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --data" in err and "has 2 classes but the model's head has 1000 outputs" in err
+
+
+def test_a_finished_run_is_kept_unless_overwrite(run_dir, tmp_path, capsys):
+    out, images = run_dir
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["quantize", *TINY2, *QUICK, "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "holds a finished run" in line and "--overwrite" in line
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["quantize", *TINY2, *QUICK, "--method", "ptq", "--out", str(copy), "--overwrite"]) == 0
+    assert json.loads((copy / "report.json").read_text())["method"] == "ptq"
+
+
+def test_resume_with_no_stopped_run_says_so_and_stops(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    assert main(["quantize", *TINY2, *QUICK, "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume" in _one_error_line(capsys) and not (tmp_path / "new").exists()
+    assert main(["quantize", *TINY2, *QUICK, "--out", str(out), "--resume"]) == 2
+    assert "holds a finished run" in _one_error_line(capsys)
+
+
+def test_an_interrupted_run_names_the_command_that_continues_it(tmp_path, capsys, monkeypatch):
+    from maskaq.commands import quantize
+
+    def interrupted(*args, checkpoint_dir, **kwargs):
+        checkpoint_dir.mkdir(parents=True)
+        (checkpoint_dir / "state.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "run_pipeline", interrupted)
+    out = tmp_path / "out"
+    argv = ["quantize", *TINY2, *QUICK, "--out", str(out), "--overwrite"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    import shlex
+    assert "interrupted" in err and "maskaq " + shlex.join(argv[:-1] + ["--resume"]) in err
+    assert main(argv[:-1]) == 2  # without --resume the stopped run is not started over silently
+    assert "--resume` continues it" in _one_error_line(capsys)
+
+
+def test_a_late_error_keeps_the_student_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    from maskaq.commands import quantize
+
+    from maskaq import zoo
+
+    images = _image_folder(tmp_path / "imgs")
+    teacher = zoo.create("vit_tiny_patch16_224", **json.loads(TINY2[3]))
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")  # the same teacher in both runs
+    out = tmp_path / "out"
+    argv = ["quantize", *TINY2, *QUICK, "--checkpoint", str(tmp_path / "teacher.pth"), "--data", str(images),
+            "--out", str(out)]
+    real = quantize.evaluate_model
+
+    def unreadable(*args, **kwargs):
+        raise OSError("cannot identify image file 'imgs/dog/3.png'")
+
+    monkeypatch.setattr(quantize, "evaluate_model", unreadable)
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "cannot identify image file" in line and "--resume` continues it" in line
+    assert (out / "model" / "model.safetensors").is_file() and any((out / "checkpoint").iterdir())
+    monkeypatch.setattr(quantize, "evaluate_model", real)
+    assert main(argv + ["--resume"]) == 0
+    assert "top1" in json.loads((out / "report.json").read_text())["val"]["quantized"]
+    assert not (out / "checkpoint").exists()
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+
+def _options(command):
+    """Option string -> action of the options ``maskaq COMMAND --help`` shows."""
+    import argparse
+
+    from maskaq.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {opt: action for action in sub.choices[command]._actions for opt in action.option_strings
+            if action.help != argparse.SUPPRESS}
+
+
+def test_every_subcommand_speaks_one_vocabulary():
+    from maskaq.cli import COMMANDS
+    from maskaq.commands.common import DEVICE_HELP
+
+    options = {command: _options(command) for command in COMMANDS}
+    for command, opts in options.items():
+        # one name for each thing; the old spellings are hidden aliases
+        assert not {"--batch-size", "--val", "--val-limit", "--student"} & set(opts), command
+        if "--device" in opts:
+            assert opts["--device"].default is None and opts["--device"].help == DEVICE_HELP, command
+    for command in ("quantize", "synthesize", "eval", "export"):
+        assert {"--model", "--checkpoint", "--model-kwargs", "--num-classes", "--img-size", "--in-chans"} \
+            <= set(options[command]), command
+    for command in ("quantize", "eval"):
+        assert {"--data", "--limit", "--eval-batch-size", "--skip-bad-images", "--device"} <= set(options[command])
+    for command in ("quantize", "synthesize"):
+        assert {"--out", "--overwrite", "--resume"} <= set(options[command])
+    assert "--synth-batch-size" in options["synthesize"] and not options["export"]["--model"].required
+
+
+@pytest.mark.parametrize("command, old, new, value", [
+    ("quantize", "--val", "--data", "fashion-mnist"),
+    ("quantize", "--val-limit", "--limit", 7),
+    ("quantize", "--batch-size", "--eval-batch-size", 9),
+    ("synthesize", "--batch-size", "--synth-batch-size", 3),
+    ("eval", "--batch-size", "--eval-batch-size", 9),
+    ("export", "--batch-size", "--onnx-batch-size", 2),
+    ("export", "--student", "STUDENT", "s"),
+    ("train-teacher", "--batch-size", "--train-batch-size", 16),
+])
+def test_old_spellings_still_work_with_a_note(command, old, new, value, capsys):
+    from maskaq.cli import build_parser
+
+    extra = {"quantize": ["--model", "m", "--out", "o"], "synthesize": ["--model", "m", "--out", "o"],
+             "export": ["--out", "o"]}.get(command, [])
+    args = build_parser(command).parse_args([command, *extra, old, str(value)])
+    dest = {"STUDENT": "student"}.get(new, new.lstrip("-").replace("-", "_"))
+    if command == "train-teacher":
+        dest = "batch_size"
+    assert getattr(args, dest) == value
+    err = capsys.readouterr().err
+    assert f"{old} is deprecated" in err and new in err

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the plain bundled teacher, on which every method lands within noise of ptq at W4A4)")
     parser.add_argument("--wbits", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--abits", type=int, default=4, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default=None, help="cpu or cuda (none given: cuda when available)")
+    from maskaq.commands.common import DEVICE_HELP
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     # Smoke runs: evaluate on the first N test images only.
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
 

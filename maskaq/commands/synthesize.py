@@ -9,10 +9,11 @@ masked attention alignment. With torchrun every rank synthesizes its share of th
 Every finished batch is checkpointed in OUT/batches (atomically, with a checksum and the run's
 settings and teacher weights digest), and so is the batch in progress every --set
 checkpoint_every_steps=N steps (default 100) or checkpoint_every_seconds=T (300): a run that was
-killed continues with the same arguments plus --resume and ends with the images an uninterrupted
-run makes. Without --resume a directory
-holding such batches is refused; a damaged batch or one of a run with other settings is named
-in a one-line error (exit 2). A finished run removes OUT/batches.
+killed or interrupted continues with the same arguments plus --resume (the message it stops with
+spells the command out) and ends with the images an uninterrupted run makes. Without --resume a
+directory holding such batches is refused, and so is one holding a finished run without
+--overwrite; a damaged batch or one of a run with other settings is named in a one-line error
+(exit 2). A finished run removes OUT/batches.
 """
 from __future__ import annotations
 
@@ -22,25 +23,23 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maskaq.commands.common import add_model_arguments
+    from maskaq.commands.common import add_deprecated_alias, add_model_arguments, add_run_dir_arguments
     add_model_arguments(parser)
     from maskaq import methods
     parser.add_argument("--method", default="maskaq", help="one of " + ", ".join(methods.names(synthesizes=True)))
     parser.add_argument("--wbits", type=int, default=4, help="weight bits of the student in the loop (2-8)")
     parser.add_argument("--abits", type=int, default=4, help="activation bits of the student in the loop (2-8)")
     parser.add_argument("--num-images", type=int, default=None, help="number of images (none given: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images optimized together (none given: the preset's)")
+    parser.add_argument("--synth-batch-size", type=int, default=None, metavar="N",
+                        help="images optimized together (none given: the preset's)")
     parser.add_argument("--iters", type=int, default=None, help="optimization steps per batch (none given: the preset's)")
     parser.add_argument("--preset", default="cpu", help="quick, cpu, cpu-long or paper (the public code's sizes and steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any synthesis setting, e.g. --set entropy_weight=0.5 (repeatable)")
-    parser.add_argument("--out", required=True,
-                        help="output directory: images.safetensors, grid.png, report.json, and batches/ with "
-                             "every finished batch (checksummed) while the run lasts")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a run that stopped (killed, pre-empted): the batches already in "
-                             "OUT/batches are read, not synthesized again; give the first run's arguments")
+    add_run_dir_arguments(parser, "output directory: images.safetensors, grid.png, report.json, and batches/ with "
+                                  "every finished batch (checksummed) while the run lasts")
+    add_deprecated_alias(parser, "--batch-size", "--synth-batch-size", type=int)
 
 
 def run(args) -> int:
@@ -50,7 +49,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from maskaq.cli import CliError
-    from maskaq.commands.common import load_model_for_cli, method_and_overrides, resolve_device
+    from maskaq.commands.common import check_run_dir, load_args_model, method_and_overrides, resolve_device
     from maskaq.pipeline import build_config
     from maskaq.synthesis.io import (CheckpointMismatchError, CorruptCheckpointError, save_image_grid,
                                      save_synthetic_set, write_json)
@@ -58,7 +57,7 @@ def _run(args) -> int:
     from maskaq.runtime import dist_info
 
     record, overrides = method_and_overrides(args, synthesizes=True)
-    for flag, key in (("num_images", "num_images"), ("batch_size", "synth_batch_size"), ("iters", "synth_iters")):
+    for flag, key in (("num_images", "num_images"), ("synth_batch_size", "synth_batch_size"), ("iters", "synth_iters")):
         value = getattr(args, flag)
         if value is not None:
             if value < 1:
@@ -68,13 +67,16 @@ def _run(args) -> int:
         cfg = build_config(args.method, args.preset, **overrides)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
-    _refuse_earlier_batches_without_resume(args)
+    out = Path(args.out)
+    check_run_dir(args, [out / "images.safetensors"], out / "batches")
     from maskaq.runtime import barrier
     barrier()  # every rank looked before any writes
     device = resolve_device(args.device)
-    teacher = load_model_for_cli(args.model, args.checkpoint, device, args.model_kwargs, args.pretrained,
-                                 args.pretrained_file)
+    teacher = load_args_model(args, device)
     store = _batch_store(args, cfg, teacher)
+    if args.overwrite:  # the stopped run it replaces would otherwise be read back
+        store.remove()
+    args._checkpoint_dir = store.directory  # from here on a stop says how to continue
     spec = describe_model(teacher)
     try:
         images = _make_images(args, cfg, record, teacher, spec, device, store)
@@ -82,29 +84,21 @@ def _run(args) -> int:
         raise CliError(str(exc)) from None
     rank, _ = dist_info()
     if rank == 0:
-        out = Path(args.out)
         report = dict(images.report, method=args.method, model=args.model, seed=args.seed,
                       wbits=args.wbits, abits=args.abits, preset=args.preset, config=cfg.as_dict()["synthesis"])
-        tensors = save_synthetic_set(images, out / "images.safetensors",
-                                     {"method": args.method, "model": args.model, "seed": args.seed,
-                                      "mean": list(spec.mean), "std": list(spec.std)})
-        grid = save_image_grid(images.images, spec.mean, spec.std, out / "grid.png")
-        write_json(out / "report.json", report)
+        try:
+            tensors = save_synthetic_set(images, out / "images.safetensors",
+                                         {"method": args.method, "model": args.model, "seed": args.seed,
+                                          "mean": list(spec.mean), "std": list(spec.std)})
+            grid = save_image_grid(images.images, spec.mean, spec.std, out / "grid.png")
+            write_json(out / "report.json", report)
+        except OSError as exc:
+            from maskaq.cli import continue_note
+            raise CliError(f"{str(exc).splitlines()[0] or type(exc).__name__}; {continue_note(args)}") from None
         store.remove()  # the run is complete: its results replace the per-batch checkpoints
         print(f"{len(images)} {args.method} images in {images.report.get('seconds', 0.0):.1f}s "
               f"(NaN retries: {images.report.get('nan_retries', 0)}); wrote {tensors}, {grid}, {out / 'report.json'}")
     return 0
-
-
-def _refuse_earlier_batches_without_resume(args) -> None:
-    from maskaq.cli import CliError
-    from maskaq.synthesis.io import BatchStore
-    earlier = BatchStore(Path(args.out) / "batches", {})  # only counted here: no fingerprint needed
-    finished, in_progress = earlier.finished(), earlier.in_progress()
-    if (finished or in_progress) and not args.resume:
-        raise CliError(f"{earlier.directory} holds {len(finished)} finished batches of an earlier run (and "
-                       f"{len(in_progress)} in progress); pass --resume to continue it (with its arguments) or "
-                       "choose another --out")
 
 
 def _batch_store(args, cfg, teacher):

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="upper bound on epochs")
     parser.add_argument("--time-budget-min", type=float, default=70.0,
                         help="wall-clock budget in minutes; the schedule anneals to finish inside it (0: none)")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--train-batch-size", dest="batch_size", type=int, default=64, metavar="N",
                         help="global batch size (small batches: more updates per CPU-second, which a ViT needs)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--min-lr", type=float, default=1e-5)
@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reg-tokens", type=int, default=0,
                         help="register tokens after the CLS token (timm reg_tokens; 'ViTs need registers')")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
+    from maskaq.commands.common import DEVICE_HELP, add_deprecated_alias
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
     parser.add_argument("--restart-schedule", action="store_true",
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after training, write vit_fmnist.safetensors + vit_fmnist.json into DIR")
     parser.add_argument("--export-name", default="vit_fmnist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_deprecated_alias(parser, "--batch-size", "--train-batch-size", type=int)
 
 
 def _cli_error(msg: str):
@@ -74,7 +76,7 @@ def validate_args(args) -> None:
     if args.epochs < 1:
         raise _cli_error(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
-        raise _cli_error(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise _cli_error(f"--train-batch-size must be >= 1, got {args.batch_size}")
     if args.time_budget_min < 0:
         raise _cli_error(f"--time-budget-min must be >= 0, got {args.time_budget_min}")
     if not 0 <= args.warmup < 1:
@@ -220,7 +222,10 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     rank, world = _distributed()
-    device = torch.device(args.device)
+    from maskaq.commands.common import resolve_device
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and world > 1:  # one GPU per process under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
