@@ -385,3 +385,12 @@ def test_old_spellings_still_work_with_a_note(command, old, new, value, capsys):
     assert getattr(args, dest) == value
     err = capsys.readouterr().err
     assert f"{old} is deprecated" in err and new in err
+
+
+def test_bench_prints_one_table_and_no_third_party_warnings(capfd):
+    assert main(["bench", "--models", "vit_tiny_patch16_224", "--impls", "fp32", "ort_int8", "--batches", "1", "2",
+                 "--rounds", "1", "--iters", "1", "--threads", "1", "--omp-wait-policy", "inherit"]) == 0
+    out, err = capfd.readouterr()
+    assert (out + err).count("peak MB") == 1
+    assert "WARNING:root:" not in err
+    assert len([line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]) == 4

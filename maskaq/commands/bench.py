@@ -137,7 +137,10 @@ def _auto_iters(impls, x, device) -> int:
     return int(min(20, max(1, math.ceil(0.3 / max(slowest, 1e-6)))))
 
 
-def run_benchmark(args, log=print) -> list[dict]:
+def run_benchmark(args, log=print, table=None) -> list[dict]:
+    """Every record of the run. ``table(records)`` gets the records of each (model, device, batch)
+    as they are measured (default: ``log`` their table)."""
+    table = table or (lambda group: log(format_table(group)))
     devices, models, rounds, iters, warmup = _resolve(args)
     torch.set_num_threads(args.threads)
     if args.engine not in torch.backends.quantized.supported_engines:
@@ -184,8 +187,8 @@ def run_benchmark(args, log=print) -> list[dict]:
                             "peak_mb": round(measure_memory_mb(impl, x, device), 1),
                         }
                         records.append(record)
-                    log(format_table([r for r in records if r["model"] == model_name
-                                      and r["device"] == device and r["batch"] == batch]))
+                    table([r for r in records if r["model"] == model_name
+                           and r["device"] == device and r["batch"] == batch])
                     if getattr(args, "json", None):  # partial results survive an interrupted run
                         write_json(records, args.json)
                 del impls
@@ -205,10 +208,10 @@ def speedups(records: list[dict]) -> dict[tuple, float]:
     return out
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], header: bool = True) -> str:
     ratio = speedups(records)
-    header = f"{'model':<24} {'dev':<4} {'batch':>5} {'impl':<19} {'ms':>9} {'img/s':>9} {'peak MB':>8} {'vs FP':>6}"
-    lines = [header, "-" * len(header)]
+    title = f"{'model':<24} {'dev':<4} {'batch':>5} {'impl':<19} {'ms':>9} {'img/s':>9} {'peak MB':>8} {'vs FP':>6}"
+    lines = [title, "-" * len(title)] if header else []
     for r in records:
         s = ratio.get((r["model"], r["device"], r["batch"], r["impl"]))
         lines.append(f"{r['model']:<24} {r['device']:<4} {r['batch']:>5} {r['impl']:<19} {r['ms']:>9.2f} "
@@ -288,11 +291,28 @@ def _child_main() -> int:
         return 2
 
 
+def _quiet_third_parties():
+    """Hide what ONNX Runtime's and torch's quantization tools say that a bench user cannot act on
+    (ONNX Runtime's advice to pre-process the graph goes to the root logger as ``WARNING:root:``)."""
+    import logging
+    import warnings
+
+    logging.getLogger().setLevel(logging.ERROR)
+    for module in (r"onnxruntime(\.|$)", r"onnx(\.|$)", r"torch\.ao(\.|$)", r"torch\.onnx(\.|$)"):
+        warnings.filterwarnings("ignore", module=module)
+
+
 def run(args) -> int:
     if _needs_child(args):
         return _run_in_child(args)
-    records = run_benchmark(args, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table(records))
+    _quiet_third_parties()
+    printed = []
+
+    def table(group):  # one table on stdout, its rows added as they are measured
+        print(format_table(group, header=not printed), flush=True)
+        printed.append(len(group))
+
+    records = run_benchmark(args, log=lambda m: print(m, file=sys.stderr, flush=True), table=table)
     if args.json:
         write_json(records, args.json)
         print(f"wrote {args.json}")
