@@ -31,7 +31,7 @@ class PipelineConfig:
     # What the round-0 calibration sees: "images" (the method's own, as the public code's first QAT
     # batch; preset paper), "noise" (Gaussian noise) or "mixed" (both in one batch: min-max spans the
     # union). Noise by measurement (preset cpu, seeds 0-2, benchmarks/results/accuracy_dfq_noisecal.md):
-    # at W3A3 real-data QAT 77.65 -> 80.33 %, psaq 76.69 -> 79.9, maskaq 76.76 -> 77.21; at W4A4 every
+    # at W3A3 real-data QAT 77.65 -> 80.33 %, psaq 76.69 -> 78.90, maskaq 76.76 -> 77.21; at W4A4 every
     # method gains or holds. Min-max on 32 images of a method's own set spans their outliers, which
     # costs the 3-bit grids more than noise's ranges do.
     calib_data: str = "noise"
