@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
     parser = build_parser(command) if command else build_parser(command="")  # "": no module imported
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "models", None), list) and not any(a.startswith("-") for a in extra):
+        args.models += extra  # argparse stops a list of positionals at the first option after it
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args._argv = argv
     try:
         return int(args._run(args) or 0)

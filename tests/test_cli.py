@@ -182,9 +182,10 @@ def test_eval_takes_the_student_quantize_wrote(run_dir, how, capsys):
 
 def test_eval_compares_the_student_its_integer_and_onnx_exports_in_one_command(run_dir, capsys):
     out, images = run_dir
-    reports = _eval_json([str(out / "model"), str(out / "integer"), str(out / "model.onnx"), "--data", str(images)],
-                         capsys)
-    assert [r["kind"] for r in reports] == ["fake-quant W4A4", "integer W4A4", "onnx"]
+    # models before and after options, as a shell user writes them
+    reports = _eval_json([str(out / "model"), "--data", str(images), str(out / "integer"), str(out / "model.onnx"),
+                          "vit_tiny_patch16_224", "--model-kwargs", TINY2[3]], capsys)
+    assert [r["kind"] for r in reports] == ["fake-quant W4A4", "integer W4A4", "onnx", "full precision"]
     assert all(r["images"] == 8 and 0 <= r["top1"] <= 100 for r in reports)
 
 

@@ -6,8 +6,8 @@ saved ones record their architecture and input preparation, so one command compa
 
     maskaq eval deit_tiny_patch16_224 runs/deit/model runs/deit/integer runs/deit/model.onnx --checkpoint deit.pth --data imgs
 
-(--checkpoint and the architecture options belong to the named architectures; a student folder
-given as --checkpoint is loaded on the named architecture.)"""
+(--checkpoint and the architecture options belong to the named architectures, the saved models
+carry their own; a student folder given as --checkpoint is loaded on the named architecture.)"""
 from __future__ import annotations
 
 import json
@@ -89,14 +89,11 @@ def _describe_quant(config: dict) -> str:
 
 
 def _load(spec: str, args, device: torch.device):
-    """(module, kind, device to run on) of one MODEL."""
+    """(module, kind, device to run on) of one MODEL (--checkpoint applies to a named architecture only)."""
     from maskaq.integer.export import CONFIG_NAME as INTEGER_CONFIG
     from maskaq.quant.io import is_student, student_directory
 
     path = Path(spec)
-    saved = spec.endswith(".onnx") or is_student(spec) or (path / INTEGER_CONFIG).is_file()
-    if saved and args.checkpoint is not None:
-        raise _cli_error(f"{spec} carries its own weights; --checkpoint is for a named architecture")
     try:
         if spec.endswith(".onnx"):
             if not path.is_file():
