@@ -1,9 +1,9 @@
 """maskaq: data-free quantization of Vision Transformers (MaskAQ) with fused C++/CUDA kernels.
 
     import maskaq
-    teacher = maskaq.zoo.load("vit_fmnist")
+    teacher = maskaq.zoo.load("vit_fmnist_outliers")
     qmodel = maskaq.quantize(teacher, wbits=4, abits=4, method="maskaq")   # synthesize + distill
-    maskaq.evaluate(qmodel, loader)                                          # {"top1": ..., "top5": ...}
+    maskaq.evaluate(qmodel, maskaq.data.fashion_mnist("test"))             # {"top1": ..., "top5": ...}
     imodel = maskaq.export_integer(qmodel)                                   # integer kernels
 """
 import importlib
