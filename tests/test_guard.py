@@ -74,6 +74,20 @@ def test_step_guard_replaces_a_non_finite_step():
     assert step.item() == pytest.approx(MIN_STEP_SHRINK * old)
 
 
+def test_a_step_held_down_update_after_update_stops_at_the_floor():
+    from maskaq.distill.guard import MIN_STEP
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    guard = StepGuard(student)
+    step = guard.steps[0]
+    for _ in range(200):  # 2^-200 of any step is far below the floor; 0 would kill the fused ops
+        guard.before()
+        with torch.no_grad():
+            step.fill_(-1.0)
+        guard.after()
+    assert step.item() == pytest.approx(MIN_STEP) and step.item() > 0
+
+
 def test_lsq_weight_steps_are_guarded_too():
     from maskaq.quant import calibrate, quantize_model
     teacher = tiny_vit()

@@ -20,10 +20,12 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["MIN_STEP_SHRINK", "MAX_BAD_BATCHES", "QATDiverged", "StepGuard", "lsq_step_parameters"]
+__all__ = ["MIN_STEP", "MIN_STEP_SHRINK", "MAX_BAD_BATCHES", "QATDiverged", "StepGuard", "lsq_step_parameters"]
 
-# An optimizer update may shrink an LSQ step to no less than this fraction of its value before it.
+# An optimizer update may shrink an LSQ step to no less than this fraction of its value before it,
+# and never below MIN_STEP (the floor of the steps' initialization: many halvings reach 0 otherwise).
 MIN_STEP_SHRINK = 0.5
+MIN_STEP = 1e-8
 # Consecutive batches with a non-finite loss after which QAT stops instead of skipping on.
 MAX_BAD_BATCHES = 10
 
@@ -67,7 +69,7 @@ class StepGuard:
             return
         bad_total = None
         for p, old in zip(self.steps, self._previous):
-            floor = old * MIN_STEP_SHRINK
+            floor = (old * MIN_STEP_SHRINK).clamp_min(MIN_STEP)
             bad = ~(p >= floor) | ~torch.isfinite(p)  # NaN compares false: caught by the first test
             p.copy_(torch.where(bad, floor, p))
             state = self.optimizer.state.get(p) if self.optimizer is not None else None
