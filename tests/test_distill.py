@@ -1,6 +1,7 @@
 """QAT by distillation: KD and masked head distillation (hand-checked and against plain loops),
 periodic refreshing with the current student, and the pipeline's configuration."""
 import math
+import re
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_kd_loss_matches_plain_formula_and_only_student_gets_gradient():
     assert loss.item() == pytest.approx(plain.item(), rel=1e-10)
     loss.backward()
     assert s.grad is not None and t.grad is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("kd_loss: student logits (4, 10) vs teacher (4, 5)")):
         kd_loss(s, t[:, :5])
 
 
@@ -94,9 +95,9 @@ def test_head_distillation_matches_loop(masked):
 
 
 def test_head_distillation_shape_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("teacher output (1, 2, 5, 3) vs student (1, 2, 6, 3)")):
         head_distillation_block(torch.randn(1, 2, 5, 3), torch.randn(1, 2, 6, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 teacher vs 0 student blocks"):
         head_distillation_loss([torch.randn(1, 2, 5, 3)], [])
 
 
@@ -173,9 +174,9 @@ def test_qat_warmup_epochs_take_no_optimizer_step():
 
 
 def test_qat_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="qat_epochs and qat_batch_size must be >= 1"):
         QATConfig(qat_epochs=0).validate()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("refresh_every must be >= 0 (0 = never), got -1")):
         QATConfig(refresh_every=-1).validate()
     with pytest.raises(ValueError, match="qat_warmup_epochs"):
         QATConfig(qat_epochs=2, qat_warmup_epochs=2).validate()

@@ -196,7 +196,6 @@ def test_bits_outside_2_to_8_are_refused(wbits, abits):
     with pytest.raises((ValueError, TypeError), match="bits"):
         quantize_model(small_vit(depth=1), wbits, abits)
 
-ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
 
 def _qkv32(shape=(1, 2, 5, 4)):
@@ -218,11 +217,24 @@ def _fq_bad(case):
     }[case]
 
 
-@pytest.mark.parametrize("case", ["int dtype", "rank 3", "shape mismatch", "nan step", "inf step", "range too wide",
-                                  "qmax 0", "empty step"])
+# The error and a fragment of its message for each bad input, the same from the op and the reference.
+_FQ_BAD = {
+    "int dtype": (TypeError, "q must be a floating tensor, got torch.int64"),
+    "rank 3": (ValueError, r"q must be 4-D \(B, H, N, d\), got shape \(2, 5, 4\)"),
+    "shape mismatch": (ValueError, r"q, k and v must have one shape \(B, H, N, d\), got \(1, 2, 5, 4\), "
+                                   r"\(1, 2, 3, 4\)"),
+    "nan step": (ValueError, r"step\[1\] = nan must be (positive and finite|finite and positive)"),
+    "inf step": (ValueError, r"step\[1\] = inf must be (positive and finite|finite and positive)"),
+    "range too wide": (ValueError, r"qmin/qmax\[0\] must lie in \[-65536, 65536\]"),
+    "qmax 0": (ValueError, r"qmax\[0\] = 0 must be positive"),
+    "empty step": (ValueError, r"step must be a 1-D tensor of 4 \(q, k, p, v\), got shape \(0,\)"),
+}
+
+
+@pytest.mark.parametrize("case,error,message", [(c, *m) for c, m in _FQ_BAD.items()], ids=list(_FQ_BAD))
 @pytest.mark.parametrize("impl", [ops.fq_attention, ref.fq_attention], ids=["op", "reference"])
-def test_fq_attention_bad_input(case, impl):
-    with pytest.raises(ERRORS):
+def test_fq_attention_bad_input(case, error, message, impl):
+    with pytest.raises(error, match=message):
         _fq_bad(case)(impl)
 
 
@@ -243,7 +255,15 @@ def test_patch_similarity_entropy_bad_input(case, impl):
     if case == "nan logits":  # NaN in, NaN out (the synthesizer's NaN recovery relies on it), never a crash
         assert torch.isnan(call()).any()
         return
-    with pytest.raises(ERRORS):
+    error, message = {
+        "int dtype": (TypeError, "logits must be a floating tensor, got torch.int64"),
+        "rank 3": (ValueError, r"logits must be 4-D \(B, H, N, N\), got shape \(2, 9, 9\)"),
+        "non-square": (ValueError, r"logits must be square attention logits \(B, H, N, N\), got shape \(2, 2, 9, 8\)"),
+        "prefix too large": (ValueError, r"num_prefix_tokens must lie in \[0, N\) with N = 9, got 9"),
+        "row out of range": (IndexError, r"row_index values must lie in \[0, 8\) .*got range \[8, 8\]"),
+        "empty batch rows": (ValueError, r"row_index must have shape \(B, R\) with B = 2, R >= 1, got \(2, 0\)"),
+    }[case]
+    with pytest.raises(error, match=message):
         call()
 
 
@@ -259,5 +279,14 @@ def test_masked_attention_align_bad_input(case, impl):
         "ratio 0": lambda: impl(t, q, ratio=0.0, seed=0),
         "keep 2": lambda: impl(t, q, ratio=0.5, keep=2.0, seed=0),
     }[case]
-    with pytest.raises(ERRORS):
+    error, message = {
+        "inf rand": (ValueError, "rand must hold finite uniform draws, got inf"),
+        "int dtype": (TypeError, "cls_t must be a floating tensor, got torch.int64"),
+        "shape mismatch": (ValueError, r"cls_t and cls_q must have one shape \(L, B, H, M\), "
+                                       r"got \(2, 3, 2, 10\) and \(2, 3, 2, 9\)"),
+        "rank 3": (ValueError, r"cls_t must be 4-D \(L, B, H, M\), got shape \(3, 2, 10\)"),
+        "ratio 0": (ValueError, r"ratio \(the top-k fraction\) must lie in \(0, 1\], got 0.0"),
+        "keep 2": (ValueError, r"keep \(the kept fraction of the top-k\) must lie in \(0, 1\], got 2.0"),
+    }[case]
+    with pytest.raises(error, match=message):
         call()

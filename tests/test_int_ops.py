@@ -300,7 +300,7 @@ def test_attention_bad_inputs(case):
     with pytest.raises(error, match=message):
         ops.int8_attention(*args)
     if HAS_EXT:
-        with pytest.raises(error):
+        with pytest.raises(error, match=message):
             torch.ops.maskaq.int8_attention(*args)
 
 
@@ -681,7 +681,7 @@ def test_cuda_opcheck_and_bad_inputs():
                           test_utils=utils)
     with pytest.raises(ValueError, match="scale"):
         torch.ops.maskaq.int8_linear_epilogue(acc, scale.cpu(), bias, "none", 0.0, 0, 0, 255)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k is on cpu but must be on cuda"):
         torch.ops.maskaq.int8_attention(q, k.cpu(), v, s, 1 / 255, 0, 0, 255)
     torch.cuda.synchronize()  # the device is still usable
 
@@ -734,5 +734,6 @@ def test_bench_int8_gemm_checks_every_impl_and_writes_json(tmp_path, capsys):
         if r["impl"] in ("maskaq_int16", "onednn_split"):
             assert r["exact"] is True
     assert "maskaq_int16" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="2"):  # argparse's exit status for a bad argument
         bench.main(["--layers", "40by24"])
+    assert "--layers takes KxN, got '40by24'" in capsys.readouterr().err

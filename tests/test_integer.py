@@ -2,6 +2,7 @@
 trip, fidelity on the bundled teacher, bad inputs, and the benchmark's non-timing parts."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -416,7 +417,7 @@ def test_load_rejects_other_architecture(tmp_path):
         load_integer(tmp_path / "int", small_vit(embed_dim=96))
     with pytest.raises(ValueError, match="match|no module"):
         load_integer(tmp_path / "int", small_vit(depth=2))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="integer.json not found: load_integer needs a directory written by"):
         load_integer(tmp_path / "missing", small_vit())
 
 
@@ -425,7 +426,7 @@ def test_pack_int4_round_trip():
     packed = pack_int4(w)
     assert packed.shape == (5, 4) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4(packed, 7), w)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("pack_int4 takes values in [-8, 7]")):
         pack_int4(torch.full((2, 2), 9, dtype=torch.int8))
 
 
@@ -449,7 +450,7 @@ def test_export_rejects_uncalibrated_and_non_students():
         export_integer(qmodel)
     with pytest.raises(ValueError, match="quantize_model"):
         export_integer(model)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="export_integer needs an nn.Module, got str"):
         export_integer("deit_small_patch16_224")
     _, calibrated = _student(8, 8)
     with pytest.raises(ValueError, match="kernel"):

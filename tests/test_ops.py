@@ -10,6 +10,7 @@ the rare such flips (a few elements off by one quantization step).
 """
 import math
 import os
+import re
 import random
 
 import pytest
@@ -477,32 +478,49 @@ QMIN, QMAX = [-8, -8, 0, -8], [7, 7, 15, 7]
 
 
 def _fq_bad_cases():
+    """name -> (error, the start of its message, the op's arguments)."""
     q, k, v = _qkv()
+    positive = " must be positive and finite"
     return {
-        "int dtype": (q.long(), k.long(), v.long(), None, None, [], [], 0.5, False),
-        "half on cpu": (q.half(), k.half(), v.half(), None, None, [], [], 0.5, False),
-        "mixed dtypes": (q, k.double(), v, None, None, [], [], 0.5, False),
-        "3-D": (q[0], k[0], v[0], None, None, [], [], 0.5, False),
-        "shape mismatch": (q, k[:, :, :4], v, None, None, [], [], 0.5, False),
-        "non-contiguous": (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), None, None, [], [], 0.5, False),
-        "step of 3": (q, k, v, STEP[:3], None, QMIN, QMAX, 0.5, False),
-        "qmin of 3": (q, k, v, STEP, None, QMIN[:3], QMAX, 0.5, False),
-        "qmin >= qmax": (q, k, v, STEP, None, [7, -8, 0, -8], QMAX, 0.5, False),
-        "zero step": (q, k, v, torch.tensor([0.1, 0.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
-        "negative step": (q, k, v, torch.tensor([0.1, -1.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
-        "nan step": (q, k, v, torch.tensor([0.1, float("nan"), 0.05, 0.1]), None, QMIN, QMAX, 0.5, False),
-        "zero_point without step": (q, k, v, None, torch.zeros(4), [], [], 0.5, False),
-        "2-D step": (q, k, v, STEP.view(2, 2), None, QMIN, QMAX, 0.5, False),
-        "int step": (q, k, v, torch.ones(4, dtype=torch.long), None, QMIN, QMAX, 0.5, False),
-        "inf scale": (q, k, v, None, None, [], [], float("inf"), False),
+        "int dtype": (TypeError, "q must have dtype in {Float, Double}, got Long",
+                      (q.long(), k.long(), v.long(), None, None, [], [], 0.5, False)),
+        "half on cpu": (TypeError, "q must have dtype in {Float, Double}, got Half",
+                        (q.half(), k.half(), v.half(), None, None, [], [], 0.5, False)),
+        "mixed dtypes": (TypeError, "k (Double) must have the dtype of q (Float)",
+                         (q, k.double(), v, None, None, [], [], 0.5, False)),
+        "3-D": (ValueError, "q must be 4-D (B, H, N, d), got shape [2, 5, 4]",
+                (q[0], k[0], v[0], None, None, [], [], 0.5, False)),
+        "shape mismatch": (ValueError, "q, k and v must have one shape (B, H, N, d), got [2, 2, 5, 4], [2, 2, 4, 4]",
+                           (q, k[:, :, :4], v, None, None, [], [], 0.5, False)),
+        "non-contiguous": (ValueError, "q must have its last dim contiguous",
+                           (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), None, None, [], [], 0.5, False)),
+        "step of 3": (ValueError, "step must be a 1-D tensor of 4 (q, k, p, v), got shape [3]",
+                      (q, k, v, STEP[:3], None, QMIN, QMAX, 0.5, False)),
+        "qmin of 3": (ValueError, "qmin and qmax must hold 4 integers (q, k, p, v), got 3 and 4",
+                      (q, k, v, STEP, None, QMIN[:3], QMAX, 0.5, False)),
+        "qmin >= qmax": (ValueError, "qmin[0] = 7 must be below qmax[0] = 7",
+                         (q, k, v, STEP, None, [7, -8, 0, -8], QMAX, 0.5, False)),
+        "zero step": (ValueError, "step[1] = 0" + positive,
+                      (q, k, v, torch.tensor([0.1, 0.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False)),
+        "negative step": (ValueError, "step[1] = -1" + positive,
+                          (q, k, v, torch.tensor([0.1, -1.0, 0.05, 0.1]), None, QMIN, QMAX, 0.5, False)),
+        "nan step": (ValueError, "step[1] = nan" + positive,
+                     (q, k, v, torch.tensor([0.1, float("nan"), 0.05, 0.1]), None, QMIN, QMAX, 0.5, False)),
+        "zero_point without step": (ValueError, "zero_point was given without step",
+                                    (q, k, v, None, torch.zeros(4), [], [], 0.5, False)),
+        "2-D step": (ValueError, "step must be a 1-D tensor of 4 (q, k, p, v), got shape [2, 2]",
+                     (q, k, v, STEP.view(2, 2), None, QMIN, QMAX, 0.5, False)),
+        "int step": (TypeError, "step must be a floating tensor, got Long",
+                     (q, k, v, torch.ones(4, dtype=torch.long), None, QMIN, QMAX, 0.5, False)),
+        "inf scale": (ValueError, "scale must be finite, got inf", (q, k, v, None, None, [], [], float("inf"), False)),
     }
 
 
 @needs_ext
 @pytest.mark.parametrize("name", list(_fq_bad_cases()))
 def test_fq_attention_rejects_bad_input(name):
-    args = _fq_bad_cases()[name]
-    with pytest.raises(BAD):
+    error, message, args = _fq_bad_cases()[name]
+    with pytest.raises(error, match=re.escape(message)):
         torch.ops.maskaq.fq_attention(*args)
 
 
@@ -528,7 +546,7 @@ def test_fq_attention_python_errors_are_clear():
         ops.fq_attention(q, k, v, zero_point=torch.zeros(4))
     with pytest.raises(ValueError, match="device"):  # devices checked without needing a GPU
         ops.fq_attention(q, k, v, step=STEP.to("meta"), qmin=QMIN, qmax=QMAX)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=re.escape("q must be a torch.Tensor (B, H, N, d), got ndarray")):
         ops.fq_attention(q.numpy(), k, v)
     with pytest.raises(ValueError, match="shape"):
         ops.fq_attention(q, k[..., :3], v)
@@ -541,35 +559,36 @@ def test_patch_similarity_entropy_rejects_bad_input():
     rows = torch.tensor([[0, 1], [2, 3]])
     with pytest.raises(IndexError, match=r"\[0, 6\)"):
         op(logits, torch.tensor([[0, 6], [1, 2]]), 1)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=re.escape("prefix tokens excluded), got range [-1, 2]")):
         op(logits, torch.tensor([[0, -1], [1, 2]]), 1)
-    with pytest.raises(IndexError):  # with no prefix tokens, 6 is valid but 7 is not
+    with pytest.raises(IndexError, match=re.escape("[0, 7) (rows")):  # with no prefix tokens, 6 is valid but 7 is not
         op(logits, torch.tensor([[0, 7], [1, 2]]), 0)
     op(logits, torch.tensor([[0, 6], [1, 2]]), 0)
-    for bad in (
-        (logits, rows.int(), 1),
-        (logits, rows[:1], 1),
-        (logits, rows.view(-1), 1),
-        (logits, rows, 7),
-        (logits, rows, -1),
-        (logits[..., :6].contiguous(), rows, 1),
-        (logits.transpose(2, 3), rows, 1),
-        (logits.long(), rows, 1),
-        (logits[0], rows, 1),
-        (logits, rows[:, :0], 1),
+    for bad, error, message in (
+        ((logits, rows.int(), 1), TypeError, "row_index must have dtype Long, got Int"),
+        ((logits, rows[:1], 1), ValueError, "row_index has size 1 in dim 0 but 2 was expected"),
+        ((logits, rows.view(-1), 1), ValueError, "row_index must be 2-D (B, R), got shape [4]"),
+        ((logits, rows, 7), ValueError, "num_prefix_tokens must lie in [0, N) with N = 7, got 7"),
+        ((logits, rows, -1), ValueError, "num_prefix_tokens must lie in [0, N) with N = 7, got -1"),
+        ((logits[..., :6].contiguous(), rows, 1), ValueError,
+         "logits must be square attention logits (B, H, N, N), got shape [2, 3, 7, 6]"),
+        ((logits.transpose(2, 3), rows, 1), ValueError, "logits must be contiguous"),
+        ((logits.long(), rows, 1), TypeError, "logits must have dtype in {Float, Double}, got Long"),
+        ((logits[0], rows, 1), ValueError, "logits must be 4-D (B, H, N, N), got shape [3, 7, 7]"),
+        ((logits, rows[:, :0], 1), ValueError, "row_index must pick at least one row per sample, got shape [2, 0]"),
     ):
-        with pytest.raises(BAD):
+        with pytest.raises(error, match=re.escape(message)):
             op(*bad)
     bop = torch.ops.maskaq.patch_similarity_entropy_backward
     with pytest.raises(BAD, match="grad"):
         bop(torch.ones(3), logits, rows, 1)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=re.escape("row_index values must lie in [0, 6) (rows")):
         bop(torch.ones(2), logits, torch.tensor([[0, 99], [1, 2]]), 1)
 
 
 def test_patch_similarity_entropy_python_errors_are_clear():
     logits = randn(2, 3, 7, 7, seed=0)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=re.escape("row_index values must lie in [0, 6) (rows of the patch block)")):
         ref.patch_similarity_entropy(logits, row_index=torch.tensor([[0, 6], [1, 2]]))
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         ops.patch_similarity_entropy(logits, num_prefix_tokens=7)
@@ -588,20 +607,21 @@ def test_masked_attention_align_rejects_bad_input():
     op = torch.ops.maskaq.masked_attention_align
     cls_t, cls_q = randn(2, 3, 2, 8, seed=0), randn(2, 3, 2, 8, seed=1)
     rand = torch.rand(3, 8, generator=gen(0))
-    for bad in (
-        (cls_t, cls_q[:, :2], rand, 0.5, 0.7),
-        (cls_t, cls_q.float(), rand, 0.5, 0.7),
-        (cls_t, cls_q, rand[:2], 0.5, 0.7),
-        (cls_t, cls_q, rand.long(), 0.5, 0.7),
-        (cls_t, cls_q, rand, 0.0, 0.7),
-        (cls_t, cls_q, rand, 1.5, 0.7),
-        (cls_t, cls_q, rand, 0.5, 0.0),
-        (cls_t, cls_q, torch.full((3, 8), float("nan")), 0.5, 0.7),
-        (cls_t[0], cls_q[0], rand, 0.5, 0.7),
-        (cls_t.transpose(0, 1), cls_q.transpose(0, 1), rand, 0.5, 0.7),
-        (cls_t.long(), cls_q.long(), rand, 0.5, 0.7),
+    for bad, error, message in (
+        ((cls_t, cls_q[:, :2], rand, 0.5, 0.7), ValueError, "cls_q must be contiguous"),
+        ((cls_t, cls_q.float(), rand, 0.5, 0.7), TypeError, "cls_q (Float) must have the dtype of cls_t (Double)"),
+        ((cls_t, cls_q, rand[:2], 0.5, 0.7), ValueError, "rand must have shape (B, M) = (3, 8), got [2, 8]"),
+        ((cls_t, cls_q, rand.long(), 0.5, 0.7), TypeError, "rand must be a floating tensor of uniform [0, 1) draws"),
+        ((cls_t, cls_q, rand, 0.0, 0.7), ValueError, "ratio (the top-k fraction) must lie in (0, 1], got 0"),
+        ((cls_t, cls_q, rand, 1.5, 0.7), ValueError, "ratio (the top-k fraction) must lie in (0, 1], got 1.5"),
+        ((cls_t, cls_q, rand, 0.5, 0.0), ValueError, "keep (the kept fraction of the top-k) must lie in (0, 1], got 0"),
+        ((cls_t, cls_q, torch.full((3, 8), float("nan")), 0.5, 0.7), ValueError,
+         "rand must hold finite uniform draws, got nan"),
+        ((cls_t[0], cls_q[0], rand, 0.5, 0.7), ValueError, "cls_t must be 4-D (L, B, H, M), got shape [3, 2, 8]"),
+        ((cls_t.transpose(0, 1), cls_q.transpose(0, 1), rand, 0.5, 0.7), ValueError, "cls_t must be contiguous"),
+        ((cls_t.long(), cls_q.long(), rand, 0.5, 0.7), TypeError, "cls_t must have dtype in {Float, Double}, got Long"),
     ):
-        with pytest.raises(BAD):
+        with pytest.raises(error, match=re.escape(message)):
             op(*bad)
     bop = torch.ops.maskaq.masked_attention_align_backward
     mask = torch.ones(3, 8, dtype=F64)

@@ -278,7 +278,7 @@ def test_capture_restores_on_exception_and_refuses_nesting():
     teacher = small_vit()
     qmodel = calibrate(quantize_model(teacher, 8, 8), torch.randn(2, 1, 28, 28))
     for model in (teacher, qmodel):
-        with pytest.raises(KeyError):
+        with pytest.raises(KeyError, match="boom"):
             with capture_attention(model):
                 raise KeyError("boom")
         assert all("forward" not in m.__dict__ for m in model.modules())
