@@ -142,3 +142,137 @@ def quant_conv_reference(conv, x: torch.Tensor):
     bound = (dot_abs_bound(n, sum_abs) + EPILOGUE_ROUNDINGS * U32 * sum_abs
              + (1 + EPILOGUE_ROUNDINGS * U32) * alpha * F.conv2d(flips, w.abs(), None, **kw) + 1e-30)
     return y, bound
+
+
+def float32_level_unsure(x: torch.Tensor, step: float, zero_point: float, qmin: int, qmax: int) -> torch.Tensor:
+    """Where a float32 quantizer t = x/α + z (x float32) may round or clamp otherwise than in float64:
+    t lies within its float32 error (a division and an addition: 4u of |x/α| + |z| + 1) of a .5 tie
+    or of qmin / qmax (the clamp decides the STE gradient)."""
+    xs = x.detach().double() / step
+    t = xs + zero_point
+    slack = 4 * U32 * (xs.abs() + abs(zero_point) + 1)
+    return near_tie(t, slack, qmin, qmax) | ((t - qmin).abs() <= slack) | ((t - qmax).abs() <= slack)
+
+
+def _gamma(n: int) -> float:
+    """(1 + u)^n − 1: n float32 roundings in a row, relative (Higham's γ_n to first order)."""
+    return math.expm1(n * math.log1p(U32))
+
+
+def fq_attention_f32_reference(q, k, v, step, zero_point, qmin, qmax, grad_out, grad_logits):
+    """Exact values (float64) and elementwise bounds for the float32 CPU fq_attention, forward and
+    backward, on float32 inputs whose q, k, v quantizer inputs lie farther than their float32 error
+    (4u of |x/α| + |z| + 1) from a rounding tie and from qmin/qmax, so the kernel picks the same
+    q, k, v levels and clamp decisions as float64 (the caller moves such inputs away first).
+
+    The bounds: every float32 product, sum, division and fake-quant multiply is one rounding, and a
+    value built from n of them in any order is within γ_n of the same expression on absolute values
+    (γ_{d+2} for the logits; P within softmax_rel_bound of the exact softmax, exp's 2 ulp included,
+    and ρ = its maximum enters the backward twice, as P and as the P in rowsum(dP∘P)). P is the one
+    quantizer input the kernel computes itself: where P/α_p + z lies within P's error of a .5 tie
+    its level may flip, which moves P̂ by α_p and out's row by α_p·|v̂|, dv̂ by α_p·|dO| and the
+    step sum by |dP̂|; where it lies that close to qmin or qmax the clamp decision may flip, which
+    moves dA's row by scale·|dP̂|·P (through the softmax backward), the zero point's sum by α_p·|dP̂|
+    and the step sum by |dP̂|·(|P/α_p| + 1). The step and zero-point gradients are per-row float32
+    sums (γ_{n+3}) added in float64 and rounded to float32 once.
+
+    Returns {name: (exact, bound)} for out, logits, grad_q, grad_k, grad_v, grad_step and
+    grad_zero_point, and "p_zero_point_terms": the exact terms −α_p·dP̂ of P's zero-point gradient.
+    """
+    from maskaq import reference as ref
+
+    f64 = torch.float64
+    B, H, N, d = q.shape
+    scale = d ** -0.5
+    alpha = step.detach().to(f64)
+    z = torch.round(zero_point.detach().to(f64))
+    go, gl = grad_out.to(f64), grad_logits.to(f64)
+
+    # exact values: the reference in float64 on the same float32 inputs and parameters
+    q64, k64, v64 = (t.detach().to(f64).requires_grad_() for t in (q, k, v))
+    s64, z64 = alpha.clone().requires_grad_(), zero_point.detach().to(f64).requires_grad_()
+    out, logits = ref.fq_attention(q64, k64, v64, step=s64, zero_point=z64, qmin=qmin, qmax=qmax,
+                                   return_logits=True)
+    exact = torch.autograd.grad([out, logits], [q64, k64, v64, s64, z64], [go, gl])
+
+    def quantizer(x, i):
+        xs = x / alpha[i]
+        t = xs + z[i]
+        inside = (t >= qmin[i]) & (t <= qmax[i])
+        r = torch.round(t.clamp(qmin[i], qmax[i])) - z[i]
+        return xs, t, inside, r
+
+    parts = [quantizer(x.detach().to(f64), i) for i, x in ((0, q), (1, k), (3, v))]
+    for x, name, i in ((q, "q", 0), (k, "k", 1), (v, "v", 3)):
+        unsure = float32_level_unsure(x, float(alpha[i]), float(z[i]), qmin[i], qmax[i])
+        assert not bool(unsure.any()), f"{name} lies within float32 rounding of a tie or a clamp bound"
+    qh, kh, vh = (p[3] * alpha[i] for p, i in zip(parts, (0, 1, 3)))
+    aq, ak, av = qh.abs(), kh.abs(), vh.abs()
+
+    # forward: logits, softmax, P's quantizer
+    L = qh @ kh.transpose(-2, -1)
+    e_L = _gamma(d + 2) * (aq @ ak.transpose(-2, -1))
+    a = L * scale
+    a_err = _gamma(2) * a.abs() + (1 + _gamma(2)) * scale * e_L  # scale rounded to float32, one product
+    assert float((a - a.amax(-1, keepdim=True)).min()) > -87.0, "exp would hit the kernel's underflow clamp"
+    rho_el = softmax_rel_bound(a, a_err)
+    rho = float(rho_el.max())
+    P = torch.softmax(a, -1)
+    xs_p, t_p, inside_p, r_p = quantizer(P, 2)
+    slack_p = (rho_el + 2 * U32) * xs_p + 4 * U32 * (xs_p + abs(float(z[2])) + 1)
+    tie = near_tie(t_p, slack_p, qmin[2], qmax[2]).to(f64)
+    edge = (((t_p - qmin[2]).abs() <= slack_p) | ((t_p - qmax[2]).abs() <= slack_p)).to(f64)
+    ph = r_p * alpha[2]
+    ph_max = ph.abs() + alpha[2] * tie
+    e_out = _gamma(N + 2) * (ph_max @ av) + alpha[2] * (tie @ av)
+
+    # backward: dP̂ = dO·v̂ᵀ, dA = scale·P∘(dP − rowsum(dP∘P)) + dA_returned, dq̂ = dA·k̂, dk̂ = dAᵀ·q̂, dv̂ = P̂ᵀ·dO
+    gy_p = go @ vh.transpose(-2, -1)
+    gy_abs = go.abs() @ av.transpose(-2, -1)
+    e_gy_p = _gamma(d + 1) * gy_abs
+    gy_max = gy_abs * (1 + _gamma(d + 1))
+    dp = gy_p * inside_p
+    dA = scale * P * (dp - (dp * P).sum(-1, keepdim=True)) + gl
+    A_abs = scale * P * (gy_max + (gy_max * P).sum(-1, keepdim=True)) + gl.abs()
+    flip = edge * gy_max * P
+    dA_flip = (1 + rho) ** 2 * (1 + _gamma(d + N + 6)) * scale * (flip + P * flip.sum(-1, keepdim=True))
+    c = (1 + rho) ** 2 * (1 + _gamma(d + 2 * N + 8)) - 1
+    gy_q, gy_k, gy_v = dA @ kh, dA.transpose(-2, -1) @ qh, ph.transpose(-2, -1) @ go
+    e_q = c * (A_abs @ ak) + (1 + c) * (dA_flip @ ak)
+    e_k = c * (A_abs.transpose(-2, -1) @ aq) + (1 + c) * (dA_flip.transpose(-2, -1) @ aq)
+    e_v = _gamma(N + 2) * (ph_max.transpose(-2, -1) @ go.abs()) + alpha[2] * (tie.transpose(-2, -1) @ go.abs())
+
+    def sums_bound(i, gy, e, xs, inside, r, n, eps_xs, tie=None, edge=None):
+        """Bounds of the step and zero-point gradients of quantizer i from its per-element terms."""
+        g_abs = gy.abs() + e
+        terms = g_abs * (r.abs() + xs.abs())
+        total = gy.numel()
+        sa = ((e * (r.abs() + xs.abs())).sum() + (g_abs * xs.abs() * eps_xs).sum()
+              + (_gamma(n + 3) + total * 2.0 ** -52) * terms.sum())
+        out_abs = g_abs * ~inside
+        sz = alpha[i] * ((e * ~inside).sum() + (_gamma(n + 2) + total * 2.0 ** -52) * out_abs.sum())
+        if tie is not None:
+            sa = sa + (g_abs * tie).sum() + (g_abs * (xs.abs() + 1) * edge).sum()
+            sz = sz + alpha[i] * (g_abs * edge).sum()
+        return ref.lsq_grad_scale(total, qmax[i]) * sa, sz
+
+    (xs_q, _, in_q, r_q), (xs_k, _, in_k, r_k), (xs_v, _, in_v, r_v) = parts
+    bounds = [sums_bound(0, gy_q, e_q, xs_q, in_q, r_q, d, U32),
+              sums_bound(1, gy_k, e_k, xs_k, in_k, r_k, d, U32),
+              sums_bound(2, gy_p, e_gy_p, xs_p, inside_p, r_p, N, rho_el * (1 + U32) + U32, tie, edge),
+              sums_bound(3, gy_v, e_v, xs_v, in_v, r_v, d, U32)]
+    b_step = torch.stack([b[0] for b in bounds])
+    b_zp = torch.stack([b[1] for b in bounds])
+    b_step = b_step + U32 * (exact[3].abs() + b_step)  # the float32 result
+    b_zp = b_zp + U32 * (exact[4].abs() + b_zp)
+    tiny = 1e-30
+    return {
+        "out": (out.detach(), e_out + tiny),
+        "logits": (logits.detach(), e_L + tiny),
+        "grad_q": (exact[0], e_q * in_q + tiny),
+        "grad_k": (exact[1], e_k * in_k + tiny),
+        "grad_v": (exact[2], e_v * in_v + tiny),
+        "grad_step": (exact[3], b_step + tiny),
+        "grad_zero_point": (exact[4], b_zp + tiny),
+        "p_zero_point_terms": -alpha[2] * gy_p * ~inside_p,
+    }
