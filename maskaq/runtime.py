@@ -1,4 +1,5 @@
-"""What every long-running part of maskaq shares at run time: seeds, processes, progress bars.
+"""What every long-running part of maskaq shares at run time: seeds, random draws, processes,
+progress bars.
 
 Seeds: every random draw takes its seed from `batch_seed(seed, index, attempt, stream)`, a
 well-mixed function of the user's seed and the position of the draw, so that results do not
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SeedStream", "batch_seed", "frozen", "dist_info", "gather_batches", "progress_bar"]
+__all__ = ["SeedStream", "batch_seed", "uniform", "frozen", "dist_info", "gather_batches", "progress_bar"]
 
 
 class SeedStream:
@@ -34,6 +35,11 @@ def batch_seed(seed: int, batch_index: int, attempt: int = 0, stream: int = Seed
     """A well-mixed 63-bit seed for one batch attempt (independent of rank and world size)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(attempt), int(stream)])
     return int(state.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
+
+
+def uniform(shape, low, high, generator, device, dtype=torch.float32):
+    """U(low, high) of ``shape`` drawn from ``generator``."""
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype) * (high - low) + low
 
 
 @contextlib.contextmanager

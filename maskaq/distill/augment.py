@@ -9,7 +9,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from maskaq.synthesis.augment import uniform
+from maskaq.runtime import uniform
 
 __all__ = ["QATAugment"]
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scaled_pixels", "patch_scaled_pixels", "random_roll", "SynthesisAugment", "uniform"]
+from maskaq.runtime import uniform
+
+__all__ = ["scaled_pixels", "patch_scaled_pixels", "random_roll", "SynthesisAugment"]
 
 
 def scaled_pixels(pixels_at_224: float, image_size: int) -> int:
@@ -25,11 +27,6 @@ def patch_scaled_pixels(pixels_at_patch16: float, patch_size: int) -> int:
     if pixels_at_patch16 <= 0:
         return 0
     return max(1, int(round(pixels_at_patch16 * patch_size / 16.0)))
-
-
-def uniform(shape, low, high, generator, device, dtype=torch.float32):
-    """U(low, high) of ``shape`` drawn from ``generator``."""
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype) * (high - low) + low
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
