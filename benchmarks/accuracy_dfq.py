@@ -103,7 +103,7 @@ def teacher_fingerprint(zoo, name, directory, teacher) -> str:
     """The teacher's identity in a checkpointed run: its weights file's SHA-256, or, for a zoo model
     derived by a transform (no file of its own), that of its state dict."""
     import hashlib
-    from maskaq.synthesis.io import weights_digest
+    from maskaq._files import weights_digest
 
     path = zoo.weights_file(name, directory)
     if path.is_file():
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     from maskaq.data import fashion_mnist
     from maskaq.commands.common import collect_overrides
     from maskaq.pipeline import evaluate_model, run_pipeline
-    from maskaq.synthesis.io import write_json, atomic_write_bytes
+    from maskaq._files import atomic_write_bytes, write_json
 
     methods = args.methods or ALL_METHODS
     unknown = [m for m in methods if m not in ALL_METHODS]

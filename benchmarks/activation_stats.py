@@ -71,7 +71,7 @@ def images_for(model, args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from maskaq import zoo
-    from maskaq.synthesis.io import write_json
+    from maskaq._files import write_json
 
     models = {}
     if args.model:

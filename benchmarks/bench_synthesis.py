@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         records = run_memory(devices, args.models, args.threads, checkpointing, tuple(args.precision))
         print_memory_table(records)
         if args.json:
-            from maskaq.synthesis.io import write_json
+            from maskaq._files import write_json
             print(f"wrote {write_json(args.json, records)}")
         return 0
     global clock
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['device']} | {r['batch']} | {r['impl']} | {r['s_per_step']:.4f} | "
               f"{r['batch'] / r['s_per_step']:.1f} | {vs_model} | {loop_fused} | {losses} |")
     if args.json:
-        from maskaq.synthesis.io import write_json
+        from maskaq._files import write_json
         print(f"wrote {write_json(args.json, records)}")
     return 0
 

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     from maskaq.pipeline import _calibration_batch, _data_source, build_config
     from maskaq.quant import calibrate, quantize_model
     from maskaq.synthesis.baselines import gaussian_images
-    from maskaq.synthesis.io import write_json
+    from maskaq._files import write_json
     from maskaq.spec import describe_model
 
     preset = "quick" if args.quick else args.preset

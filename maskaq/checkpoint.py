@@ -20,10 +20,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from maskaq._files import is_rank0
+from maskaq._files import (CheckpointMismatchError, CorruptCheckpointError, SaveSchedule, is_rank0, jsonable,
+                           load_checked, save_checked, weights_digest)
 from maskaq.runtime import barrier
-from maskaq.synthesis.io import (BatchStore, CheckpointMismatchError, CorruptCheckpointError, SaveSchedule,
-                                 jsonable, load_checked, save_checked)
+from maskaq.synthesis.io import BatchStore
 
 __all__ = ["RunCheckpoint", "CheckpointSaver", "open_run_checkpoint", "CheckpointMismatchError",
            "CorruptCheckpointError"]
@@ -59,7 +59,7 @@ class RunCheckpoint:
 
     def round_images(self, round_index: int):
         """The SyntheticSet of round ``round_index`` made before the run stopped, or None."""
-        from maskaq.synthesis.synthesizer import SyntheticSet
+        from maskaq.images import SyntheticSet
         done = self._sets.load(round_index)
         if done is None or done[0] is None:
             return None
@@ -89,7 +89,6 @@ def open_run_checkpoint(directory, resume: bool, method: str, wbits: int, abits:
         if resume:
             raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
         return None
-    from maskaq.synthesis.io import weights_digest
     settings = jsonable(settings)  # a copy: the keys below are dropped from it, not from the caller's
     every_steps = settings["pipeline"].get("checkpoint_every_steps", 100)
     every_seconds = settings["pipeline"].get("checkpoint_every_seconds", 300.0)

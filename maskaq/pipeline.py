@@ -23,10 +23,11 @@ from maskaq.checkpoint import CheckpointSaver, open_run_checkpoint
 from maskaq.config import PRESETS, FullConfig, PipelineConfig, build_config, config_keys  # noqa: F401
 from maskaq.evaluation import evaluate_model  # noqa: F401
 from maskaq.distill.trainer import QATTrainer
+from maskaq.images import SyntheticSet
 from maskaq.synthesis.baselines import PsaqSynthesizer, gaussian_images, gaussian_stream, real_images
 from maskaq.spec import describe_model
 from maskaq.runtime import SeedStream, batch_seed, dist_info
-from maskaq.synthesis.synthesizer import SyntheticSet, Synthesizer
+from maskaq.synthesis.synthesizer import Synthesizer
 
 __all__ = ["METHODS", "PRESETS", "PipelineConfig", "PipelineResult", "quantize", "run_pipeline",
            "build_config", "config_keys", "evaluate_model"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskaq.synthesis.io import BatchStore, CheckpointMismatchError, CorruptCheckpointError, load_synthetic_set
+from maskaq._files import CheckpointMismatchError, CorruptCheckpointError
+from maskaq.synthesis.io import BatchStore, load_synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 

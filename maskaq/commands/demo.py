@@ -40,7 +40,8 @@ def run(args) -> int:
     from maskaq.cli import CliError
     from maskaq.commands.common import check_bits_cli, resolve_device
     from maskaq.pipeline import evaluate_model, run_pipeline
-    from maskaq.synthesis.io import save_image_grid, write_json
+    from maskaq._files import write_json
+    from maskaq.images import save_image_grid
     from maskaq.spec import describe_model
 
     if args.preset not in ("cpu", "quick", "paper"):

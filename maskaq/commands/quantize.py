@@ -58,7 +58,8 @@ def run(args) -> int:
 def _run(args) -> int:
     from maskaq.quant import save_quantized
     from maskaq.quant.io import CONFIG_NAME
-    from maskaq.synthesis.io import save_image_grid, write_json
+    from maskaq._files import write_json
+    from maskaq.images import save_image_grid
 
     record, overrides = method_and_overrides(args)
     for flag, value in (("--limit", args.limit), ("--eval-batch-size", args.eval_batch_size)):

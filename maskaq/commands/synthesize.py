@@ -51,8 +51,9 @@ def _run(args) -> int:
     from maskaq.cli import CliError
     from maskaq.commands.common import check_run_dir, load_args_model, method_and_overrides, resolve_device
     from maskaq.pipeline import build_config
-    from maskaq.synthesis.io import (CheckpointMismatchError, CorruptCheckpointError, save_image_grid,
-                                     save_synthetic_set, write_json)
+    from maskaq._files import CheckpointMismatchError, CorruptCheckpointError, write_json
+    from maskaq.images import save_image_grid
+    from maskaq.synthesis.io import save_synthetic_set
     from maskaq.spec import describe_model
     from maskaq.runtime import dist_info
 
@@ -104,7 +105,8 @@ def _run(args) -> int:
 def _batch_store(args, cfg, teacher):
     """OUT/batches for this run, fingerprinted with everything that makes its images (the
     teacher's weights by their digest, so another model under the same name is refused)."""
-    from maskaq.synthesis.io import BatchStore, weights_digest
+    from maskaq._files import weights_digest
+    from maskaq.synthesis.io import BatchStore
     fingerprint = {"model": args.model, "weights_sha256": weights_digest(teacher), "method": args.method,
                    "seed": args.seed, "wbits": args.wbits, "abits": args.abits,
                    "synthesis": cfg.as_dict()["synthesis"], "psaq": cfg.as_dict()["psaq"],

@@ -25,9 +25,9 @@ from torch import nn
 from maskaq.distill.losses import head_distillation_loss, kd_loss
 from maskaq.distill.augment import QATAugment
 from maskaq.distill.guard import MAX_BAD_BATCHES, QATDiverged, StepGuard
+from maskaq.images import SyntheticSet
 from maskaq.spec import ModelSpec, describe_model
 from maskaq.runtime import SeedStream, batch_seed, dist_info, progress_bar
-from maskaq.synthesis.synthesizer import SyntheticSet
 
 __all__ = ["QATConfig", "QATTrainer", "refresh_schedule"]
 

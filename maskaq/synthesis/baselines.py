@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskaq.images import SyntheticSet
 from maskaq.runtime import SeedStream, batch_seed
 from maskaq.spec import ModelSpec
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import scaled_pixels
-from maskaq.synthesis.synthesizer import SynthesisConfig, SyntheticSet, Synthesizer
+from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
 
 __all__ = ["PsaqConfig", "PsaqSynthesizer", "gaussian_images", "gaussian_stream", "real_images"]
 

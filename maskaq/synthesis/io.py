@@ -1,59 +1,18 @@
-"""Writing synthetic sets: tensors (safetensors), a PNG grid, JSON — atomically, rank 0 only; and
-the per-batch checkpoints a synthesis run resumes from (BatchStore)."""
+"""Synthetic sets on disk (safetensors, atomically, rank 0 only) and the per-batch checkpoints a
+synthesis run resumes from (BatchStore)."""
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
-import numpy as np
 import torch
 
-from maskaq._files import _json_default, atomic_write_bytes, write_json
+from maskaq._files import (CorruptCheckpointError, SaveSchedule, _json_default, atomic_write_bytes, check_fingerprint,
+                           jsonable, load_checked, save_checked, tensors_digest)
+from maskaq.images import SyntheticSet
 
-__all__ = ["atomic_write_bytes", "write_json", "save_image_grid", "save_synthetic_set", "load_synthetic_set",
-           "BatchStore", "BatchProgress", "SaveSchedule", "CheckpointMismatchError", "CorruptCheckpointError", "save_checked",
-           "load_checked"]
-
-
-def save_image_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], path,
-                    nrow: Optional[int] = None, max_images: int = 64, scale: int = 0) -> Path:
-    """A PNG grid of normalized images (denormalized with mean/std, clipped to [0, 1]).
-
-    `scale` enlarges small images (nearest neighbour); 0 picks one so tiles are ≥ 64 px.
-    """
-    from PIL import Image
-
-    x = images[:max_images].detach().float().cpu()
-    if x.dim() != 4 or x.shape[0] == 0:
-        raise ValueError(f"save_image_grid needs images (B, C, H, W) with B > 0, got {tuple(x.shape)}")
-    c = x.shape[1]
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    x = (x * s + m).clamp(0, 1)
-    b, _, h, w = x.shape
-    if scale <= 0:
-        scale = max(1, math.ceil(64 / max(h, w)))
-    if scale > 1:
-        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-        h, w = h * scale, w * scale
-    nrow = nrow or int(math.ceil(math.sqrt(b)))
-    rows = int(math.ceil(b / nrow))
-    pad = 2
-    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
-    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    image = Image.fromarray(arr[:, :, 0] if c == 1 else arr[:, :, :3], mode="L" if c == 1 else "RGB")
-    import io
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+__all__ = ["save_synthetic_set", "load_synthetic_set", "BatchStore", "BatchProgress"]
 
 
 def save_synthetic_set(synthetic, path, metadata: Optional[Dict] = None) -> Path:
@@ -67,36 +26,11 @@ def save_synthetic_set(synthetic, path, metadata: Optional[Dict] = None) -> Path
 
 def load_synthetic_set(path):
     from safetensors.torch import load_file
-    from maskaq.synthesis.synthesizer import SyntheticSet
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"synthetic set {path} does not exist")
     tensors = load_file(str(path))
     return SyntheticSet(tensors["images"], tensors["labels"], {})
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file that is truncated, damaged or not one of ours."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint written by a run with other settings than the one resuming from it."""
-
-
-class SaveSchedule:
-    """When a checkpoint is due: every ``every_steps`` steps, and at least every ``every_seconds``
-    seconds since the last save (the QAT state and the synthesis batch in progress share it)."""
-
-    def __init__(self, every_steps: int = 100, every_seconds: float = 300.0):
-        self.every_steps = max(1, int(every_steps))
-        self.every_seconds = float(every_seconds)
-        self.last = time.monotonic()
-
-    def due(self, step: int) -> bool:
-        return step % self.every_steps == 0 or time.monotonic() - self.last >= self.every_seconds
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
 
 
 class BatchStore:
@@ -150,7 +84,7 @@ class BatchStore:
         from safetensors.torch import save
         tensors = {"images": _cpu_or_empty(images), "labels": _cpu_or_empty(labels, torch.long)}
         meta = {"fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-                "info": json.dumps(info, default=_json_default), "sha256": _digest(tensors)}
+                "info": json.dumps(info, default=_json_default), "sha256": tensors_digest(tensors)}
         path = atomic_write_bytes(self.path(batch_index), save(tensors, metadata=meta))
         self.progress_path(batch_index).unlink(missing_ok=True)
         return path
@@ -169,7 +103,7 @@ class BatchStore:
         except Exception as exc:  # safetensors raises its own types for a truncated header or body
             raise CorruptCheckpointError(f"checkpoint {path} is damaged ({exc}); delete it to redo that "
                                          "batch") from None
-        if meta.get("sha256") != _digest(tensors):
+        if meta.get("sha256") != tensors_digest(tensors):
             raise CorruptCheckpointError(f"checkpoint {path} fails its checksum; delete it to redo that batch")
         check_fingerprint(path, json.loads(meta.get("fingerprint", "{}")), self.fingerprint)
         info = json.loads(meta.get("info", "{}"))
@@ -211,69 +145,5 @@ class BatchProgress:
         return True
 
 
-def save_checked(path, fingerprint: Dict, state: Dict[str, Any]) -> Path:
-    """``state`` (torch.save) with the run's fingerprint, written atomically after a SHA-256 line."""
-    buffer = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, "state": state}, buffer)
-    payload = buffer.getvalue()
-    return atomic_write_bytes(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-
-
-def load_checked(path, fingerprint: Dict, remedy: str) -> Optional[Dict[str, Any]]:
-    """The state save_checked wrote at ``path`` (None when there is no file). A damaged file is a
-    CorruptCheckpointError that ends with ``remedy``; another run's, a CheckpointMismatchError."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    digest, _, payload = path.read_bytes().partition(b"\n")
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (truncated or damaged); {remedy}")
-    saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    check_fingerprint(path, saved.get("fingerprint", {}), fingerprint)
-    return saved["state"]
-
-
-def weights_digest(model) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and values): its identity in a checkpoint."""
-    return _digest({name: t.detach() for name, t in model.state_dict().items()})
-
-
 def _cpu_or_empty(t, dtype=torch.float32):
     return torch.empty(0, dtype=dtype) if t is None else t.detach().contiguous().cpu()
-
-
-def _digest(tensors: Dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def jsonable(obj) -> Dict:
-    """``obj`` as JSON would give it back (tuples as lists, tensors and paths converted): the form a
-    fingerprint is compared in after a round trip through a checkpoint file."""
-    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
-
-
-def check_fingerprint(path, theirs: Dict, ours: Dict) -> None:
-    """Refuse a checkpoint ``path`` written by a run with another fingerprint, saying what differs."""
-    if theirs != ours:
-        raise CheckpointMismatchError(f"checkpoint {path} was written by a run with other settings "
-                                      f"({_differences(theirs, ours)}); resume with the first run's "
-                                      "arguments or use another directory")
-
-
-def _differences(theirs: Dict, ours: Dict, prefix: str = "") -> str:
-    keys = sorted(set(theirs) | set(ours))
-    diffs = []
-    for k in keys:
-        a, b = theirs.get(k), ours.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _differences(a, b, f"{prefix}{k}.")
-            if inner:
-                diffs.append(inner)
-        elif a != b:
-            diffs.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return "; ".join(diffs)

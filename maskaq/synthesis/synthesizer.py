@@ -19,19 +19,20 @@ import contextlib
 import functools
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskaq.images import SyntheticSet
 from maskaq.runtime import batch_seed, dist_info, frozen, gather_batches, progress_bar
 from maskaq.spec import ModelSpec, describe_model
 from maskaq.synthesis import losses as L
 from maskaq.synthesis.augment import SynthesisAugment
 
-__all__ = ["SynthesisConfig", "SyntheticSet", "Synthesizer", "NonFiniteError", "batch_seed",
+__all__ = ["SynthesisConfig", "Synthesizer", "NonFiniteError", "batch_seed",
            "frozen", "dist_info", "gather_batches", "progress_bar"]
 
 
@@ -100,23 +101,6 @@ class SynthesisConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
-
-
-@dataclass
-class SyntheticSet:
-    """Images (N, C, H, W) normalized like the model's input, labels (N,), and a report.
-
-    `draw`, when set, makes the set an endless stream: QAT asks it for fresh images for every
-    training batch, `draw(batch_size, step) -> images`, and `images` is only the set's first
-    draw (what calibration and previews see, and what sizes an epoch).
-    """
-    images: torch.Tensor
-    labels: torch.Tensor
-    report: Dict = field(default_factory=dict)
-    draw: Optional[Callable[[int, int], torch.Tensor]] = None
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
 
 
 class NonFiniteError(RuntimeError):
