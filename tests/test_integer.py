@@ -227,29 +227,41 @@ def test_integer_path_is_recorded():
     assert export_integer(qmodel).maskaq_integer["cpu_path"] == path
 
 
+# ATen's vector widths from the narrowest up; a machine can run the kernels at its own and every one below
+_CAPABILITIES = ("default", "avx2", "avx512")
+
+
 @pytest.mark.slow
-def test_integer_tests_pass_on_forced_avx2_path():
-    """Whatever CPU this runs on, run the integer exactness tests again with the libraries limited
-    to AVX2 (no VNNI): the saturation probe must see it, and every exactness claim must hold.
-    Only the CPU path's libraries (oneDNN, fbgemm) honour the ISA limits: torch._int_mm picks its
-    CPU kernel by the CPU's own flags (oneDNN's, which then clips, where it reports VNNI; an exact
-    loop on a real AVX2-only EPYC), and IntLinear measures that case on its own."""
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_integer_tests_pass_on_forced_avx2_path(capability):
+    """Whatever x86 CPU this runs on, run the integer and op tests again with ATen limited to a
+    narrower vector width (AVX2; no vectorization at all) and the int8 libraries to AVX2 (no VNNI):
+    the saturation probe must see it, and every exactness claim and error bound must hold there too,
+    so that a test written on one kind of CPU cannot fail on the other. Only the CPU path's libraries
+    (oneDNN, fbgemm) honour the ISA limits: torch._int_mm picks its CPU kernel by the CPU's own flags
+    (oneDNN's, which then clips, where it reports VNNI; an exact loop on a real AVX2-only EPYC), and
+    IntLinear measures that case on its own."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    if native not in _CAPABILITIES or _CAPABILITIES.index(capability) >= _CAPABILITIES.index(native):
+        pytest.skip(f"ATen's capability here is {native}: {capability} is not narrower")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
                FBGEMM_ENABLE_INSTRUCTIONS="AVX2", OMP_NUM_THREADS="1")
-    probe = subprocess.run([sys.executable, "-c", "from maskaq.integer import modules as m; "
-                            "print(all(m.cpu_int8_pairs_saturate(k) for k in m.KERNELS))"],
+    probe = subprocess.run([sys.executable, "-c", "import torch; from maskaq.integer import modules as m; "
+                            "print(all(m.cpu_int8_pairs_saturate(k) for k in m.KERNELS), "
+                            "torch.backends.cpu.get_cpu_capability())"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "True", "forcing AVX2 did not reach the int8 GEMM libraries"
+    assert probe.stdout.split() == ["True", capability.upper() if capability != "default" else "DEFAULT"], \
+        f"forcing {capability} did not reach ATen or the int8 GEMM libraries: {probe.stdout}"
     here = os.path.dirname(os.path.abspath(__file__))
-    tests = [os.path.join(here, "test_integer.py"), os.path.join(here, "test_int_ops.py")]
+    tests = [os.path.join(here, name) for name in ("test_integer.py", "test_int_ops.py", "test_ops.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
                           "-k", "not forced_avx2 and not fidelity"],
-                         env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(here))
+                         env=env, capture_output=True, text=True, timeout=1500, cwd=os.path.dirname(here))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
