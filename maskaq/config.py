@@ -23,17 +23,14 @@ class PipelineConfig:
     first_last_8bit: bool = False
     weight_method: str = "minmax"
     calib_images: int = 32  # LSQ init from this many images of the (first) synthetic set
-    # Activation-step init, chosen by measurement (bundled teacher, W4A4 maskaq, seed 0): min-max
-    # 86.14%, docs/method.md's LSQ init (#the-quantizer) 78.75% (its grid tops out far below the
-    # softmax peaks). Also "lsq" and "lsq_pminmax" (LSQ with min-max for P).
+    # Activation-step init: min-max, not the public code's LSQ init, whose grid tops out far below the
+    # softmax peaks (measured: docs/method.md#where-the-defaults-differ-from-the-public-code-and-why).
     act_init: str = "minmax"
     recalibrate: bool = True  # maskaq: re-init LSQ on round-0 images (Q was first initialized on noise)
     # What the round-0 calibration sees: "images" (the method's own, as the public code's first QAT
     # batch; preset paper), "noise" (Gaussian noise) or "mixed" (both in one batch: min-max spans the
-    # union). Noise by measurement (preset cpu, seeds 0-2, benchmarks/results/accuracy_dfq_noisecal.md):
-    # at W3A3 real-data QAT 77.65 -> 80.33 %, psaq 76.69 -> 78.90, maskaq 76.76 -> 77.21; at W4A4 every
-    # method gains or holds. Min-max on 32 images of a method's own set spans their outliers, which
-    # costs the 3-bit grids more than noise's ranges do.
+    # union). Noise: min-max on a method's own images spans their outliers, which costs the low-bit
+    # grids more (measured: docs/method.md#where-the-defaults-differ-from-the-public-code-and-why).
     calib_data: str = "noise"
     real_data: Any = None  # Dataset of (image, label) for method "real"
     # > 0: before quantizing, narrow every post-LayerNorm channel wider than this many times its
@@ -60,24 +57,18 @@ def config_keys() -> Dict[str, str]:
     return keys
 
 
-# Preset values over the defaults (= paper). `cpu` is sized for the bundled Fashion-MNIST teacher
+# Preset values over the defaults (= paper). `cpu` is sized for the bundled Fashion-MNIST teachers
 # on 2 CPU cores, and is what benchmarks/accuracy_dfq.py measures: W4A4 maskaq = 2 synthesis
-# rounds × 1 batch of 64 × 150 steps + 120 QAT steps, ≈ 4.5 minutes on one core (shared with
-# another job); psaq runs 2 rounds × 100 steps.
+# rounds × 1 batch of 64 × 150 steps + 120 QAT steps, a few minutes on one core.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {"calib_data": "images"},  # the public code calibrates on its first QAT batch
-    # qat_lr 1e-4: with 64 images and 116 optimizer steps the public 1e-3 overfits the synthetic set
-    # (W3A3 seed 0: gaussian 71.88% -> 78.94%, maskaq 71.38% -> 75.83% at 1e-4).
-    # hd_weight 1: at λ = 10 the L_hd term is ~94 % of the QAT loss and ~72 % of its gradient
-    # (W3A3, MaskAQ's images; benchmarks/diagnose_dfq.py), and on 64 synthetic images it fits T's
-    # attention outputs on images unlike any real one. W3A3, seeds 0-2, minus ptq on the
-    # same seed: maskaq −2.44 (λ 10), −0.07 (λ 3, seed 0), +0.79 (λ 1), −0.44 (λ 0); gaussian
-    # −1.70, +0.16, +0.12 (λ 10, 1, 0); real-data QAT +0.68, +0.60, +0.18. At W4A4 λ 1 costs
-    # little (maskaq seed 0: +0.40 at λ 10, +0.30 at λ 1).
+    # qat_lr 1e-4: with 64 images and ~120 steps the public 1e-3 overfits the synthetic set; hd_weight
+    # 1: at λ = 10 L_hd is most of the QAT gradient and fits T's attention on images unlike any real
+    # one (both measured: docs/method.md#where-the-defaults-differ-from-the-public-code-and-why).
     "cpu": dict(num_images=64, synth_batch_size=64, synth_iters=150, psaq_iters=100,
                 qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32, hd_weight=1.0),
     # cpu-long: 4x cpu's synthesis and 2x its QAT (2 batches of 64 images, 300 synthesis steps,
-    # 2 rounds, 240 QAT steps): one W3A3 maskaq run takes 14 minutes on one core.
+    # 2 rounds, 240 QAT steps).
     "cpu-long": dict(num_images=128, synth_batch_size=64, synth_iters=300, psaq_iters=200,
                      qat_epochs=60, qat_batch_size=32, qat_lr=1e-4, refresh_every=30, calib_images=32,
                      hd_weight=1.0),
