@@ -84,9 +84,9 @@ class IntAttention(nn.Module):
         CPU: maskaq's int8_attention op when more than one thread runs, or when ATen's capability is
         AVX2, where the op's products run on maskaq's int16 GEMM. The op splits the B·H slices over the
         threads, where the per-sample loop below parallelizes each small bmm; on one thread the loop
-        needs no int8 copies of q, k and v. A DeiT-S block on an AVX2-only EPYC, batch 8: 11.9 ms
-        against 13.2 (2 threads), 22.5 against 24.2 (1 thread); on an AVX-512 Xeon with one thread
-        the loop was about 8% faster. Both give the same integers."""
+        needs no int8 copies of q, k and v, and where the products run on BLAS it was the faster of
+        the two (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). Both give the
+        same integers."""
         if x.is_cuda:
             return _cuda_kernels(x.device) and _has_int8_tensor_cores(x.device.index or 0)
         return (x.device.type == "cpu" and ops.integer_kernels_available(x.device)
@@ -103,8 +103,8 @@ class IntAttention(nn.Module):
         """``_kernel_products`` straight from the folded qkv output (B, N, 3, H, d), which holds x/α
         per slice (modified in place): round, shift each slice into int8 (``_int8_shift``), clamp,
         and one cast-copy into the int8 operands. At 8 bits that is 4 passes over qkv where rounding
-        and clamping it, then shifting and packing q, k and v one by one, took 10 (a DeiT-S block on
-        2 threads: 0.22 ms against 0.37 at batch 1, 1.2 against 1.5 at batch 8)."""
+        and clamping it, then shifting and packing q, k and v one by one, took 10
+        (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices)."""
         B, N, _, H, d = qkv.shape
         gq, gk, _, gv = self.attn_grids
         grids = (gq, gk, gv)
@@ -175,7 +175,8 @@ class IntAttention(nn.Module):
 
 def _clamp_slices(qkv: torch.Tensor, lo: list, hi: list) -> None:
     """Clamp each slice i of qkv (B, N, 3, H, d) to [lo[i], hi[i]] in place: one clamp when the bounds
-    agree, else one in-place scalar clamp per slice (a clamp with broadcast tensor bounds is ~5x slower)."""
+    agree, else one in-place scalar clamp per slice (a clamp with broadcast tensor bounds is slower:
+    docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices)."""
     if len(set(lo)) == 1 and len(set(hi)) == 1:
         qkv.clamp_(lo[0], hi[0])
     else:

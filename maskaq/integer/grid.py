@@ -56,8 +56,8 @@ def integer_grid(x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
 
 def clamp_to_grid(u: torch.Tensor, grid: ActGrid) -> torch.Tensor:
     """uint8 u = q − qmin (saturated to [0, 255]) clamped in place to ``grid``'s [0, qmax − qmin]: the
-    integer clamp of the fake-quant reference, on bytes. Clamping the float input first instead took
-    a DeiT-S at W8A7, batch 8, 11 ms a forward pass (2 threads, AVX2 EPYC): a float pass and a copy."""
+    integer clamp of the fake-quant reference, on bytes. Clamping the float input first would cost a
+    float pass and a copy (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices)."""
     return u if grid.full_uint8 else u.clamp_(max=grid.qmax - grid.qmin)
 
 

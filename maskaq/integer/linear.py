@@ -172,9 +172,9 @@ class IntLinear(nn.Module):
     def fuses_epilogue(self, act: Optional[str]) -> bool:
         """Whether ``run_uint8`` can apply ``act`` (None, "gelu" or "gelu_tanh") and requantize in the
         GEMM's epilogue on this CPU: oneDNN's unsplit GEMM can. maskaq's int16 GEMM dequantizes in
-        its tiles but fuses no GELU or requantization: tried on an AVX2 EPYC (DeiT-S fc1 at batch 8,
-        one thread), GELU and requantization in the tiles took the GEMM from 13.7 to 18.7 ms, where
-        torch's GELU and a quantize pass take 2.1 and 0.4 ms after it."""
+        its tiles but fuses no GELU or requantization: fused into its tiles they made the GEMM slower
+        than torch's GELU and a quantize pass after it
+        (docs/integer-inference.md#why-exact-w8a8-stays-behind-on-avx2)."""
         return self._cpu_packed()[0] == "onednn" and not self._split
 
     def _join_halves(self, y: torch.Tensor) -> torch.Tensor:

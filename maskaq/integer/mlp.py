@@ -34,9 +34,9 @@ class IntMlp(nn.Module):
                 and ops.integer_kernels_available(x.device))
 
     def _activation(self, y: torch.Tensor) -> torch.Tensor:
-        """The activation on fc1's output y, a fresh tensor of this call: GELU in place (DeiT-S W8A8 at
-        batch 8 on the AVX2 EPYC, where the MLP runs unfused: 3-6% less time a forward pass than with
-        a second 4·D-wide float tensor), any other activation module as it is."""
+        """The activation on fc1's output y, a fresh tensor of this call: GELU in place (no second
+        4·D-wide float tensor: docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices),
+        any other activation module as it is."""
         if self.act_name is None or y.requires_grad:
             return self.act(y)
         return torch.ops.aten.gelu_(y, approximate="tanh" if self.act_name == "gelu_tanh" else "none")
