@@ -83,7 +83,8 @@ MASKAQ_MATH_INLINE float exp_bounded(float x) {
 // t = 1/(1 + p·a), erf = 1 − t·P(t)·exp(−a²) with P of degree 4, absolute error below 1.5e-7 (GELU:
 // within 5e-7 of double precision over [−12, 12]). Its dependency chain is a third of a 3-ulp
 // two-regime fit's (degree-6 and degree-10 polynomials and an exp, both evaluated), which made GELU
-// latency-bound at 2.6 ns an element on an AVX2 EPYC; this one takes 1.35.
+// latency-bound; this one takes about half its time
+// (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices).
 constexpr float kErfP = 0.3275911f;
 constexpr float kErfPoly[] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};
 constexpr float kExpFloor = -87.33654f;  // exp underflows below; 2^-126 is as good as 0 here

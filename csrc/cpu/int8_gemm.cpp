@@ -5,11 +5,10 @@
 // activations clip (255·127·2 > 32767). Here both operands are widened to int16 and multiplied
 // with vpmaddwd, which adds each pair of int16 products in int32: every accumulator is exact.
 // The price: vpmaddwd does 16 multiply-adds per instruction where vpmaddubsw does 32 (a float FMA
-// 8), and what that costs depends on the core. On an AVX-512 Xeon running AVX2 code (one register
-// tile in L1, one core): 32 GMAC/s here, 36 for float32 FMA, 50-57 for the saturating vpmaddubsw,
-// so about FP32's speed. On an AVX2-only AMD EPYC (Zen 3), the CPUs this GEMM exists for, the DeiT-S
-// and ViT-B layers run 1.5-1.9x MKL's FP32 GEMM and 0.8-1.2x oneDNN's saturating int8 GEMM
-// (benchmarks/results/bench_int8_gemm_epyc_avx2.json).
+// 8), and what that costs depends on the core. On an AVX-512 Xeon running AVX2 code it runs at
+// about FP32's speed; on an AVX2-only AMD EPYC (Zen 3), the CPUs this GEMM exists for, it keeps most
+// of int8's speed-up over MKL's FP32 GEMM and runs near oneDNN's saturating int8 GEMM (measurements:
+// docs/integer-inference.md#why-exact-w8a8-stays-behind-on-avx2).
 //
 // Layout. The weights W (N, K) are packed once (int8_gemm_pack) into panels of 16 output columns:
 // panel p holds, for every pair of inputs (k, k+1), the 16 columns' (W[n][k], W[n][k+1]) as int16
@@ -18,12 +17,12 @@
 // number of kRows-row strips, each int32 of a row the int16 pair (u[m][k] − z, u[m][k+1] − z) (16
 // bytes at a time on AVX2). The micro-kernel keeps a kRows × 16 int32 tile in 12 registers; per
 // input pair it loads one panel row (2 vectors), broadcasts one pair from each of the strip's kRows
-// rows and issues 2·kRows vpmaddwd + vpaddd (on the Zen 3 EPYC one thread runs DeiT-S's layers at
-// 74-76 GMAC/s, 90-93% of the 82 GMAC/s that core's vpmaddwd + vpaddd issue allows in registers:
-// benchmarks/cpu_peaks.c). Inputs
-// are blocked by kDepth so a panel block (16 KB) stays in L1 while every strip of the task's rows
-// passes over it. With a scale (and bias), each tile is turned into float32 acc·scale + bias in
-// place once its last input block is in, while it is still in L1.
+// rows and issues 2·kRows vpmaddwd + vpaddd (on the Zen 3 EPYC one thread runs DeiT-S's layers
+// close to the ceiling of that core's vpmaddwd + vpaddd issue, benchmarks/cpu_peaks.c:
+// docs/integer-inference.md#why-exact-w8a8-stays-behind-on-avx2). Inputs are blocked by kDepth so a
+// panel block (16 KB) stays in L1 while every strip of the task's rows passes over it. With a scale
+// (and bias), each tile is turned into float32 acc·scale + bias in place once its last input block
+// is in, while it is still in L1.
 //
 // The same GEMM serves int8_attention's products (int16_gemm.h: int8 or uint8 activations with a
 // zero point, weights packed from any strides with theirs, one thread).

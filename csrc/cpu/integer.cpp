@@ -16,14 +16,14 @@
 // maskaq::int8_attention: attention on integer q, k, v and an integer P (IntAttention). Work is
 // split over the B*H (batch, head) slices. On CPUs whose ATen capability is AVX2 (no AVX-512) the
 // two products run on maskaq's exact int16 GEMM (int8_gemm.cpp), which does twice the multiply-adds
-// per instruction of float32 FMA there (DeiT-S's 48 slices at batch 8 on an AVX2 EPYC, one thread:
-// 8.0-8.4 ms instead of 9.8-10.0 for the whole op). Elsewhere they run through ATen's BLAS (at::mm_out) on the integers
-// stored as floating point, which is exact while every partial sum stays below 2^24 in float32
-// (the usual ViT case: 8-bit operands, d <= 64, N <= 197); where the checked bounds of the sums
-// say float32 could round, the slice runs in float64 (exact below 2^53). Either way the result is
-// the exact int32 product. The softmax is ATen's own (at::_softmax_out) on
-// the float32 logits, so the probabilities are the plain-PyTorch reference's bit for bit, and so
-// are their integer levels (the epilogue's requantizer).
+// per instruction of float32 FMA there and makes the whole op faster than BLAS would
+// (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). Elsewhere they run
+// through ATen's BLAS (at::mm_out) on the integers stored as floating point, which is exact while
+// every partial sum stays below 2^24 in float32 (the usual ViT case: 8-bit operands, d <= 64,
+// N <= 197); where the checked bounds of the sums say float32 could round, the slice runs in
+// float64 (exact below 2^53). Either way the result is the exact int32 product. The softmax is ATen's own
+// (at::_softmax_out) on the float32 logits, so the probabilities are the plain-PyTorch reference's
+// bit for bit, and so are their integer levels (the epilogue's requantizer).
 #include "checks.h"
 #include "int16_gemm.h"
 
