@@ -230,17 +230,15 @@ def calibrate(qmodel: nn.Module, batches: Union[torch.Tensor, Iterable], init: s
     """Initialize every activation quantizer of ``qmodel`` under no_grad (with ``only``, those whose
     module name it accepts; the others keep their grids).
 
-    ``init``: "minmax" (the default: each grid spans the observed range), "lsq" (docs/method.md's
-    α = 2·mean|x|/sqrt(qmax) (#the-quantizer), which clips large activations such as softmax peaks) or
-    "lsq_pminmax" (LSQ, but min-max for the attention probabilities P), "mse" (each grid spans
-    the clipped range c·[min, max] of least squared error on the batch) or "mse_pminmax" (mse, but
-    min-max for P). Min-max was chosen by measurement: W8A8 on 256 real images loses 0.04 pt
-    against FP on the bundled teacher, LSQ's init 1.19 pt (benchmarks/accuracy_ptq.py). On 32 real
-    images (3 seeds, 10k test images; benchmarks/results/accuracy_ptq_real32_*.json) mse_pminmax
-    and min-max are level at W8A8 (88.19 / 88.14 %), W6A6 (87.99 / 88.09) and W4A4 (86.48 / 86.49),
-    and mse_pminmax is 2.4 pt better at W3A3 (77.37 / 74.98): use it for 3-bit activations. On
-    Gaussian noise min-max is better (W3A3 seed 0: 78.8 %, mse_pminmax 72.8 %: noise's ranges are
-    not the data's, and fitting them tightly clips the real activations).
+    ``init``: "minmax" (the default: each grid spans the observed range), "lsq" (LSQ's
+    α = 2·mean|x|/sqrt(qmax), docs/method.md#the-quantizer, which clips large activations such as
+    softmax peaks) or "lsq_pminmax" (LSQ, but min-max for the attention probabilities P), "mse"
+    (each grid spans the clipped range c·[min, max] of least squared error on the batch) or
+    "mse_pminmax" (mse, but min-max for P). Min-max was chosen by measurement: LSQ's init clips and
+    costs accuracy even at W8A8 (docs/method.md#where-the-defaults-differ-from-the-public-code-and-why).
+    On real images use mse_pminmax for 3-bit activations (level with min-max down to 4 bits, better
+    at 3); on Gaussian noise min-max is better, as noise's ranges are not the data's and fitting them
+    tightly clips the real activations (docs/results.md#calibration-alone-and-the-calibration-source).
 
     ``batches``: one tensor of images (B, C, H, W), or an iterable of tensors or of
     (images, labels) pairs (a DataLoader). LSQ initializes from the first tensor each quantizer
