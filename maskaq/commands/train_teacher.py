@@ -6,8 +6,8 @@ always anneals fully and ends inside --time-budget-min even on a slow or shared 
 A checkpoint is written atomically after every epoch; --resume continues from it.
 Launch with torchrun for several processes: rank 0 evaluates and writes all files.
 
-On a shared CPU, start it with OMP_WAIT_POLICY=PASSIVE: OpenMP's default busy-waiting burnt about
-three times the CPU per image when other jobs competed for the cores (measured: 12.8 vs 3.8 ms).
+On a shared CPU, start it with OMP_WAIT_POLICY=PASSIVE: OpenMP's default busy-waiting burns CPU time
+that other jobs on the cores need (docs/results.md#training-the-teacher-on-a-shared-cpu).
 """
 from __future__ import annotations
 

@@ -152,11 +152,9 @@ def _ort_session_impl(name, path, threads):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ONNX Runtime keeps its default: threads that spin after a run. A torch call right after one
-    # is 25% slower in isolation (DeiT-S FP32, batch 1, 2 cores: 106 ms instead of 85), but in the
-    # interleaved rounds here turning spinning off left the torch rows unchanged (FP32 86 vs 87 ms
-    # at batch 1, 521 vs 527 at batch 8) and cost ONNX Runtime 4-10% (int8, batch 1: 43 vs 39 ms).
-    # (Measured with torch's threads PASSIVE, before time_interleaved paused between impls.)
+    # ONNX Runtime keeps its default: threads that spin after a run. That slows a torch call right
+    # after it in isolation, but in the interleaved rounds here turning spinning off left the torch
+    # rows unchanged and cost ONNX Runtime time (docs/results.md#timing-runtimes-side-by-side).
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def fn(x):
@@ -268,8 +266,8 @@ def time_interleaved(impls: list[Impl], x: torch.Tensor, device: str, rounds: in
     for _ in range(rounds):
         for impl in impls:
             # Spinning threads of the runtime that ran before (libgomp's and ONNX Runtime's both spin
-            # a while after their work) would take this impl's cores: an ORT int8 call right after
-            # torch work took 49-51 ms at DeiT-S batch 1 on 2 cores, 45-47 after this pause.
+            # a while after their work) would take this impl's cores and slow its calls
+            # (docs/results.md#timing-runtimes-side-by-side).
             time.sleep(_RUNTIME_PAUSE_S)
             if iters > 1:  # one call to settle caches after the other impl ran (moot for calls of ~0.3 s+)
                 impl.fn(x)
