@@ -104,7 +104,7 @@ def run(args) -> int:
                 print(f"note: this CPU adds int8 products in int16 pairs (no VNNI): {len(widened)} layers with 8-bit "
                       "weights and 8-bit inputs run on maskaq's exact int16 GEMM, about 15% slower than the library "
                       "on an AVX2 EPYC (DeiT-S, batch 8). A student quantized with --abits 7 runs them on oneDNN "
-                      "(README, 'Which CPUs').", file=sys.stderr)
+                      "(docs/integer-inference.md, 'On AVX2-only CPUs, use W8A7').", file=sys.stderr)
     except (ValueError, TypeError, OSError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
     print(f"wrote {path}")
