@@ -5,14 +5,20 @@ MASKAQ_CUDA=0|1 forces the choice; TORCH_CUDA_ARCH_LIST overrides the default ar
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0"
+# SASS for Ampere (8.0, which 8.6/8.7/8.9 also run), Hopper and the two Blackwell families
+# (10.0 also runs on 10.3, 12.0 on 12.1), and PTX for the highest, which newer GPUs JIT-compile.
+# Archs that this nvcc or this torch does not know are left out, so an older toolkit still builds.
+PREFERRED_ARCHS = ("8.0", "9.0", "10.0", "12.0")
+FALLBACK_ARCHS = "8.0;9.0+PTX"  # when nvcc cannot list its archs
 
 
 def _toolkit_of(nvcc_path):
@@ -51,6 +57,62 @@ def find_cuda_home():
             if root is not None:
                 return str(root)
     return None
+
+
+def nvcc_archs(cuda_home):
+    """The compute capabilities ("8.0", ...) this toolkit's nvcc compiles for, or None if it cannot say."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)\b", out)}
+    return archs or None
+
+
+def torch_accepts_arch(arch):
+    """Whether this torch's cpp_extension knows `arch` (torch 2.4 rejects 10.0 and 12.0 outright)."""
+    from torch.utils import cpp_extension
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        cpp_extension._get_cuda_arch_flags()
+        return True
+    except (ValueError, AttributeError):
+        return False
+    finally:
+        if saved is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def default_archs(cuda_home):
+    """PREFERRED_ARCHS as far as nvcc and torch support them, with +PTX on the highest."""
+    known = nvcc_archs(cuda_home)
+    if known is None:
+        return FALLBACK_ARCHS
+    archs = [a for a in PREFERRED_ARCHS if a in known and torch_accepts_arch(a)]
+    if not archs:
+        return FALLBACK_ARCHS
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def built_archs():
+    """(SASS archs, PTX archs) of the gencode flags torch passes to nvcc for TORCH_CUDA_ARCH_LIST,
+    e.g. (["8.0", "9.0a"], ["9.0"]); the loader compares them with the GPU's capability."""
+    from torch.utils import cpp_extension
+
+    sass, ptx = [], []
+    for flag in cpp_extension._get_cuda_arch_flags():
+        for kind, digits, suffix in re.findall(r"code=(sm|compute)_(\d+)([a-z]?)", flag):
+            arch = f"{digits[:-1]}.{digits[-1]}{suffix}"
+            target = sass if kind == "sm" else ptx
+            if arch not in target:
+                target.append(arch)
+    by_capability = lambda a: tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", a).groups())  # noqa: E731
+    return sorted(sass, key=by_capability), sorted(ptx, key=by_capability)
 
 
 def want_cuda(cuda_home):
@@ -94,7 +156,8 @@ def extensions():
 
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home  # torch guessed at import time; the wrapper may have fooled it
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs(cuda_home)
     missing = [h for h in ("cublas_v2.h", "cusparse.h") if toolkit_lacks(cuda_home, h)]
     if missing:
         include_dirs += nvidia_wheel_includes(missing)
@@ -108,7 +171,9 @@ def extensions():
 
 def write_build_info(with_cuda):
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-    text = f"# written by setup.py\nWITH_CUDA = {with_cuda!r}\nCUDA_ARCHS = {archs!r}\n"
+    sass, ptx = built_archs() if with_cuda else ([], [])
+    text = (f"# written by setup.py\nWITH_CUDA = {with_cuda!r}\nCUDA_ARCHS = {archs!r}\n"
+            f"CUDA_SASS = {tuple(sass)!r}\nCUDA_PTX = {tuple(ptx)!r}\n")
     (ROOT / "maskaq" / "_build_info.py").write_text(text)
 
 
