@@ -1,5 +1,6 @@
 // maskaq::fq_attention on CUDA: attention with LSQ fake-quantized operands (student) or plain
-// (teacher). The two products run through cuBLAS (at::bmm); everything between them is fused:
+// (teacher). The products run through cuBLAS in float32 whatever the input dtype (see bmm_fp32);
+// everything between them is fused:
 //   forward:  one pass quantizes q, k, v; one warp per logits row computes softmax(A·scale) and
 //             fake-quantizes P in registers (quantize–softmax–quantize never leaves the row);
 //   backward: one warp per row recomputes P and P̂, applies the STE mask, the softmax backward
@@ -8,6 +9,8 @@
 //             order, so the step / zero-point gradients are deterministic.
 #include "common.cuh"
 #include "checks.h"
+
+#include <ATen/cuda/Exceptions.h>
 
 namespace maskaq {
 namespace cuda {
@@ -56,10 +59,11 @@ __device__ __forceinline__ void softmax_row_stats(const scalar_t* row, int n, fl
   row_sum = warp_sum(s);
 }
 
-// P = softmax(A·scale) per row, then P̂ = FQ(P) (kQuant) — in registers, written once.
+// P = softmax(A·scale) per row, then P̂ = FQ(P) (kQuant) — in registers, written once, in float32
+// (a bf16 P̂ = level·α would keep 8 bits and leave the grid at 8-bit P).
 // `probs` may alias `logits` (each lane reads element j before it writes element j).
-template <typename scalar_t, bool kQuant>
-__global__ void softmax_fake_quant_rows_kernel(const scalar_t* logits, scalar_t* probs, int64_t rows, int n,
+template <bool kQuant>
+__global__ void softmax_fake_quant_rows_kernel(const float* logits, float* probs, int64_t rows, int n,
                                                float scale, const float* __restrict__ step,
                                                const float* __restrict__ zero_point, QuantRanges ranges) {
   const int lane = threadIdx.x % kWarpSize;
@@ -68,23 +72,23 @@ __global__ void softmax_fake_quant_rows_kernel(const scalar_t* logits, scalar_t*
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; r < rows;
        r += row_stride) {
-    const scalar_t* in = logits + r * n;
-    scalar_t* out = probs + r * n;
+    const float* in = logits + r * n;
+    float* out = probs + r * n;
     float row_max, row_sum;
     softmax_row_stats(in, n, scale, lane, row_max, row_sum);
     for (int j = lane; j < n; j += kWarpSize) {
-      float p = __fdiv_rn(expf(static_cast<float>(in[j]) * scale - row_max), row_sum);
+      float p = __fdiv_rn(expf(in[j] * scale - row_max), row_sum);
       if (kQuant) p = fq_p.fake_quant(p);
-      out[j] = static_cast<scalar_t>(p);
+      out[j] = p;
     }
   }
 }
 
-// Backward of one row, in place: logits → P̂ (P in full precision), dP̂ → dA.
-//   dP = STE(dP̂), dA = scale·P⊙(dP − Σ dP⊙P) + grad_logits.
+// Backward of one row, in place in float32: logits → P̂ (P in full precision), dP̂ → dA.
+//   dP = STE(dP̂), dA = scale·P⊙(dP − Σ dP⊙P) + grad_logits (the latter in the input dtype).
 // Each block writes its (∂α, ∂z) sums of the P quantizer to partials[2·block].
 template <typename scalar_t, bool kQuant, bool kHasGradLogits>
-__global__ void softmax_fake_quant_rows_backward_kernel(scalar_t* logits_to_probs, scalar_t* dprobs_to_dlogits,
+__global__ void softmax_fake_quant_rows_backward_kernel(float* logits_to_probs, float* dprobs_to_dlogits,
                                                         const scalar_t* __restrict__ grad_logits, int64_t rows, int n,
                                                         float scale, const float* __restrict__ step,
                                                         const float* __restrict__ zero_point, QuantRanges ranges,
@@ -97,23 +101,23 @@ __global__ void softmax_fake_quant_rows_backward_kernel(scalar_t* logits_to_prob
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; r < rows;
        r += row_stride) {
-    scalar_t* a = logits_to_probs + r * n;
-    scalar_t* g = dprobs_to_dlogits + r * n;
+    float* a = logits_to_probs + r * n;
+    float* g = dprobs_to_dlogits + r * n;
     float row_max, row_sum;
     softmax_row_stats(a, n, scale, lane, row_max, row_sum);
     // Pass 1: Σ dP⊙P (and the LSQ sums of the P quantizer).
     float dot = 0.f;
     for (int j = lane; j < n; j += kWarpSize) {
-      const float p = __fdiv_rn(expf(static_cast<float>(a[j]) * scale - row_max), row_sum);
-      float dp = static_cast<float>(g[j]);
+      const float p = __fdiv_rn(expf(a[j] * scale - row_max), row_sum);
+      float dp = g[j];
       if (kQuant) dp = fq_p.backward(p, dp, grad_alpha, grad_zero);
       dot += dp * p;
     }
     dot = warp_sum(dot);
     // Pass 2: write dA over dP̂ and P̂ over A (same lane, same j: reads precede writes).
     for (int j = lane; j < n; j += kWarpSize) {
-      const float p = __fdiv_rn(expf(static_cast<float>(a[j]) * scale - row_max), row_sum);
-      float dp = static_cast<float>(g[j]);
+      const float p = __fdiv_rn(expf(a[j] * scale - row_max), row_sum);
+      float dp = g[j];
       float p_out = p;
       if (kQuant) {
         float unused_alpha = 0.f, unused_zero = 0.f;
@@ -122,8 +126,8 @@ __global__ void softmax_fake_quant_rows_backward_kernel(scalar_t* logits_to_prob
       }
       float da = scale * p * (dp - dot);
       if (kHasGradLogits) da += static_cast<float>(grad_logits[r * n + j]);
-      g[j] = static_cast<scalar_t>(da);
-      a[j] = static_cast<scalar_t>(p_out);
+      g[j] = da;
+      a[j] = p_out;
     }
   }
   if (kQuant) {
@@ -199,6 +203,37 @@ __global__ void finalize_lsq_grads_kernel(const float* __restrict__ qkv_partials
 // ---------------------------------------------------------------------------------------------
 const std::initializer_list<at::ScalarType> kCudaDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
 
+// C[b] = op(A[b])·op(B[b]) for contiguous float32 (batch, rows, cols) tensors, op = transpose
+// where asked, as a float32 (batch, M, N) tensor. Products run in float32 for every input dtype
+// because |q̂·k̂ᵀ| above 65504 overflows fp16, and they call cuBLAS with the PEDANTIC compute
+// type because at::bmm follows the caller's TF32 setting (torch.backends.cuda.matmul) and, on
+// the cuBLASLt path, ignores at::NoTF32Guard, while flipping the global flag races with other
+// threads; PEDANTIC forbids TF32 and any other reduced precision whatever the handle's math mode.
+// The handle is torch's (its stream and workspace); libcublas comes with libtorch_cuda.
+at::Tensor bmm_fp32(const at::Tensor& a_in, bool trans_a, const at::Tensor& b_in, bool trans_b) {
+  const at::Tensor a = a_in.to(at::kFloat).contiguous(), b = b_in.to(at::kFloat).contiguous();
+  const int64_t batch = a.size(0);
+  const int64_t M = trans_a ? a.size(2) : a.size(1), K = trans_a ? a.size(1) : a.size(2);
+  const int64_t N = trans_b ? b.size(1) : b.size(2);
+  TORCH_CHECK(b.size(0) == batch && (trans_b ? b.size(2) : b.size(1)) == K, "fq_attention: product shapes ",
+              a.sizes(), " and ", b.sizes(), " do not match");
+  at::Tensor c = at::empty({batch, M, N}, a.options());
+  if (c.numel() == 0) return c;
+  if (K == 0) return c.zero_();
+  for (const int64_t extent : {batch, M, N, K}) check_int_fits(extent, "fq_attention", "a product's size");
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix read
+  // column-major is its transpose: so B comes first and each keeps its own transpose flag.
+  const float alpha = 1.f, beta = 0.f;
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
+      static_cast<int>(M), static_cast<int>(K), &alpha, b.data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(b.size(2)), b.size(1) * b.size(2), a.data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(a.size(2)), a.size(1) * a.size(2), &beta, c.data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(N), M * N, static_cast<int>(batch), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+  return c;
+}
+
 // The quantizer arguments as the kernels read them: float32 step / zero point on the device
 // (never copied to the host: no sync per attention call; a step <= 0 gives inf/NaN, not a crash).
 struct Quantization {
@@ -272,25 +307,25 @@ std::tuple<at::Tensor, at::Tensor> fq_attention_cuda(const at::Tensor& q, const 
   at::Tensor q_op, k_op, v_op;
   std::tie(q_op, k_op, v_op) = operands(q, k, v, quant, stream);
   const int64_t BH = B * H;
-  at::Tensor logits = at::bmm(q_op.view({BH, N, d}), k_op.view({BH, N, d}).transpose(1, 2));  // q̂·k̂ᵀ (cuBLAS)
+  at::Tensor logits = bmm_fp32(q_op.view({BH, N, d}), false, k_op.view({BH, N, d}), true);  // q̂·k̂ᵀ, float32
   // Without return_logits the probabilities overwrite the logits: one N×N buffer, not two.
   at::Tensor probs = return_logits ? at::empty_like(logits) : logits;
   const int64_t rows = BH * N;
   const int blocks = grid_for(rows, kRowsPerBlock);
-  MASKAQ_DISPATCH_FLOAT_TYPES(q.scalar_type(), "fq_attention_softmax", [&] {
-    if (quant.enabled) {
-      softmax_fake_quant_rows_kernel<scalar_t, true><<<blocks, kRowThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), rows, static_cast<int>(N),
-          static_cast<float>(scale), quant.step_ptr(), quant.zero_point_ptr(), quant.ranges);
-    } else {
-      softmax_fake_quant_rows_kernel<scalar_t, false><<<blocks, kRowThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), rows, static_cast<int>(N),
-          static_cast<float>(scale), nullptr, nullptr, quant.ranges);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  at::Tensor out = at::bmm(probs, v_op.view({BH, N, d})).view({B, H, N, d});  // P̂·v̂ (cuBLAS)
-  at::Tensor logits_out = return_logits ? logits.view({B, H, N, N}) : at::empty({0}, q.options());
+  if (quant.enabled) {
+    softmax_fake_quant_rows_kernel<true><<<blocks, kRowThreads, 0, stream>>>(
+        logits.data_ptr<float>(), probs.data_ptr<float>(), rows, static_cast<int>(N), static_cast<float>(scale),
+        quant.step_ptr(), quant.zero_point_ptr(), quant.ranges);
+  } else {
+    softmax_fake_quant_rows_kernel<false><<<blocks, kRowThreads, 0, stream>>>(
+        logits.data_ptr<float>(), probs.data_ptr<float>(), rows, static_cast<int>(N), static_cast<float>(scale),
+        nullptr, nullptr, quant.ranges);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // P̂·v̂, returned in the input dtype as before (|out| <= max |v̂|, so no overflow).
+  at::Tensor out = bmm_fp32(probs, false, v_op.view({BH, N, d}), false).to(q.scalar_type()).view({B, H, N, d});
+  at::Tensor logits_out =
+      return_logits ? logits.to(q.scalar_type()).view({B, H, N, N}) : at::empty({0}, q.options());
   return {out, logits_out};
 }
 
@@ -322,8 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
   const int64_t BH = B * H;
   const at::Tensor q3 = q_op.view({BH, N, d}), k3 = k_op.view({BH, N, d}), v3 = v_op.view({BH, N, d});
   const at::Tensor grad_out3 = grad_out.view({BH, N, d});
-  at::Tensor logits = at::bmm(q3, k3.transpose(1, 2));         // A, becomes P̂
-  at::Tensor dprobs = at::bmm(grad_out3, v3.transpose(1, 2));  // dP̂, becomes dA
+  // Every product in float32 (see bmm_fp32); the N×N buffers stay float32 throughout.
+  at::Tensor logits = bmm_fp32(q3, false, k3, true);         // A, becomes P̂
+  at::Tensor dprobs = bmm_fp32(grad_out3, false, v3, true);  // dP̂, becomes dA
 
   const int64_t rows = BH * N;
   const int row_blocks = grid_for(rows, kRowsPerBlock);
@@ -333,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
     float* partials = quant.enabled ? p_partials.data_ptr<float>() : nullptr;
     const auto launch = [&](auto quant_tag, auto grad_logits_tag) {
       softmax_fake_quant_rows_backward_kernel<scalar_t, decltype(quant_tag)::value, decltype(grad_logits_tag)::value>
-          <<<row_blocks, kRowThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), dprobs.data_ptr<scalar_t>(), gl,
+          <<<row_blocks, kRowThreads, 0, stream>>>(logits.data_ptr<float>(), dprobs.data_ptr<float>(), gl,
                                                    rows, static_cast<int>(N), static_cast<float>(scale),
                                                    quant.step_ptr(), quant.zero_point_ptr(), quant.ranges, partials);
     };
@@ -344,9 +380,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fq_attent
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // logits now holds P̂ and dprobs holds dA.
-  at::Tensor grad_v = at::bmm(logits.transpose(1, 2), grad_out3);  // dv̂ = P̂ᵀ·dO
-  at::Tensor grad_q = at::bmm(dprobs, k3);                         // dq̂ = dA·k̂
-  at::Tensor grad_k = at::bmm(dprobs.transpose(1, 2), q3);         // dk̂ = dAᵀ·q̂
+  // The gradients return to the input dtype, in which the STE pass below reads and writes them.
+  const auto dtype = q.scalar_type();
+  at::Tensor grad_v = bmm_fp32(logits, true, grad_out3, false).to(dtype);  // dv̂ = P̂ᵀ·dO
+  at::Tensor grad_q = bmm_fp32(dprobs, false, k3, false).to(dtype);        // dq̂ = dA·k̂
+  at::Tensor grad_k = bmm_fp32(dprobs, true, q3, false).to(dtype);         // dk̂ = dAᵀ·q̂
 
   if (quant.enabled) {
     const int64_t numel = q.numel();
