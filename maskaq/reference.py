@@ -173,12 +173,17 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
         return fake_quantize(x, step[i], z, qmin[i], qmax[i])
 
     qh, kh = (fq(q, 0), fq(k, 1)) if quant else (q, k)
-    logits = qh @ kh.transpose(-2, -1)
-    p = torch.softmax(logits * scale, dim=-1)
-    if quant:
-        p, v = fq(p, 2), fq(v, 3)
-    out = p @ v
-    return out, (logits if return_logits else None)
+    # Products, softmax and P̂ in float32 (float64 stays float64), as the CUDA kernel computes
+    # them: |q̂·k̂ᵀ| above 65504 would overflow float16 into inf and a NaN row. Autocast is off
+    # here because it would cast the products back to float16 / bfloat16.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = qh.to(compute) @ kh.to(compute).transpose(-2, -1)
+        p = torch.softmax(logits * scale, dim=-1)
+        if quant:
+            p, v = fq(p, 2), fq(v, 3)
+        out = (p @ v.to(compute)).to(q.dtype)
+    return out, (logits.to(q.dtype) if return_logits else None)
 
 
 # --------------------------------------------------------------------------------------

@@ -289,6 +289,55 @@ def test_fq_attention_backward_is_deterministic():
 
 
 @cuda_only
+@pytest.mark.parametrize("quantized", [False, True], ids=["full", "quantized"])
+def test_fq_attention_float16_logits_beyond_float16_range(quantized):
+    """float16 q, k whose logits all lie near 64·40² = 102400 (beyond float16's 65504): the kernel
+    computes q̂·k̂ᵀ in float32, so output and gradients are finite and equal float64 on the same
+    inputs (power-of-two steps keep x / α exact in float16)."""
+    g = _gen(41)
+    shape = (2, 3, 65, 64)
+    q, k = (torch.randn(shape, generator=g) * 4 + 40 for _ in range(2))
+    v, grad_out = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    qk, kk, vk, gk = (_to_kernel(t, torch.float16) for t in (q, k, v, grad_out))
+    step = qmin = qmax = None
+    if quantized:
+        step, qmin, qmax = torch.tensor([0.5, 0.5, 1 / 256, 1 / 16]), [-128, -128, 0, -128], [127, 127, 255, 127]
+    out_k, _, grads_k = _run_fq(qk, kk, vk, None if step is None else step.to(DEVICE), None, qmin, qmax, gk, None,
+                                ops.fq_attention)
+    as64 = [t.detach().to("cpu", torch.float64) for t in (qk, kk, vk, gk)]
+    out_r, _, grads_r = _run_fq(*as64[:3], None if step is None else step.double(), None, qmin, qmax, as64[3],
+                                None, reference.fq_attention)
+    assert out_k.dtype == torch.float16
+    for name, a, e in [("out", out_k, out_r), *zip(("grad q", "grad k", "grad v"), grads_k[:3], grads_r[:3])]:
+        a = a.detach().to("cpu", torch.float64)
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
+
+
+@cuda_only
+def test_fq_attention_products_ignore_tf32():
+    """float32 products stay float32 when the caller allows TF32 (about 5e-4 relative error per
+    product, far above float32's): logits, output and dq against float64 on the same inputs."""
+    shape = (2, 3, 65, 64)
+    q, k, v, g = _fq_inputs(shape, seed=43)
+    grad_out = torch.randn(shape, generator=g)
+    qk, kk, vk, gk = (_to_kernel(t, torch.float32) for t in (q, k, v, grad_out))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed for cuBLAS float32 matmuls
+    try:
+        out_k, logits_k, grads_k = _run_fq(qk, kk, vk, None, None, None, None, gk, torch.zeros_like(gk[..., :1]),
+                                           ops.fq_attention)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    as64 = [t.detach().to("cpu", torch.float64) for t in (qk, kk, vk, gk)]
+    out_r, logits_r, grads_r = _run_fq(*as64[:3], None, None, None, None, as64[3],
+                                       torch.zeros(shape[:3] + (1,), dtype=torch.float64), reference.fq_attention)
+    for name, a, e in (("logits", logits_k, logits_r), ("out", out_k, out_r), ("grad q", grads_k[0], grads_r[0])):
+        err = (a.detach().to("cpu", torch.float64) - e).abs().max().item()
+        assert err <= 2e-5 * e.abs().max().item(), f"{name}: error {err:.2e} looks like TF32"
+
+
+@cuda_only
 def test_fq_attention_step_dtype_follows_parameters():
     """Gradients of float64 parameters come back in float64; absent parameters as empty."""
     shape = (1, 2, 17, 8)

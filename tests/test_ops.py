@@ -189,6 +189,42 @@ def test_fq_attention_float32(shape, bits):
     assert abs(float(tail)) > float(want["grad_zero_point"][1][2])
 
 
+def large_float16_attention_inputs():
+    """fp16 q, k, v whose logits q·kᵀ all lie near 64·40² = 102400, beyond float16's 65504."""
+    q, k = (randn(2, 3, 17, 64, seed=60 + i, dtype=torch.float32, scale=4.0) + 40.0 for i in range(2))
+    v = randn(2, 3, 17, 64, seed=62, dtype=torch.float32)
+    return [t.half().requires_grad_() for t in (q, k, v)]
+
+
+def fake_or_plain(x, kw, i):
+    return ref.fake_quantize(x, kw["step"][i], None, kw["qmin"][i], kw["qmax"][i]) if kw else x
+
+
+@pytest.mark.parametrize("impl", [ops.fq_attention, ref.fq_attention], ids=["op", "reference"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["full", "quantized"])
+def test_fq_attention_float16_logits_beyond_float16_range(impl, quantized):
+    """float16 inputs (on the CPU the op runs the reference) compute the logits in float32, so
+    |q̂·k̂ᵀ| > 65504 gives finite outputs and gradients equal to float64 on the same inputs."""
+    q, k, v = large_float16_attention_inputs()
+    kw = {}
+    if quantized:  # power-of-two steps: x / α is exact in float16, no level can flip against float64
+        kw = dict(step=torch.tensor([0.5, 0.5, 1 / 256, 1 / 16], requires_grad=True),
+                  qmin=[-128, -128, 0, -128], qmax=[127, 127, 255, 127])
+    with torch.no_grad():
+        logits_f32 = fake_or_plain(q, kw, 0).float() @ fake_or_plain(k, kw, 1).float().transpose(-2, -1)
+    assert logits_f32.abs().min() > 65504
+    out = impl(q, k, v, **kw)[0]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+    assert all(torch.isfinite(g).all() for g in grads)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = ref.fq_attention(q64, k64, v64, **kw)[0]
+    grads64 = torch.autograd.grad(out64.square().sum(), [q64, k64, v64])
+    torch.testing.assert_close(out.double(), out64, rtol=1e-3, atol=1e-3)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-2, atol=1e-2)
+
+
 @needs_ext
 def test_fq_attention_without_logits_and_default_scale():
     q, k, v = (randn(2, 3, 17, 32, seed=i) for i in range(3))
