@@ -59,12 +59,27 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **
 
 def continue_command(args) -> str:
     """The command line that continues the run ``args`` started: its own arguments, --resume
-    instead of --overwrite."""
+    instead of --overwrite (kept where it also replaces a file outside the run that is not
+    written yet, ``args._keep_overwrite``: train-teacher's --export)."""
     import shlex
 
-    argv = [a for a in getattr(args, "_argv", []) if a != "--overwrite"]
+    keep = getattr(args, "_keep_overwrite", False)
+    argv = [a for a in getattr(args, "_argv", []) if a != "--overwrite" or keep]
     if "--resume" not in argv:
         argv.append("--resume")
+    return "maskaq " + shlex.join(argv)
+
+
+def restart_command(args) -> str:
+    """The command line that runs ``args`` again from the start: its own arguments, plus --overwrite
+    where the stopped run left a partial result the new one must replace (``args._partial``)."""
+    import shlex
+    from pathlib import Path
+
+    argv = list(getattr(args, "_argv", []))
+    partial = getattr(args, "_partial", None)
+    if partial is not None and Path(partial).exists() and "--overwrite" not in argv:
+        argv.append("--overwrite")
     return "maskaq " + shlex.join(argv)
 
 
@@ -75,9 +90,24 @@ def continue_note(args):
         return None
     from pathlib import Path
 
-    if Path(saved_in).is_dir() and any(Path(saved_in).iterdir()):
+    saved = Path(saved_in)
+    if saved.is_file() or (saved.is_dir() and any(saved.iterdir())):
         return f"the run so far is kept in {saved_in}; `{continue_command(args)}` continues it"
-    return "nothing was saved yet; the same command starts the run again"
+    return f"nothing was saved yet; `{restart_command(args)}` starts the run again"
+
+
+def interrupted_note(args) -> str:
+    """What continues a command stopped by Ctrl-C: its checkpoint's note, or the command that
+    starts it again (naming the partial result it left, which that command replaces)."""
+    note = continue_note(args)
+    if note is not None:
+        return note
+    partial = getattr(args, "_partial", None)
+    from pathlib import Path
+
+    if partial is not None and Path(partial).exists():
+        return f"the results so far are in {partial}; `{restart_command(args)}` runs it again"
+    return f"`{restart_command(args)}` runs it again"
 
 
 def _available_commands():
@@ -135,8 +165,7 @@ def main(argv=None) -> int:
         print(f"maskaq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        note = continue_note(args)
-        print("interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
+        print(f"interrupted; {interrupted_note(args)}", file=sys.stderr)
         return 130
     except Exception:
         note = continue_note(args)

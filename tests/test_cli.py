@@ -395,3 +395,18 @@ def test_bench_prints_one_table_and_no_third_party_warnings(capfd):
     assert (out + err).count("peak MB") == 1
     assert "WARNING:root:" not in err
     assert len([line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]) == 4
+
+# ----------------------------------------------------------------------------- finished work kept everywhere
+
+def test_an_interrupted_synthesize_names_the_command_that_starts_it_again(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from maskaq.commands import synthesize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthesize, "_make_images", interrupted)
+    argv = ["synthesize", *TINY, "--preset", "quick", "--out", str(tmp_path / "imgs")]
+    assert main(argv) == 130
+    assert f"nothing was saved yet; `maskaq {shlex.join(argv)}` starts the run again" in capsys.readouterr().err
