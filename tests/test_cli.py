@@ -359,8 +359,8 @@ def test_every_subcommand_speaks_one_vocabulary():
             <= set(options[command]), command
     for command in ("quantize", "eval"):
         assert {"--data", "--limit", "--eval-batch-size", "--skip-bad-images", "--device"} <= set(options[command])
-    for command in ("quantize", "synthesize"):
-        assert {"--out", "--overwrite", "--resume"} <= set(options[command])
+    for command in ("quantize", "synthesize", "train-teacher"):
+        assert {"--out", "--overwrite", "--resume"} <= set(options[command]), command
     assert "--synth-batch-size" in options["synthesize"] and not options["export"]["--model"].required
 
 
@@ -397,6 +397,90 @@ def test_bench_prints_one_table_and_no_third_party_warnings(capfd):
     assert len([line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]) == 4
 
 # ----------------------------------------------------------------------------- finished work kept everywhere
+
+def _fmnist_root(root, train=32, test=16):
+    """Fashion-MNIST idx files of a few random images, so that train-teacher runs in a second."""
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True)
+    for stem, n in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8).numpy()
+        labels = (torch.arange(n) % 10).to(torch.uint8).numpy()
+        size = n.to_bytes(4, "big")
+        (root / f"{stem}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + size + (28).to_bytes(4, "big") * 2
+                                                         + images.tobytes())
+        (root / f"{stem}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + size + labels.tobytes())
+    return root
+
+
+def _teacher_argv(tmp_path, *extra):
+    root = tmp_path / "fmnist"
+    if not root.exists():
+        _fmnist_root(root)
+    return ["train-teacher", "--root", str(root), "--embed-dim", "24", "--depth", "1", "--num-heads", "3",
+            "--patch-size", "7", "--train-batch-size", "16", "--threads", "1", "--no-progress",
+            "--time-budget-min", "0", *extra]
+
+
+def test_train_teacher_keeps_a_finished_run_and_its_export_unless_overwrite(tmp_path, capsys):
+    run, zoo_dir = str(tmp_path / "run"), str(tmp_path / "zoo")
+    first = _teacher_argv(tmp_path, "--epochs", "1", "--out", run, "--export", zoo_dir)
+    assert main(first) == 0
+    weights = (tmp_path / "zoo" / "vit_fmnist.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(_teacher_argv(tmp_path, "--epochs", "1", "--out", run)) == 2
+    line = _one_error_line(capsys)
+    assert "holds a finished run" in line and "--overwrite" in line and "--resume" in line
+    assert main(_teacher_argv(tmp_path, "--epochs", "1", "--out", str(tmp_path / "other"), "--export", zoo_dir)) == 2
+    line = _one_error_line(capsys)
+    assert "vit_fmnist.safetensors exists" in line and "--overwrite" in line and not (tmp_path / "other").exists()
+    assert (tmp_path / "zoo" / "vit_fmnist.safetensors").read_bytes() == weights
+    # a next stage continues the finished run; the export it replaces still needs --overwrite
+    more = _teacher_argv(tmp_path, "--epochs", "2", "--out", run, "--export", zoo_dir, "--resume")
+    assert main(more) == 2
+    assert "vit_fmnist.safetensors exists" in _one_error_line(capsys)
+    assert main(more + ["--overwrite"]) == 0
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2]
+    assert json.loads((tmp_path / "zoo" / "vit_fmnist.json").read_text())["training"]["epochs"] == 2
+    assert main(first + ["--overwrite"]) == 0  # starts over
+    assert [e["epoch"] for e in json.loads((tmp_path / "run" / "log.json").read_text())["epochs"]] == [1]
+
+
+def test_train_teacher_resume_with_nothing_to_resume_stops_with_one_line(tmp_path, capsys):
+    assert main(_teacher_argv(tmp_path, "--out", str(tmp_path / "new"), "--resume")) == 2
+    line = _one_error_line(capsys)
+    assert "nothing to resume" in line and "checkpoint.pth is missing" in line and not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_train_teacher_names_the_command_that_continues_it(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from maskaq.commands import train_teacher
+
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "vit_fmnist.json").write_text("{}")  # an earlier export, which --overwrite replaces
+    argv = _teacher_argv(tmp_path, "--epochs", "3", "--out", str(tmp_path / "run"), "--export",
+                         str(tmp_path / "zoo"), "--overwrite")
+    real, calls = train_teacher.test_accuracy, []
+
+    def second_epoch_interrupted(*args, **kwargs):  # epoch 1 is checkpointed, epoch 2 is not
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_teacher, "test_accuracy", second_epoch_interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    continues = "maskaq " + shlex.join(argv + ["--resume"])  # --overwrite kept: the export is not written yet
+    assert "interrupted" in err and "checkpoint.pth" in err and f"`{continues}` continues it" in err
+    monkeypatch.setattr(train_teacher, "test_accuracy", real)
+    assert main([a for a in argv if a != "--overwrite"]) == 2  # not started over silently
+    assert "holds a stopped run" in _one_error_line(capsys)
+    assert main(shlex.split(continues)[1:]) == 0
+    assert [e["epoch"] for e in json.loads((tmp_path / "run" / "log.json").read_text())["epochs"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "zoo" / "vit_fmnist.json").read_text())["training"]["epochs"] == 3
+
 
 def test_an_interrupted_synthesize_names_the_command_that_starts_it_again(tmp_path, capsys, monkeypatch):
     import shlex

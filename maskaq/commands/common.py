@@ -26,7 +26,7 @@ from maskaq.config import config_keys
 __all__ = ["add_model_arguments", "add_weight_arguments", "add_architecture_arguments", "add_device_argument",
            "add_data_arguments", "add_run_dir_arguments", "add_deprecated_alias", "check_bits_cli",
            "collect_overrides", "dataset_for_cli", "load_model_for_cli", "load_args_model", "method_and_overrides",
-           "model_kwargs_of", "parse_override", "resolve_device", "check_output_dir", "check_run_dir",
+           "model_kwargs_of", "parse_override", "resolve_device", "check_output_dir", "check_output_file", "check_run_dir",
            "in_process_group", "DEVICE_HELP"]
 
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (none given: cuda when available)"
@@ -113,14 +113,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
                              "instead of stopping before the run")
 
 
-def add_run_dir_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
-    """--out, --overwrite and --resume of a command that writes a run into a folder."""
-    parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
+def add_run_dir_arguments(parser: argparse.ArgumentParser, out_help: str, *, default: Optional[str] = None,
+                          overwrite_help: Optional[str] = None, resume_help: Optional[str] = None) -> None:
+    """--out (required unless ``default``), --overwrite and --resume of a command that writes a run into a folder."""
+    parser.add_argument("--out", required=default is None, default=default, metavar="DIR", help=out_help)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the finished (or stopped) run in OUT instead of refusing it")
+                        help=overwrite_help or "replace the finished (or stopped) run in OUT instead of refusing it")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run that stopped in OUT (killed, pre-empted, interrupted); give the "
-                             "first run's arguments")
+                        help=resume_help or "continue the run that stopped in OUT (killed, pre-empted, interrupted); "
+                                            "give the first run's arguments")
 
 
 def model_kwargs_of(args) -> Dict[str, Any]:
@@ -293,29 +294,43 @@ def check_output_dir(path, flag: str = "--out") -> None:
                          f"another {flag} or make {probe} writable") from None
 
 
-def check_run_dir(args, finished, checkpoint_dir: Path) -> None:
+def check_run_dir(args, finished, checkpoint_dir: Path, *, extends: bool = False) -> None:
     """Refuse to overwrite a finished run without --overwrite, and --resume with nothing to resume.
 
     ``finished``: files a finished run leaves in ``args.out``; ``checkpoint_dir``: where a stopped
-    run keeps its checkpoints."""
+    run keeps its checkpoints (a folder, or one file); ``extends``: a finished run keeps its
+    checkpoint and --resume trains it further (train-teacher's next stage), so that checkpoint
+    does not make it a stopped run."""
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise _cli_error("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
     check_output_dir(out)
-    stopped = checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir())
+    stopped = checkpoint_dir.is_file() or (checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()))
     done = [p for p in finished if Path(p).exists()]
     if args.resume and not stopped:
         what = (f"{out} holds a finished run ({done[0]}) and no stopped one" if done
                 else f"{out} holds no stopped run ({checkpoint_dir} is {'empty' if checkpoint_dir.is_dir() else 'missing'})")
         raise _cli_error(f"nothing to resume: {what}; run the command without --resume to start"
                          + (" a new one (with --overwrite to replace it)" if done else ""))
-    if stopped and not args.resume and not args.overwrite:
+    if stopped and not (done and extends) and not args.resume and not args.overwrite:
         from maskaq.cli import continue_command
         raise _cli_error(f"{checkpoint_dir} holds a stopped run: `{continue_command(args)}` continues it, "
                          "--overwrite starts over")
     if done and not args.resume and not args.overwrite:
         raise _cli_error(f"{out} holds a finished run ({', '.join(str(p) for p in done)}); pass --overwrite to "
-                         "replace it, or choose another --out")
+                         + ("replace it, --resume to train it further," if extends else "replace it,")
+                         + " or choose another --out")
+
+
+def check_output_file(path, overwrite: bool, flag: str) -> None:
+    """Refuse, before any work, a file the user named for a result that exists (unless ``overwrite``)
+    or cannot be written: a finished result is not replaced without being asked."""
+    target = Path(path)
+    if target.is_dir():
+        raise _cli_error(f"{flag} {target} is a directory; name a file")
+    if target.exists() and not overwrite:
+        raise _cli_error(f"{flag} {target} exists; pass --overwrite to replace it, or choose another {flag}")
+    check_output_dir(target.parent, flag)
 
 
 def check_bits_cli(wbits: int, abits: int) -> None:

@@ -30,7 +30,13 @@ LOG_NAME = "log.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/teacher", help="run directory (checkpoint, log.json)")
+    from maskaq.commands.common import DEVICE_HELP, add_deprecated_alias, add_run_dir_arguments
+    add_run_dir_arguments(
+        parser, "run directory (checkpoint.pth, log.json)", default="runs/teacher",
+        overwrite_help="replace the finished (or stopped) run in OUT and an earlier export in --export DIR "
+                       "instead of refusing them (with --resume: the export only)",
+        resume_help="continue the run in OUT from OUT/checkpoint.pth: one that stopped, or a finished one "
+                    "for more --epochs (see --restart-schedule)")
     parser.add_argument("--root", default=None, help="directory with the Fashion-MNIST idx(.gz) files "
                         "(default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--epochs", type=int, default=30, help="upper bound on epochs")
@@ -53,15 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reg-tokens", type=int, default=0,
                         help="register tokens after the CLS token (timm reg_tokens; 'ViTs need registers')")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    from maskaq.commands.common import DEVICE_HELP, add_deprecated_alias
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
     parser.add_argument("--restart-schedule", action="store_true",
                         help="with --resume: keep weights and optimizer state but start a fresh warmup + "
                              "cosine over --epochs / --time-budget-min (a second stage) instead of continuing")
     parser.add_argument("--export", default=None, metavar="DIR",
-                        help="after training, write vit_fmnist.safetensors + vit_fmnist.json into DIR")
+                        help="after training, write vit_fmnist.safetensors + vit_fmnist.json into DIR (an earlier "
+                             "export of that name there is refused before training unless --overwrite)")
     parser.add_argument("--export-name", default="vit_fmnist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_deprecated_alias(parser, "--batch-size", "--train-batch-size", type=int)
@@ -89,6 +94,32 @@ def validate_args(args) -> None:
         raise _cli_error(f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}")
     if args.reg_tokens < 0:
         raise _cli_error(f"--reg-tokens must be >= 0, got {args.reg_tokens}")
+
+
+def _finished(log_path: Path) -> bool:
+    """A run that got to its end: its log has the summary written after the last epoch (a stopped
+    run's log and checkpoint have none)."""
+    try:
+        return "summary" in json.loads(log_path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_outputs(args, out: Path, ckpt_path: Path) -> None:
+    """Before any training: a finished or stopped run in OUT and an earlier export are kept unless
+    --overwrite, and --resume needs a checkpoint to continue."""
+    from maskaq.commands.common import check_output_dir, check_output_file, check_run_dir
+
+    # with --resume the run is continued, so an --overwrite beside it can only be meant for the export
+    run_args = argparse.Namespace(**{**vars(args), "overwrite": False}) if args.resume and args.export else args
+    check_run_dir(run_args, [out / LOG_NAME] if _finished(out / LOG_NAME) else [], ckpt_path, extends=True)
+    if args.export:
+        check_output_dir(args.export, "--export")
+        exports = [Path(args.export) / f"{args.export_name}{ext}" for ext in (".safetensors", ".json")]
+        for path in exports:
+            check_output_file(path, args.overwrite, "--export")
+        # the export is written at the end, so the command that continues a stopped run still replaces it
+        args._keep_overwrite = args.overwrite and any(path.exists() for path in exports)
 
 
 def model_args_from(args) -> dict:
@@ -227,8 +258,16 @@ def run(args) -> int:
     if device.type == "cuda" and device.index is None and world > 1:  # one GPU per process under torchrun
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     out = Path(args.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    check_outputs(args, out, ckpt_path)
+    if world > 1:
+        torch.distributed.barrier()  # every rank looked before rank 0 removes or writes anything
     if rank == 0:
+        if args.overwrite and not args.resume:  # else a stop before the first epoch would leave the old run to resume
+            for path in (ckpt_path, out / LOG_NAME):
+                path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+    args._checkpoint_dir = ckpt_path  # from here on a stop says how to continue
     try:
         train_set = fashion_mnist("train", root=args.root)
         test_set = fashion_mnist("test", root=args.root)
@@ -245,10 +284,7 @@ def run(args) -> int:
     # The schedule's own clock: equal to the run's clock unless --restart-schedule starts a new stage.
     schedule_step0, schedule_elapsed_before = 0, 0.0
 
-    ckpt_path = out / CHECKPOINT_NAME
     if args.resume:
-        if not ckpt_path.is_file():
-            raise _cli_error(f"--resume given but {ckpt_path} does not exist")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["model_args"] != model_args:
             raise _cli_error(f"checkpoint model {ckpt['model_args']} differs from the requested {model_args}")
