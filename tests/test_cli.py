@@ -482,6 +482,36 @@ def test_an_interrupted_train_teacher_names_the_command_that_continues_it(tmp_pa
     assert json.loads((tmp_path / "zoo" / "vit_fmnist.json").read_text())["training"]["epochs"] == 3
 
 
+def test_demo_keeps_an_earlier_demo_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from maskaq import zoo
+
+    earlier = tmp_path / "d"
+    earlier.mkdir()
+    (earlier / "demo.json").write_text("{}")
+    assert main(["demo", "--preset", "quick", "--limit", "8", "--out", str(earlier)]) == 2
+    line = _one_error_line(capsys)
+    assert "holds an earlier demo" in line and "--overwrite" in line
+    assert (earlier / "demo.json").read_text() == "{}"
+    monkeypatch.chdir(tmp_path)  # the default --out is ./maskaq-demo
+    (tmp_path / "maskaq-demo").mkdir()
+    (tmp_path / "maskaq-demo" / "demo.json").write_text("{}")
+    assert main(["demo", "--preset", "quick", "--limit", "8"]) == 2
+    assert "maskaq-demo holds an earlier demo" in _one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "refused unless --overwrite" in " ".join(capsys.readouterr().out.split())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "load", interrupted)  # --overwrite gets past the check; a stop says what reruns it
+    argv = ["demo", "--preset", "quick", "--limit", "8", "--overwrite"]
+    assert main(argv) == 130
+    assert f"interrupted; `maskaq {shlex.join(argv)}` runs it again" in capsys.readouterr().err
+
+
 def test_an_interrupted_synthesize_names_the_command_that_starts_it_again(tmp_path, capsys, monkeypatch):
     import shlex
 

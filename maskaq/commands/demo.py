@@ -20,7 +20,10 @@ MEANING = ("ptq: no data, no training; gaussian: QAT on noise; real: QAT on real
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu", help="cpu (minutes on 2 cores) or quick (seconds, smoke test)")
-    parser.add_argument("--out", default="./maskaq-demo", help="where the image grids and demo.json go")
+    parser.add_argument("--out", default="./maskaq-demo", metavar="DIR",
+                        help="where the image grids and demo.json go; a DIR holding an earlier demo's demo.json "
+                             "(the default one too) is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the earlier demo in --out DIR")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--teacher", default="vit_fmnist_outliers",
                         help="zoo teacher: vit_fmnist_outliers (a pretrained ViT's channel outliers) or vit_fmnist "
@@ -38,7 +41,7 @@ def run(args) -> int:
 
     from maskaq import zoo
     from maskaq.cli import CliError
-    from maskaq.commands.common import check_bits_cli, resolve_device
+    from maskaq.commands.common import check_bits_cli, check_output_dir, resolve_device
     from maskaq.pipeline import evaluate_model, run_pipeline
     from maskaq._files import write_json
     from maskaq.images import save_image_grid
@@ -49,6 +52,11 @@ def run(args) -> int:
     check_bits_cli(args.wbits, args.abits)
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out)
+    check_output_dir(out)
+    if (out / "demo.json").exists() and not args.overwrite:
+        raise CliError(f"{out} holds an earlier demo ({out / 'demo.json'}); pass --overwrite to replace it, "
+                       "or choose another --out")
     device = resolve_device(args.device)
     try:
         teacher = zoo.load(args.teacher).to(device)
@@ -62,7 +70,6 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError):
         train = None  # the real-data row needs the training split (apt-get install dataset-fashion-mnist)
     spec = describe_model(teacher)
-    out = Path(args.out)
     started = time.perf_counter()
     bits = f"W{args.wbits}A{args.abits}"
     print(f"maskaq demo: {args.teacher} on Fashion-MNIST, preset {args.preset}, {bits}, "
