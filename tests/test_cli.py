@@ -396,6 +396,7 @@ def test_bench_prints_one_table_and_no_third_party_warnings(capfd):
     assert "WARNING:root:" not in err
     assert len([line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]) == 4
 
+
 # ----------------------------------------------------------------------------- finished work kept everywhere
 
 def _fmnist_root(root, train=32, test=16):
@@ -510,6 +511,45 @@ def test_demo_keeps_an_earlier_demo_unless_overwrite(tmp_path, capsys, monkeypat
     argv = ["demo", "--preset", "quick", "--limit", "8", "--overwrite"]
     assert main(argv) == 130
     assert f"interrupted; `maskaq {shlex.join(argv)}` runs it again" in capsys.readouterr().err
+
+
+def test_eval_json_keeps_an_existing_file_unless_overwrite(tmp_path, capsys):
+    result = tmp_path / "r.json"
+    result.write_text("earlier")
+    argv = ["eval", *TINY, "--limit", "8", "--no-progress", "--json", str(result)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("maskaq eval: error: --json") and "exists" in line and "--overwrite" in line
+    assert result.read_text() == "earlier"
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads(result.read_text())["images"] == 8
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "b.json"), ("--plot", "b.png")])
+def test_bench_keeps_its_existing_files_unless_overwrite(flag, name, tmp_path, capsys):
+    (tmp_path / name).write_text("earlier")
+    assert main(["bench", "--quick", flag, str(tmp_path / name)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"maskaq bench: error: {flag}") and "exists" in line and "--overwrite" in line
+    assert (tmp_path / name).read_text() == "earlier"
+
+
+def test_an_interrupted_bench_names_its_partial_results_and_the_command_that_reruns_it(tmp_path, capsys,
+                                                                                     monkeypatch):
+    import shlex
+
+    from maskaq.commands import bench
+
+    def interrupted(args, *rest, **kwargs):
+        bench.write_json([{"model": "m"}], args.json)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_benchmark", interrupted)
+    argv = ["bench", "--quick", "--omp-wait-policy", "inherit", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    rerun = "maskaq " + shlex.join(argv + ["--overwrite"])  # the partial file would be refused otherwise
+    assert f"the results so far are in {tmp_path / 'b.json'}; `{rerun}` runs it again" in err
 
 
 def test_an_interrupted_synthesize_names_the_command_that_starts_it_again(tmp_path, capsys, monkeypatch):

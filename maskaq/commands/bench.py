@@ -82,8 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per impl before the rounds")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: deit_small_patch16_224, batch 1, 1 round of 2 calls")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the records to this JSON file")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write a speedup-vs-FP plot (PNG)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the records to this JSON file (an existing one is refused unless --overwrite)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="write a speedup-vs-FP plot (PNG; an existing one is refused unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json and --plot files if they exist")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--omp-wait-policy", default="default", choices=("default", "PASSIVE", "ACTIVE", "inherit"),
                         help="OpenMP wait policy of torch's threads. default: libgomp's own, what a user "
@@ -282,6 +285,8 @@ def _child_main() -> int:
     values.pop("_run", None)
     try:
         return run(argparse.Namespace(**values))
+    except KeyboardInterrupt:  # Ctrl-C reaches both processes: the parent says what runs it again
+        return 130
     except Exception as exc:
         from maskaq.cli import CliError
 
@@ -303,6 +308,12 @@ def _quiet_third_parties():
 
 
 def run(args) -> int:
+    from maskaq.commands.common import check_output_file
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, getattr(args, "overwrite", False), flag)
+    args._partial = args.json  # written after each measured group, so a stopped run leaves it behind
     if _needs_child(args):
         return _run_in_child(args)
     _quiet_third_parties()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from maskaq.commands.common import (_cli_error, add_data_arguments, add_deprecated_alias, add_model_arguments,
-                                    dataset_for_cli, load_args_model, resolve_device)
+                                    check_output_file, dataset_for_cli, load_args_model, resolve_device)
 from maskaq.evaluation import evaluate
 
 __all__ = ["add_arguments", "run"]
@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="also write the result as JSON to FILE (or stdout with no FILE); a list for "
-                             "several models")
+                             "several models. An existing FILE is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json FILE if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_deprecated_alias(parser, "--batch-size", "--eval-batch-size", type=int)
 
@@ -153,6 +154,8 @@ def run(args) -> int:
     for flag, value in (("--limit", args.limit), ("--eval-batch-size", args.eval_batch_size)):
         if value is not None and value < 1:
             raise _cli_error(f"{flag} must be >= 1, got {value}")
+    if args.json not in (None, "-"):
+        check_output_file(args.json, args.overwrite, "--json")
     from torch.utils.data import DataLoader, Subset
 
     specs = list(args.models) + ([args.model] if args.model else [])
