@@ -5,7 +5,7 @@ seed; the compiled ops themselves are deterministic) and calls the kernel. Where
 extension cannot run the call (not built, or a device/dtype it has no kernel for: the CPU
 kernels take float32/float64, the CUDA kernels float32/float16/bfloat16) the plain-PyTorch
 reference in :mod:`maskaq.reference` computes the same result (the loader warns once when
-the extension is missing).
+the extension is missing, or when a GPU's compute capability has no code in the build).
 
 Fake (meta) kernels are registered for every op, so they trace under torch.compile, and
 autograd for the three training ops (their backward calls the ``*_backward`` ops). The two
@@ -42,18 +42,23 @@ def uses_extension(t: torch.Tensor) -> bool:
     if not _extension.loaded():
         return False
     kind = t.device.type
-    if kind == "cuda" and not _extension.extension_info()["with_cuda"]:
+    if kind == "cuda" and not _cuda_kernels(t.device):
         return False
     return t.dtype in _KERNEL_DTYPES.get(kind, ())
 
 
+def _cuda_kernels(device) -> bool:
+    """The extension has CUDA kernels and they run on this GPU's compute capability."""
+    return _extension.extension_info()["with_cuda"] and _extension.cuda_kernels_run_on(torch.device(device))
+
+
 def integer_kernels_available(device) -> bool:
     """Whether int8_linear_epilogue / int8_attention run compiled kernels on ``device`` (CPU: the
-    extension is loaded; CUDA: it was also built with its CUDA kernels), else the reference."""
+    extension is loaded; CUDA: it was also built with CUDA kernels for this GPU), else the reference."""
     if not _extension.loaded():
         return False
     kind = torch.device(device).type
-    return kind == "cpu" or (kind == "cuda" and _extension.extension_info()["with_cuda"])
+    return kind == "cpu" or (kind == "cuda" and _cuda_kernels(device))
 
 
 # --------------------------------------------------------------------------------------
