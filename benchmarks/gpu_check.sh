@@ -4,7 +4,8 @@
 # Run from anywhere (it cd's to the repo root); needs python3 with torch (CUDA build), pytest
 # and ninja, and nvcc; no internet. It
 #   1. builds maskaq._C in place with its CUDA kernels (MASKAQ_CUDA=1, TORCH_CUDA_ARCH_LIST
-#      default 9.0, MAX_JOBS default 16) — build_ext, not pip, so no dependency is resolved;
+#      default: the compute capabilities of this machine's GPUs, MAX_JOBS default 16) — build_ext,
+#      not pip, so no dependency is resolved;
 #   2. runs the CUDA tests and the op tests (tests/test_cuda.py, tests/test_ops.py,
 #      tests/test_int_ops.py, the CUDA test of tests/test_integer.py), the bad-input tests in
 #      steps of their own (with and without pytest's plugins) so that a crash there cannot hide
@@ -23,7 +24,15 @@ LOGS="${OUT:-/tmp}"
 mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
 export MASKAQ_CUDA=1
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# Build only for the GPUs present (one arch compiles fastest, and the check must run on whatever
+# card is lent: A100, L4, H100, B200...); nvidia-smi first, torch where the driver is too old
+# for compute_cap; empty leaves setup.py's default list.
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  GPU_ARCHS=$( { nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+      || "$PY" -c "import torch; [print('%d.%d' % torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]" \
+      2>/dev/null; } | tr -d ' ' | grep -E '^[0-9]+\.[0-9]+$' | sort -u -V | paste -sd ';' || true)
+  if [[ -n "$GPU_ARCHS" ]]; then export TORCH_CUDA_ARCH_LIST="$GPU_ARCHS"; else unset TORCH_CUDA_ARCH_LIST; fi
+fi
 export MAX_JOBS="${MAX_JOBS:-16}"
 export MASKAQ_REQUIRE_EXTENSION=1  # a broken build must fail the tests, not fall back
 export PYTHONUNBUFFERED=1
@@ -60,7 +69,7 @@ step_ok() { [[ "${STEP_STATUS[$1]}" == "ok" ]]; }
 
 # 1. Build the extension in place with the CUDA kernels.
 rm -f maskaq/_C*.so
-run_step "build (CUDA ${TORCH_CUDA_ARCH_LIST})" 300 "$LOGS/gpu_check_build.log" \
+run_step "build (CUDA ${TORCH_CUDA_ARCH_LIST:-default archs})" 300 "$LOGS/gpu_check_build.log" \
   "$PY" setup.py build_ext --inplace
 run_step "extension loads" 60 "$LOGS/gpu_check_info.log" \
   "$PY" -c "import maskaq, json; info = maskaq.extension_info(); print(json.dumps(info)); \
