@@ -28,10 +28,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.json is None and not args.quick:
-        args.json = "bench_inference.json"
-    if args.plot is None and not args.quick:
-        args.plot = "bench_inference.png"
+    if args.json is None and args.plot is None and not args.quick:
+        # the script's own record, rewritten on every run (a file the user names is refused unless --overwrite)
+        args.json, args.plot, args.overwrite = "bench_inference.json", "bench_inference.png", True
+    elif not args.quick:
+        args.json = args.json or "bench_inference.json"
+        args.plot = args.plot or "bench_inference.png"
     try:
         return bench.run(args)
     except CliError as exc:  # bad options: one line, status 2
