@@ -13,7 +13,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def _anchor(heading: str) -> str:
     """GitHub's anchor of a markdown heading: lowercase, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())  # rendered text: code and emphasis marks go, underscores stay
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
