@@ -113,12 +113,10 @@ def activation_statistics(model: nn.Module, images: torch.Tensor) -> Dict[str, f
             h.remove()
     ratios, counts, absmax = [], [], []
     for x in inputs.values():
-        flat = x.reshape(-1, x.shape[-1]).float()
-        ranges = flat.amax(0) - flat.amin(0)
-        med = ranges.median().clamp_min(1e-12)
+        ranges, med = _channel_widths(x)
         ratios.append(float(ranges.max() / med))
         counts.append(float((ranges > 5 * med).sum()))
-        absmax.append(float(flat.abs().max() / flat.abs().median().clamp_min(1e-12)))
+        absmax.append(_absmax_over_median(x))
     below, pmax, top = [], [], []
     for logits, scale in zip(cap.logits, _attention_scales(model)):
         p = torch.softmax(logits.float() * scale, dim=-1)
@@ -127,12 +125,8 @@ def activation_statistics(model: nn.Module, images: torch.Tensor) -> Dict[str, f
         pmax.append(float(p.amax(-1).mean()))
         k = max(1, round(0.05 * n))
         top.append(float(p.topk(k, dim=-1).values.sum(-1).mean()))
-    resid = [float(r.abs().max() / r.abs().median().clamp_min(1e-12)) for r in blocks_in]
-    ln_in = []
-    for r in blocks_in:
-        flat = r.reshape(-1, r.shape[-1]).float()
-        ranges = flat.amax(0) - flat.amin(0)
-        ln_in.append(float(ranges.max() / ranges.median().clamp_min(1e-12)))
+    resid = [_absmax_over_median(r) for r in blocks_in]
+    ln_in = [float(ranges.max() / med) for ranges, med in map(_channel_widths, blocks_in)]
 
     def median(values):
         return float(torch.tensor(values).median()) if values else float("nan")
@@ -143,6 +137,17 @@ def activation_statistics(model: nn.Module, images: torch.Tensor) -> Dict[str, f
         "p_below_1_over_n": median(below), "p_max": median(pmax), "p_top5pct_mass": median(top),
         "residual_absmax_over_median": median(resid), "ln_input_channel_range_ratio": median(ln_in),
     }
+
+
+def _channel_widths(x: torch.Tensor):
+    """(each channel's max - min over all images and tokens, their median (at least 1e-12))."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    ranges = flat.amax(0) - flat.amin(0)
+    return ranges, ranges.median().clamp_min(1e-12)
+
+
+def _absmax_over_median(x: torch.Tensor) -> float:
+    return float(x.abs().max() / x.abs().float().median().clamp_min(1e-12))
 
 
 def _attention_scales(model: nn.Module) -> List[float]:
