@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.maskaq-installed
 VENV_MIN_FREE_GB ?= 7
 export MAX_JOBS ?= 2
 
-.PHONY: install test test-avx2 fuzz demo bench clean
+.PHONY: install test test-avx2 test-compat fuzz demo bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ test-avx2: install
 	  'the emulated CPU does not take the AVX2 path'" 2>&1 | grep -v "TCG doesn't support"
 	qemu-x86_64 -cpu $(QEMU_CPU) $(PY) -m pytest -q -p no:cacheprovider $(AVX2_TESTS) \
 	  -k "not forced_avx2 $(if $(K),and ($(K)))" 2>&1 | grep -v "TCG doesn't support"
+
+# The test suite against each version set pyproject.toml promises (the lowest bounds, torch 2.11, the
+# newest releases): a fresh clone and venv per row, deleted after it; a table at the end, and one record
+# per row appended to benchmarks/results/compat_matrix.json. Long (about 15 min a row), so not part
+# of `make test`. ROWS=... picks rows, e.g. make test-compat ROWS=lowest.
+test-compat:
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) benchmarks/compat_matrix.py $(if $(ROWS),--rows $(ROWS))
 
 # The property-based tests with hundreds of examples per op (make test runs a small fixed set).
 fuzz: install

@@ -1,7 +1,10 @@
 """Packaging: maskaq states dependency ranges like a library; the exact set lives in constraints.txt."""
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's; pyproject.toml is read with it")
 
 ROOT = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"^\s*([A-Za-z0-9_.\-]+)")
