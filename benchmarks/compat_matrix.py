@@ -80,12 +80,14 @@ def rows():
 
 
 def find_python(version):
-    for candidate in (f"python{version}", str(Path.home() / f".pyenv/versions/{version}/bin/python")):
-        path = shutil.which(candidate)
-        if path:
-            return path
-    for path in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"), reverse=True):
-        return str(path)
+    """An interpreter of `version` ("3.10") that really runs: pyenv's shims exist for versions they refuse."""
+    candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"), reverse=True)
+    candidates += [Path(p) for p in (shutil.which(f"python{version}"),) if p]
+    for path in candidates:
+        probe = subprocess.run([str(path), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return str(path)
     return None
 
 
