@@ -150,7 +150,7 @@ def run_row(name, spec, workdir, log, timeout):
         ("clone", ["git", "clone", "-q", "--no-hardlinks", ROOT, clone]),
         ("venv", [python, "-m", "venv", venv]),
         ("pip", pip + ["install", "-q", "--upgrade", "pip"]),
-        ("install torch", pip + ["install", "-q", "-c", constraints, "torch", "torchvision", *BUILD_TOOLS]),
+        ("install torch", pip + ["install", "-q", "--upgrade", "-c", constraints, "torch", "torchvision", *BUILD_TOOLS]),
         ("install maskaq", pip + ["install", "-q", "-c", constraints, "--no-build-isolation", ".[test,bench]"]),
     ]
     start = time.time()
