@@ -1,7 +1,7 @@
 // Input validation shared by the CPU and CUDA kernels of maskaq._C.
 //
 // Every op checks its arguments here before it touches memory, so bad input is a Python
-// exception (ValueError / TypeError / IndexError via TORCH_CHECK_*) and never a crash.
+// exception (ValueError / TypeError / IndexError via MASKAQ_CHECK_*, errors.h) and never a crash.
 // Plain C++/ATen only: this header is included from .cpp and .cu files alike. The
 // allowed dtypes are a parameter because they differ per backend.
 #pragma once
@@ -9,12 +9,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "errors.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <sstream>
 #include <string>
 
 #include <c10/util/string_view.h>
@@ -23,23 +24,18 @@ namespace maskaq {
 namespace checks {
 
 inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
-  std::ostringstream os;
-  bool first = true;
+  std::string s;
   for (auto t : dtypes) {
-    os << (first ? "" : ", ") << c10::toString(t);
-    first = false;
+    if (!s.empty()) s += ", ";
+    s += c10::toString(t);
   }
-  return os.str();
+  return s;
 }
 
-inline std::string shape_of(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+inline std::string shape_of(const at::Tensor& t) { return errors::message(t.sizes()); }
 
 inline void check_defined(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+  MASKAQ_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
 }
 
 inline void check_dtype_in(const at::Tensor& t, const char* name,
@@ -47,46 +43,46 @@ inline void check_dtype_in(const at::Tensor& t, const char* name,
   for (auto d : dtypes) {
     if (t.scalar_type() == d) return;
   }
-  TORCH_CHECK_TYPE(false, name, " must have dtype in {", dtype_list(dtypes), "}, got ",
+  MASKAQ_CHECK_TYPE(false, name, " must have dtype in {", dtype_list(dtypes), "}, got ",
                    t.scalar_type(), "; convert it with .to(dtype)");
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+  MASKAQ_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
                    t.scalar_type());
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
                              const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " (", t.scalar_type(),
+  MASKAQ_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " (", t.scalar_type(),
                    ") must have the dtype of ", ref_name, " (", ref.scalar_type(), ")");
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but must be on ", device,
+  MASKAQ_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but must be on ", device,
                     " like the other inputs; move it with .to(device)");
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ",
+  MASKAQ_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ",
                     shape_of(t));
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", shape_of(t),
+  MASKAQ_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", shape_of(t),
                     ", strides ", t.strides(), "); call .contiguous() first");
 }
 
 inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected,
                        const char* what) {
-  TORCH_CHECK_VALUE(t.size(dim) == expected, name, " has size ", t.size(dim), " in dim ", dim,
+  MASKAQ_CHECK_VALUE(t.size(dim) == expected, name, " has size ", t.size(dim), " in dim ", dim,
                     " but ", expected, " was expected (", what, "); shape ", shape_of(t));
 }
 
 // Each row of the last dim stored contiguously (stride 1); the other dims may have any strides,
 // as in the q, k, v views of a fused qkv projection.
 inline void check_rows_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have its last dim contiguous (shape ",
+  MASKAQ_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have its last dim contiguous (shape ",
                     shape_of(t), ", strides ", t.strides(), "); call .contiguous() first");
 }
 
@@ -125,10 +121,10 @@ constexpr int64_t kMaxQuantLevel = 1 << 16;
 
 // q, k and v share one shape (B, H, N, d) with N >= 1 tokens and d >= 1 channels.
 inline void check_one_attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+  MASKAQ_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
                     "q, k and v must have one shape (B, H, N, d), got ", shape_of(q), ", ",
                     shape_of(k), ", ", shape_of(v));
-  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
+  MASKAQ_CHECK_VALUE(q.size(2) >= 1 && q.size(3) >= 1, "q, k, v need N >= 1 tokens and d >= 1 "
                     "channels, got shape ", shape_of(q));
 }
 
@@ -147,37 +143,37 @@ inline std::array<int64_t, 4> check_fq_attention_tensors(
   check_same_dtype(k, "k", q, "q");
   check_same_dtype(v, "v", q, "q");
   check_one_attention_shape(q, k, v);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  MASKAQ_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   const bool quantized = step.has_value() && step->defined();
   const bool has_zp = zero_point.has_value() && zero_point->defined();
   if (!quantized) {
-    TORCH_CHECK_VALUE(!has_zp, "zero_point was given without step; full-precision attention "
+    MASKAQ_CHECK_VALUE(!has_zp, "zero_point was given without step; full-precision attention "
                       "takes neither, quantized attention needs step");
   } else {
-    TORCH_CHECK_VALUE(qmin.size() == 4 && qmax.size() == 4,
+    MASKAQ_CHECK_VALUE(qmin.size() == 4 && qmax.size() == 4,
                       "qmin and qmax must hold 4 integers (q, k, p, v), got ", qmin.size(), " and ",
                       qmax.size());
     for (int i = 0; i < 4; ++i) {
-      TORCH_CHECK_VALUE(qmin[i] < qmax[i], "qmin[", i, "] = ", qmin[i], " must be below qmax[", i,
+      MASKAQ_CHECK_VALUE(qmin[i] < qmax[i], "qmin[", i, "] = ", qmin[i], " must be below qmax[", i,
                         "] = ", qmax[i]);
-      TORCH_CHECK_VALUE(qmax[i] > 0, "qmax[", i, "] = ", qmax[i], " must be positive (the LSQ "
+      MASKAQ_CHECK_VALUE(qmax[i] > 0, "qmax[", i, "] = ", qmax[i], " must be positive (the LSQ "
                         "gradient scale divides by sqrt(qmax))");
-      TORCH_CHECK_VALUE(qmin[i] >= -kMaxQuantLevel && qmax[i] <= kMaxQuantLevel, "qmin/qmax[", i,
+      MASKAQ_CHECK_VALUE(qmin[i] >= -kMaxQuantLevel && qmax[i] <= kMaxQuantLevel, "qmin/qmax[", i,
                         "] must lie in [", -kMaxQuantLevel, ", ", kMaxQuantLevel, "]");
     }
     const auto& s = *step;
     check_device(s, "step", device);
-    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "step must be a floating tensor, got ",
+    MASKAQ_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "step must be a floating tensor, got ",
                      s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == 4, "step must be a 1-D tensor of 4 (q, k, p, v), "
+    MASKAQ_CHECK_VALUE(s.dim() == 1 && s.size(0) == 4, "step must be a 1-D tensor of 4 (q, k, p, v), "
                       "got shape ", shape_of(s));
     check_contiguous(s, "step");
     if (has_zp) {
       const auto& z = *zero_point;
       check_device(z, "zero_point", device);
-      TORCH_CHECK_TYPE(at::isFloatingType(z.scalar_type()), "zero_point must be a floating tensor, "
+      MASKAQ_CHECK_TYPE(at::isFloatingType(z.scalar_type()), "zero_point must be a floating tensor, "
                        "got ", z.scalar_type());
-      TORCH_CHECK_VALUE(z.dim() == 1 && z.size(0) == 4, "zero_point must be a 1-D tensor of 4 "
+      MASKAQ_CHECK_VALUE(z.dim() == 1 && z.size(0) == 4, "zero_point must be a 1-D tensor of 4 "
                         "(q, k, p, v), got shape ", shape_of(z));
       check_contiguous(z, "zero_point");
     }
@@ -196,7 +192,7 @@ inline QuantSpec read_quant_spec(const c10::optional<at::Tensor>& step,
   const auto s = step->detach().to(at::kCPU, at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
   for (int i = 0; i < 4; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(sp[i]) && sp[i] > 0, "step[", i, "] = ", sp[i],
+    MASKAQ_CHECK_VALUE(std::isfinite(sp[i]) && sp[i] > 0, "step[", i, "] = ", sp[i],
                       " must be positive and finite (LSQ steps are initialized to 2*mean|x|/sqrt(qmax))");
     spec.step[i] = sp[i];
     spec.qmin[i] = qmin[i];
@@ -207,7 +203,7 @@ inline QuantSpec read_quant_spec(const c10::optional<at::Tensor>& step,
     const auto z = zero_point->detach().to(at::kCPU, at::kDouble).contiguous();
     const double* zp = z.data_ptr<double>();
     for (int i = 0; i < 4; ++i) {
-      TORCH_CHECK_VALUE(std::isfinite(zp[i]), "zero_point[", i, "] = ", zp[i], " must be finite");
+      MASKAQ_CHECK_VALUE(std::isfinite(zp[i]), "zero_point[", i, "] = ", zp[i], " must be finite");
       spec.zero_point[i] = zp[i];
     }
   }
@@ -226,13 +222,13 @@ inline void check_fq_attention_grads(const at::Tensor& grad_out,
                                      std::initializer_list<at::ScalarType> dtypes) {
   check_input(grad_out, "grad_out", q.device(), 4, "(B, H, N, d)", dtypes);
   check_same_dtype(grad_out, "grad_out", q, "q");
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ",
+  MASKAQ_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ",
                     shape_of(q), ", got ", shape_of(grad_out));
   if (grad_logits.has_value() && grad_logits->defined()) {
     const auto& g = *grad_logits;
     check_input(g, "grad_logits", q.device(), 4, "(B, H, N, N)", dtypes);
     check_same_dtype(g, "grad_logits", q, "q");
-    TORCH_CHECK_VALUE(g.size(0) == q.size(0) && g.size(1) == q.size(1) && g.size(2) == q.size(2) &&
+    MASKAQ_CHECK_VALUE(g.size(0) == q.size(0) && g.size(1) == q.size(1) && g.size(2) == q.size(2) &&
                       g.size(3) == q.size(2), "grad_logits must have shape (B, H, N, N) = (",
                       q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", q.size(2), "), got ",
                       shape_of(g));
@@ -249,11 +245,11 @@ inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& 
                                     std::initializer_list<at::ScalarType> dtypes) {
   check_defined(logits, "logits");
   check_input(logits, "logits", logits.device(), 4, "(B, H, N, N)", dtypes);
-  TORCH_CHECK_VALUE(logits.size(2) == logits.size(3), "logits must be square attention logits "
+  MASKAQ_CHECK_VALUE(logits.size(2) == logits.size(3), "logits must be square attention logits "
                     "(B, H, N, N), got shape ", shape_of(logits));
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits need at least one head, got shape ",
+  MASKAQ_CHECK_VALUE(logits.size(1) >= 1, "logits need at least one head, got shape ",
                     shape_of(logits));
-  TORCH_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < logits.size(2),
+  MASKAQ_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < logits.size(2),
                     "num_prefix_tokens must lie in [0, N) with N = ", logits.size(2), ", got ",
                     num_prefix_tokens);
   check_defined(row_index, "row_index");
@@ -262,7 +258,7 @@ inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& 
   check_dim(row_index, "row_index", 2, "(B, R)");
   check_contiguous(row_index, "row_index");
   check_size(row_index, "row_index", 0, logits.size(0), "the batch size of logits");
-  TORCH_CHECK_VALUE(row_index.size(1) >= 1, "row_index must pick at least one row per sample, "
+  MASKAQ_CHECK_VALUE(row_index.size(1) >= 1, "row_index must pick at least one row per sample, "
                     "got shape ", shape_of(row_index));
   return logits.size(2) - num_prefix_tokens;
 }
@@ -283,7 +279,7 @@ inline void check_row_index_range(const at::Tensor& row_index, int64_t num_patch
     lo = std::get<0>(mm).item<int64_t>();
     hi = std::get<1>(mm).item<int64_t>();
   }
-  TORCH_CHECK_INDEX(lo >= 0 && hi < num_patches, "row_index values must lie in [0, ", num_patches,
+  MASKAQ_CHECK_INDEX(lo >= 0 && hi < num_patches, "row_index values must lie in [0, ", num_patches,
                     ") (rows of the patch block, prefix tokens excluded), got range [", lo, ", ",
                     hi, "]");
 }
@@ -305,9 +301,9 @@ inline c10::Device check_cls_pair(const at::Tensor& cls_t, const at::Tensor& cls
   check_input(cls_t, "cls_t", device, 4, "(L, B, H, M)", dtypes);
   check_input(cls_q, "cls_q", device, 4, "(L, B, H, M)", dtypes);
   check_same_dtype(cls_q, "cls_q", cls_t, "cls_t");
-  TORCH_CHECK_VALUE(cls_q.sizes() == cls_t.sizes(), "cls_t and cls_q must have one shape "
+  MASKAQ_CHECK_VALUE(cls_q.sizes() == cls_t.sizes(), "cls_t and cls_q must have one shape "
                     "(L, B, H, M), got ", shape_of(cls_t), " and ", shape_of(cls_q));
-  TORCH_CHECK_VALUE(cls_t.size(0) >= 1 && cls_t.size(2) >= 1 && cls_t.size(3) >= 1,
+  MASKAQ_CHECK_VALUE(cls_t.size(0) >= 1 && cls_t.size(2) >= 1 && cls_t.size(3) >= 1,
                     "cls_t needs L >= 1 blocks, H >= 1 heads and M >= 1 keys, got shape ",
                     shape_of(cls_t));
   return device;
@@ -320,16 +316,16 @@ inline std::array<int64_t, 4> check_align_inputs(const at::Tensor& cls_t, const 
   const auto device = check_cls_pair(cls_t, cls_q, dtypes);
   check_defined(rand, "rand");
   check_device(rand, "rand", device);
-  TORCH_CHECK_TYPE(at::isFloatingType(rand.scalar_type()), "rand must be a floating tensor of "
+  MASKAQ_CHECK_TYPE(at::isFloatingType(rand.scalar_type()), "rand must be a floating tensor of "
                    "uniform [0, 1) draws, got ", rand.scalar_type());
   check_dim(rand, "rand", 2, "(B, M)");
   check_contiguous(rand, "rand");
-  TORCH_CHECK_VALUE(rand.size(0) == cls_t.size(1) && rand.size(1) == cls_t.size(3),
+  MASKAQ_CHECK_VALUE(rand.size(0) == cls_t.size(1) && rand.size(1) == cls_t.size(3),
                     "rand must have shape (B, M) = (", cls_t.size(1), ", ", cls_t.size(3),
                     "), got ", shape_of(rand));
-  TORCH_CHECK_VALUE(ratio > 0 && ratio <= 1, "ratio (the top-k fraction) must lie in (0, 1], got ",
+  MASKAQ_CHECK_VALUE(ratio > 0 && ratio <= 1, "ratio (the top-k fraction) must lie in (0, 1], got ",
                     ratio);
-  TORCH_CHECK_VALUE(keep > 0 && keep <= 1, "keep (the kept fraction of the top-k) must lie in "
+  MASKAQ_CHECK_VALUE(keep > 0 && keep <= 1, "keep (the kept fraction of the top-k) must lie in "
                     "(0, 1], got ", keep);
   return {cls_t.size(0), cls_t.size(1), cls_t.size(2), cls_t.size(3)};
 }
@@ -354,10 +350,10 @@ inline void check_align_backward_inputs(const at::Tensor& grad, const at::Tensor
   check_defined(grad, "grad");
   check_device(grad, "grad", device);
   check_same_dtype(grad, "grad", cls_t, "cls_t");
-  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ",
+  MASKAQ_CHECK_VALUE(grad.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ",
                     shape_of(grad));
   check_input(mask, "mask", device, 2, "(B, M)", {cls_t.scalar_type()});
-  TORCH_CHECK_VALUE(mask.size(0) == cls_t.size(1) && mask.size(1) == cls_t.size(3),
+  MASKAQ_CHECK_VALUE(mask.size(0) == cls_t.size(1) && mask.size(1) == cls_t.size(3),
                     "mask must have shape (B, M) = (", cls_t.size(1), ", ", cls_t.size(3), "), got ",
                     shape_of(mask));
 }
@@ -421,10 +417,10 @@ inline EpilogueSpec check_int8_linear_epilogue(const at::Tensor& acc, const at::
   } else if (activation == "gelu") {
     spec.activation = Activation::kGelu;
   } else {
-    TORCH_CHECK_VALUE(false, "activation must be \"none\" or \"gelu\" (erf GELU, as nn.GELU()), got \"",
+    MASKAQ_CHECK_VALUE(false, "activation must be \"none\" or \"gelu\" (erf GELU, as nn.GELU()), got \"",
                       std::string(activation.data(), activation.size()), "\"");
   }
-  TORCH_CHECK_VALUE(std::isfinite(out_step), "out_step must be finite (> 0 requantizes, <= 0 returns "
+  MASKAQ_CHECK_VALUE(std::isfinite(out_step), "out_step must be finite (> 0 requantizes, <= 0 returns "
                     "float32), got ", out_step);
   if (!(out_step > 0)) return spec;
   spec.requantize = true;
@@ -432,8 +428,8 @@ inline EpilogueSpec check_int8_linear_epilogue(const at::Tensor& acc, const at::
   spec.zero_point = out_zero_point;
   spec.qmin = out_qmin;
   spec.qmax = out_qmax;
-  TORCH_CHECK_VALUE(out_qmin < out_qmax, "out_qmin = ", out_qmin, " must be below out_qmax = ", out_qmax);
-  TORCH_CHECK_VALUE(out_zero_point >= -kMaxQuantLevel && out_zero_point <= kMaxQuantLevel,
+  MASKAQ_CHECK_VALUE(out_qmin < out_qmax, "out_qmin = ", out_qmin, " must be below out_qmax = ", out_qmax);
+  MASKAQ_CHECK_VALUE(out_zero_point >= -kMaxQuantLevel && out_zero_point <= kMaxQuantLevel,
                     "out_zero_point must lie in [", -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ",
                     out_zero_point);
   if (out_qmin >= 0 && out_qmax <= 255) {
@@ -441,7 +437,7 @@ inline EpilogueSpec check_int8_linear_epilogue(const at::Tensor& acc, const at::
   } else if (out_qmin >= -128 && out_qmax <= 127) {
     spec.out_dtype = at::kChar;
   } else {
-    TORCH_CHECK_VALUE(false, "[out_qmin, out_qmax] = [", out_qmin, ", ", out_qmax, "] must fit uint8 "
+    MASKAQ_CHECK_VALUE(false, "[out_qmin, out_qmax] = [", out_qmin, ", ", out_qmax, "] must fit uint8 "
                       "[0, 255] or int8 [-128, 127] (the requantized output is one byte)");
   }
   return spec;
@@ -480,21 +476,21 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
     check_contiguous(*entry, name);
   }
   check_one_attention_shape(q, k, v);
-  TORCH_CHECK_VALUE(std::isfinite(scale_qk), "scale_qk must be finite, got ", scale_qk);
-  TORCH_CHECK_VALUE(std::isfinite(p_step) && p_step > 0, "p_step must be positive and finite, got ",
+  MASKAQ_CHECK_VALUE(std::isfinite(scale_qk), "scale_qk must be finite, got ", scale_qk);
+  MASKAQ_CHECK_VALUE(std::isfinite(p_step) && p_step > 0, "p_step must be positive and finite, got ",
                     p_step);
-  TORCH_CHECK_VALUE(p_qmin < p_qmax, "p_qmin = ", p_qmin, " must be below p_qmax = ", p_qmax);
+  MASKAQ_CHECK_VALUE(p_qmin < p_qmax, "p_qmin = ", p_qmin, " must be below p_qmax = ", p_qmax);
   // 8-bit probabilities at most: the CUDA kernel shifts them into int8 for the tensor cores.
-  TORCH_CHECK_VALUE(p_qmax - p_qmin <= 255, "the P grid [p_qmin, p_qmax] = [", p_qmin, ", ", p_qmax,
+  MASKAQ_CHECK_VALUE(p_qmax - p_qmin <= 255, "the P grid [p_qmin, p_qmax] = [", p_qmin, ", ", p_qmax,
                     "] is wider than 8 bits (at most 256 levels)");
   const int64_t zps[4] = {p_zero_point, q_zero_point, k_zero_point, v_zero_point};
   const int64_t ends[2] = {p_qmin, p_qmax};
   for (int64_t z : zps) {
-    TORCH_CHECK_VALUE(z >= -kMaxQuantLevel && z <= kMaxQuantLevel, "zero points must lie in [",
+    MASKAQ_CHECK_VALUE(z >= -kMaxQuantLevel && z <= kMaxQuantLevel, "zero points must lie in [",
                       -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", z);
   }
   for (int64_t e : ends) {
-    TORCH_CHECK_VALUE(e >= -kMaxQuantLevel && e <= kMaxQuantLevel, "p_qmin/p_qmax must lie in [",
+    MASKAQ_CHECK_VALUE(e >= -kMaxQuantLevel && e <= kMaxQuantLevel, "p_qmin/p_qmax must lie in [",
                       -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", e);
   }
   Int8AttentionSpec spec;
@@ -505,10 +501,10 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
   // Bounds in double: the products of int64 factors below cannot overflow it meaningfully.
   const double score_bound = static_cast<double>(spec.d) * int8_magnitude(q_zero_point) * int8_magnitude(k_zero_point);
   const double out_bound = static_cast<double>(spec.N) * p_mag * int8_magnitude(v_zero_point);
-  TORCH_CHECK_VALUE(score_bound <= INT32_MAX, "q·kᵀ could overflow int32: d·max|q − z_q|·max|k − z_k| = ",
+  MASKAQ_CHECK_VALUE(score_bound <= INT32_MAX, "q·kᵀ could overflow int32: d·max|q − z_q|·max|k − z_k| = ",
                     score_bound, " > 2^31 − 1 (head dim ", spec.d, ", zero points ", q_zero_point, ", ",
                     k_zero_point, ")");
-  TORCH_CHECK_VALUE(out_bound <= INT32_MAX, "P·v could overflow int32: N·max|P_q − z_p|·max|v − z_v| = ",
+  MASKAQ_CHECK_VALUE(out_bound <= INT32_MAX, "P·v could overflow int32: N·max|P_q − z_p|·max|v − z_v| = ",
                     out_bound, " > 2^31 − 1 (N = ", spec.N, " tokens)");
   spec.score_bound = static_cast<int64_t>(score_bound);
   spec.out_bound = static_cast<int64_t>(out_bound);

@@ -567,6 +567,21 @@ def test_fq_attention_rejects_bad_input(name):
 
 
 @needs_ext
+def test_bad_input_message_is_the_message_alone():
+    """A failed check raises with its message only (no C++ source location or backtrace), and the
+    numbers in it are exact: std::to_chars, not a stream whose locale or runtime could differ."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError) as info:
+        torch.ops.maskaq.fq_attention(q[0], k[0], v[0], None, None, [], [], 0.5, False)
+    assert str(info.value) == "q must be 4-D (B, H, N, d), got shape [2, 5, 4]"
+    step = torch.tensor([0.1, -0.123456789, 0.05, 0.1])
+    with pytest.raises(ValueError) as info:
+        torch.ops.maskaq.fq_attention(q, k, v, step, None, QMIN, QMAX, 0.5, False)
+    number = re.match(r"step\[1\] = (\S+) must be positive", str(info.value)).group(1)
+    assert float(number) == step[1].item()  # the float32 value read back exactly
+
+
+@needs_ext
 def test_fq_attention_backward_rejects_bad_grads():
     q, k, v = _qkv()
     bop = torch.ops.maskaq.fq_attention_backward

@@ -285,7 +285,7 @@ at::Tensor int8_gemm_pack_cpu(const at::Tensor& weight) {
   checks::check_defined(weight, "weight");
   checks::check_dtype(weight, "weight", at::kChar);
   checks::check_dim(weight, "weight", 2, "(out_features, in_features)");
-  TORCH_CHECK_VALUE(weight.device().is_cpu(), "int8_gemm_pack: weight must be a CPU tensor, got ", weight.device());
+  MASKAQ_CHECK_VALUE(weight.device().is_cpu(), "int8_gemm_pack: weight must be a CPU tensor, got ", weight.device());
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), panels = ceil_div(N, kCols), pairs = ceil_div(K, 2);
   at::Tensor packed = at::zeros({panels, pairs, 2 * kCols}, w.options().dtype(at::kShort));
@@ -298,7 +298,7 @@ at::Tensor int8_gemm_pack_cpu(const at::Tensor& weight) {
 void check_epilogue_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
   if (!t.has_value()) return;
   checks::check_dtype(*t, name, at::kFloat);
-  TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == n && t->is_contiguous(), name,
+  MASKAQ_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == n && t->is_contiguous(), name,
                     " must be a contiguous CPU tensor of shape (", n, "), got ", t->sizes(), " on ", t->device());
 }
 
@@ -311,20 +311,20 @@ at::Tensor int8_gemm_cpu(const at::Tensor& input, int64_t input_zero_point, cons
   checks::check_dtype(packed_weight, "packed_weight", at::kShort);
   checks::check_dim(input, "input", 2, "(M, in_features)");
   checks::check_dim(packed_weight, "packed_weight", 3, "(ceil(out_features/16), ceil(in_features/2), 32), from int8_gemm_pack");
-  TORCH_CHECK_VALUE(input.device().is_cpu() && packed_weight.device().is_cpu(),
+  MASKAQ_CHECK_VALUE(input.device().is_cpu() && packed_weight.device().is_cpu(),
                     "int8_gemm runs on CPU tensors, got input on ", input.device(), " and packed_weight on ",
                     packed_weight.device());
   checks::check_contiguous(packed_weight, "packed_weight");
   const int64_t M = input.size(0), K = input.size(1), N = out_features;
-  TORCH_CHECK_VALUE(N >= 0 && packed_weight.size(0) == ceil_div(N, kCols) && packed_weight.size(2) == 2 * kCols,
+  MASKAQ_CHECK_VALUE(N >= 0 && packed_weight.size(0) == ceil_div(N, kCols) && packed_weight.size(2) == 2 * kCols,
                     "packed_weight of shape ", packed_weight.sizes(), " does not hold ", N, " output features");
-  TORCH_CHECK_VALUE(packed_weight.size(1) == ceil_div(K, 2), "packed_weight was packed for ",
+  MASKAQ_CHECK_VALUE(packed_weight.size(1) == ceil_div(K, 2), "packed_weight was packed for ",
                     2 * packed_weight.size(1) - 1, " or ", 2 * packed_weight.size(1), " input features, input has ", K);
   // u − z must be an int16, and every accumulator an int32: |acc| <= K·max|u − z|·128.
   const int64_t widest = std::max<int64_t>(std::abs(input_zero_point), std::abs(255 - input_zero_point));
-  TORCH_CHECK_VALUE(widest <= 32767 && K * widest * 128 < (int64_t(1) << 31), "int8_gemm: input_zero_point ",
+  MASKAQ_CHECK_VALUE(widest <= 32767 && K * widest * 128 < (int64_t(1) << 31), "int8_gemm: input_zero_point ",
                     input_zero_point, " with ", K, " input features can overflow the int32 accumulators");
-  TORCH_CHECK_VALUE(scale.has_value() || !bias.has_value(), "int8_gemm: bias needs a scale");
+  MASKAQ_CHECK_VALUE(scale.has_value() || !bias.has_value(), "int8_gemm: bias needs a scale");
   check_epilogue_vector(scale, "scale", N);
   check_epilogue_vector(bias, "bias", N);
   const bool dequantize = scale.has_value();

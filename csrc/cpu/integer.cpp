@@ -164,7 +164,7 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc, const at::Tensor& sca
                                     int64_t out_qmin, int64_t out_qmax) {
   const checks::EpilogueSpec spec = checks::check_int8_linear_epilogue(
       acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax);
-  TORCH_CHECK_VALUE(acc.device().is_cpu(), "int8_linear_epilogue (CPU kernel): acc must be a CPU tensor, got ",
+  MASKAQ_CHECK_VALUE(acc.device().is_cpu(), "int8_linear_epilogue (CPU kernel): acc must be a CPU tensor, got ",
                     acc.device());
   at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(spec.out_dtype));
   if (acc.numel() == 0) return out;
@@ -348,7 +348,7 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               int64_t q_zero_point, int64_t k_zero_point, int64_t v_zero_point) {
   const checks::Int8AttentionSpec spec = checks::check_int8_attention(
       q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point, k_zero_point, v_zero_point);
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "int8_attention (CPU kernel): q, k, v must be CPU tensors, got ",
+  MASKAQ_CHECK_VALUE(q.device().is_cpu(), "int8_attention (CPU kernel): q, k, v must be CPU tensors, got ",
                     q.device());
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;

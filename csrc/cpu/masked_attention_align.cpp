@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> align_forward_cpu(const at::Tensor& cls_t, co
   {
     const double* rp = rnd.data_ptr<double>();
     for (int64_t e = 0; e < rnd.numel(); ++e) {
-      TORCH_CHECK_VALUE(std::isfinite(rp[e]), "rand must hold finite uniform draws, got ", rp[e]);
+      MASKAQ_CHECK_VALUE(std::isfinite(rp[e]), "rand must hold finite uniform draws, got ", rp[e]);
     }
   }
   at::Tensor mask = at::zeros({B, M}, cls_t.options());

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "errors.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -135,31 +137,31 @@ inline bool is_kernel_float(at::ScalarType t) {
 }
 
 inline void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor (this is the CUDA kernel), got ", t.device());
-  TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), op, ": ", name,
+  MASKAQ_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  MASKAQ_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor (this is the CUDA kernel), got ", t.device());
+  MASKAQ_CHECK_TYPE(is_kernel_float(t.scalar_type()), op, ": ", name,
                    " must be float32, float16 or bfloat16 on CUDA, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
+  MASKAQ_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() first");
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                               const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+  MASKAQ_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
                     ref.device(), "; move all inputs to one device");
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                              const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+  MASKAQ_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
                    ref_name, " has ", ref.scalar_type(), "; use one dtype");
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+  MASKAQ_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
 inline void check_int_fits(int64_t v, const char* op, const char* what) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= INT32_MAX, op, ": ", what, " = ", v, " is too large for the CUDA kernel");
+  MASKAQ_CHECK_VALUE(v >= 0 && v <= INT32_MAX, op, ": ", what, " = ", v, " is too large for the CUDA kernel");
 }
 
 }  // namespace cuda

@@ -215,7 +215,7 @@ at::Tensor bmm_fp32(const at::Tensor& a_in, bool trans_a, const at::Tensor& b_in
   const int64_t batch = a.size(0);
   const int64_t M = trans_a ? a.size(2) : a.size(1), K = trans_a ? a.size(1) : a.size(2);
   const int64_t N = trans_b ? b.size(1) : b.size(2);
-  TORCH_CHECK(b.size(0) == batch && (trans_b ? b.size(2) : b.size(1)) == K, "fq_attention: product shapes ",
+  MASKAQ_CHECK(b.size(0) == batch && (trans_b ? b.size(2) : b.size(1)) == K, "fq_attention: product shapes ",
               a.sizes(), " and ", b.sizes(), " do not match");
   at::Tensor c = at::empty({batch, M, N}, a.options());
   if (c.numel() == 0) return c;
@@ -251,7 +251,7 @@ Quantization check_and_prepare(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& zero_point,
                                at::IntArrayRef qmin, at::IntArrayRef qmax, double scale, const char* op) {
   checks::check_fq_attention_tensors(q, k, v, step, zero_point, qmin, qmax, scale, kCudaDtypes);
-  TORCH_CHECK_VALUE(q.is_cuda(), op, ": q, k, v must be CUDA tensors here, got ", q.device());
+  MASKAQ_CHECK_VALUE(q.is_cuda(), op, ": q, k, v must be CUDA tensors here, got ", q.device());
   check_int_fits(q.size(2), op, "N");
   Quantization quant;
   quant.enabled = step.has_value() && step->defined();

@@ -127,7 +127,7 @@ at::Tensor int8_linear_epilogue_cuda(const at::Tensor& acc, const at::Tensor& sc
                                      int64_t out_qmin, int64_t out_qmax) {
   const checks::EpilogueSpec spec = checks::check_int8_linear_epilogue(
       acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax);
-  TORCH_CHECK_VALUE(acc.is_cuda(), kEpilogueOp, ": acc must be a CUDA tensor here, got ", acc.device());
+  MASKAQ_CHECK_VALUE(acc.is_cuda(), kEpilogueOp, ": acc must be a CUDA tensor here, got ", acc.device());
   const c10::cuda::OptionalCUDAGuard guard(acc.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(spec.out_dtype));
@@ -445,10 +445,10 @@ at::Tensor int8_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                int64_t q_zero_point, int64_t k_zero_point, int64_t v_zero_point) {
   const checks::Int8AttentionSpec spec = checks::check_int8_attention(
       q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_zero_point, k_zero_point, v_zero_point);
-  TORCH_CHECK_VALUE(q.is_cuda(), kAttentionOp, ": q, k, v must be CUDA tensors here, got ", q.device());
+  MASKAQ_CHECK_VALUE(q.is_cuda(), kAttentionOp, ": q, k, v must be CUDA tensors here, got ", q.device());
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major * 10 + prop->minor >= 72, kAttentionOp, ": needs int8 tensor cores (compute "
+  MASKAQ_CHECK(prop->major * 10 + prop->minor >= 72, kAttentionOp, ": needs int8 tensor cores (compute "
               "capability 7.2 or newer), but ", prop->name, " is ", prop->major, ".", prop->minor,
               "; use the CPU op or maskaq.reference.int8_attention");
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
@@ -459,7 +459,7 @@ at::Tensor int8_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   check_int_fits(spec.N, kAttentionOp, "N");
   check_int_fits(spec.d, kAttentionOp, "d");
   const int64_t row_blocks = ceil_div(spec.N, kBlockRows);
-  TORCH_CHECK_VALUE(row_blocks <= 65535, kAttentionOp, ": N = ", spec.N, " tokens is too many for the kernel's grid");
+  MASKAQ_CHECK_VALUE(row_blocks <= 65535, kAttentionOp, ": N = ", spec.N, " tokens is too many for the kernel's grid");
   AttnParams p{};
   p.q = q.data_ptr<int8_t>(), p.k = k.data_ptr<int8_t>(), p.v = v.data_ptr<int8_t>();
   p.out = out.data_ptr<float>();
@@ -473,7 +473,7 @@ at::Tensor int8_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.zq = static_cast<int>(q_zero_point), p.zk = static_cast<int>(k_zero_point), p.zv = static_cast<int>(v_zero_point);
 
   const int smem = attn_smem_layout(p.chunks).total;
-  TORCH_CHECK_VALUE(static_cast<size_t>(smem) <= prop->sharedMemPerBlockOptin, kAttentionOp, ": head dim d = ",
+  MASKAQ_CHECK_VALUE(static_cast<size_t>(smem) <= prop->sharedMemPerBlockOptin, kAttentionOp, ": head dim d = ",
                     spec.d, " needs ", smem, " bytes of shared memory per block, more than ", prop->name,
                     " offers (", prop->sharedMemPerBlockOptin, ")");
   if (smem > 48 * 1024) {  // above 48 KiB a kernel must opt in

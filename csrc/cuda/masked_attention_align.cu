@@ -174,7 +174,7 @@ size_t forward_shared_bytes(int64_t M) {
   const int64_t bytes = M * kSharedBytesPerKey;
   const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) -
                         static_cast<int64_t>(kWarpSize * sizeof(float));
-  TORCH_CHECK_VALUE(bytes <= limit, "masked_attention_align: M = ", M, " keys need ", bytes,
+  MASKAQ_CHECK_VALUE(bytes <= limit, "masked_attention_align: M = ", M, " keys need ", bytes,
                     " bytes of shared memory per block, more than this GPU offers (", limit, ")");
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(align_forward_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -186,7 +186,7 @@ size_t forward_shared_bytes(int64_t M) {
 std::tuple<at::Tensor, at::Tensor> masked_attention_align_cuda(const at::Tensor& cls_t, const at::Tensor& cls_q,
                                                                const at::Tensor& rand, double ratio, double keep) {
   const auto shape = checks::check_align_inputs(cls_t, cls_q, rand, ratio, keep, kCudaDtypes);
-  TORCH_CHECK_VALUE(cls_t.is_cuda(), "masked_attention_align: cls_t must be a CUDA tensor here, got ",
+  MASKAQ_CHECK_VALUE(cls_t.is_cuda(), "masked_attention_align: cls_t must be a CUDA tensor here, got ",
                     cls_t.device());
   // The guard comes after the checks: a CPU tensor here must be a clear error, not an assert.
   const c10::cuda::OptionalCUDAGuard guard(cls_t.device());
@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_align_cuda(const at::Tensor&
   if (bad_rand.item<int>() != 0) {  // one read per call (the loss is computed once per synthesis step)
     const at::Tensor finite = at::isfinite(draws);
     const double first_bad = draws.masked_select(finite.logical_not()).flatten()[0].item<double>();
-    TORCH_CHECK_VALUE(false, "rand must hold finite uniform draws, got ", first_bad);
+    MASKAQ_CHECK_VALUE(false, "rand must hold finite uniform draws, got ", first_bad);
   }
   return {loss, mask};
 }
@@ -228,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_align_cuda(const at::Tensor&
 at::Tensor masked_attention_align_backward_cuda(const at::Tensor& grad, const at::Tensor& cls_t,
                                                 const at::Tensor& cls_q, const at::Tensor& mask) {
   checks::check_align_backward_inputs(grad, cls_t, cls_q, mask, kCudaDtypes);
-  TORCH_CHECK_VALUE(cls_t.is_cuda(), "masked_attention_align_backward: cls_t must be a CUDA tensor here, got ",
+  MASKAQ_CHECK_VALUE(cls_t.is_cuda(), "masked_attention_align_backward: cls_t must be a CUDA tensor here, got ",
                     cls_t.device());
   const c10::cuda::OptionalCUDAGuard guard(cls_t.device());
   const int64_t L = cls_t.size(0), B = cls_t.size(1), H = cls_t.size(2), M = cls_t.size(3);

@@ -234,10 +234,10 @@ struct Problem {
 Problem check_inputs(const at::Tensor& logits, const at::Tensor& row_index, int64_t num_prefix_tokens,
                      const char* op) {
   const int64_t num_patches = checks::check_entropy_inputs(logits, row_index, num_prefix_tokens, kCudaDtypes);
-  TORCH_CHECK_VALUE(logits.is_cuda(), op, ": logits must be a CUDA tensor here, got ", logits.device());
+  MASKAQ_CHECK_VALUE(logits.is_cuda(), op, ": logits must be a CUDA tensor here, got ", logits.device());
   const Problem pb{logits.size(0), logits.size(1), logits.size(2), num_prefix_tokens, row_index.size(1),
                    num_patches};
-  TORCH_CHECK_VALUE(pb.R <= kMaxRows, op, ": at most ", kMaxRows, " rows per sample on CUDA, got R = ", pb.R);
+  MASKAQ_CHECK_VALUE(pb.R <= kMaxRows, op, ": at most ", kMaxRows, " rows per sample on CUDA, got R = ", pb.R);
   check_int_fits(pb.N, op, "N");
   check_int_fits(pb.H, op, "H");
   check_int_fits(pb.B * pb.R, op, "B·R");
@@ -276,7 +276,7 @@ at::Tensor launch_forward(const at::Tensor& logits, const at::Tensor& row_index,
 void raise_if_bad_index(const at::Tensor& bad_index, const at::Tensor& row_index, int64_t num_patches) {
   if (bad_index.item<int>() != 0) {
     checks::check_row_index_range(row_index, num_patches);  // throws with the range found
-    TORCH_CHECK_INDEX(false, "row_index values must lie in [0, ", num_patches, ")");
+    MASKAQ_CHECK_INDEX(false, "row_index values must lie in [0, ", num_patches, ")");
   }
 }
 
