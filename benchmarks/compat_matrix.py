@@ -159,6 +159,14 @@ def run_row(name, spec, workdir, log, timeout):
             return {**record, "status": f"{step} failed", "error": tail(log)}
     record["install_s"] = round(time.time() - start, 1)
     py = venv / "bin" / "python"
+    # The tests run from the clone, and some start `python -m maskaq` there, which would import the
+    # clone's unbuilt sources: its maskaq/ becomes a link to the installed package.
+    installed = subprocess.run([py, "-c", "import maskaq, os; print(os.path.dirname(maskaq.__file__))"],
+                               capture_output=True, text=True, cwd=workdir, env=env)
+    if installed.returncode != 0:
+        return {**record, "status": "import failed", "error": installed.stderr[-2000:]}
+    shutil.rmtree(clone / "maskaq")
+    (clone / "maskaq").symlink_to(installed.stdout.strip(), target_is_directory=True)
     versions = subprocess.run([py, "-c", "import importlib.metadata as m, json, sys, platform; "
                                f"names = {sorted({*spec['pins'], *REPORTED})!r}; "
                                "print(json.dumps({'python': platform.python_version(), **{n: m.version(n) "
