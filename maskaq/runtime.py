@@ -34,7 +34,7 @@ class SeedStream:
 def batch_seed(seed: int, batch_index: int, attempt: int = 0, stream: int = SeedStream.SYNTHESIS_BATCH) -> int:
     """A well-mixed 63-bit seed for one batch attempt (independent of rank and world size)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(attempt), int(stream)])
-    return int(state.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
+    return int(state.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)  # a Python int: numpy < 2 has no uint64 & int
 
 
 def uniform(shape, low, high, generator, device, dtype=torch.float32):
