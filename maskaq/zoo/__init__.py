@@ -155,6 +155,10 @@ def _pretrained_timm_model(name: str, pretrained_file: Optional[str], kwargs: di
         if not Path(pretrained_file).is_file():
             raise FileNotFoundError(f"pretrained file {pretrained_file} does not exist")
         overlay["file"] = str(pretrained_file)
+        if not str(pretrained_file).endswith(".npz"):
+            # timm 1.0.29 hands a local file of a model it converts from JAX to that model's
+            # npz loader whatever the file is; any other file is a state dict
+            overlay.setdefault("custom_load", False)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:  # hub errors are OSErrors; timm raises RuntimeError
