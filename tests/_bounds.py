@@ -9,6 +9,7 @@ import math
 import torch
 
 U32 = 2.0 ** -24  # float32 unit roundoff
+UINT8_SHIFT = 256  # the largest zero point a kernel adds on the uint8 grid (255), plus the tie itself
 # erf of the CPU kernels (csrc/cpu/float_math.h): Abramowitz & Stegun 7.1.26, 1.5e-7 from the formula,
 # plus its float32 evaluation (t = 1/(1 + p·a), a degree-5 Horner chain, exp(−a²)): a few roundings of
 # values below 1.
@@ -88,14 +89,15 @@ def quant_linear_reference(layer, x: torch.Tensor, output_scale=None):
     """(exact output, bound) of a QuantLinear on float32 input x, for an integer kernel on the same x:
     the fake-quant arithmetic in float64 on the float32 fake-quant weights ŵ (each within u of w_int·s_w,
     so u·Σ|x̂ŵ|), the epilogue's EPILOGUE_ROUNDINGS, and one level (α·|ŵ| of that column) wherever
-    x/α + z lies within the float32 rounding of the kernel's x/α (4u of |x/α| + |z|: a prescale, a
-    division and the zero point) of a tie."""
+    x/α + z lies within the float32 rounding of the kernel's x/α + z of a tie: 4u of |x/α| + 256 (a
+    prescale, a division, and the addition of the kernel's zero point, which a library may apply on
+    the uint8 grid, up to 255, before it rounds: fbgemm does so in torch 2.4 and 2.11, not in 2.14)."""
     q = layer.input_quantizer
     alpha, z = float(q.step.detach()), round(float(q.zero_point.detach()))
     x64 = x.detach().double().reshape(-1, layer.in_features)
     t = x64 / alpha + z
     levels = torch.round(t).clamp(q.qmin, q.qmax) - z
-    flips = near_tie(t, 4 * U32 * ((x64 / alpha).abs() + abs(z) + 1), q.qmin, q.qmax).double()
+    flips = near_tie(t, 4 * U32 * ((x64 / alpha).abs() + UINT8_SHIFT), q.qmin, q.qmax).double()
     with torch.no_grad():
         w = layer.weight_quantizer(layer.weight).double()
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(layer.out_features, dtype=torch.float64)
@@ -134,7 +136,7 @@ def quant_conv_reference(conv, x: torch.Tensor):
     if q is not None:
         alpha, z = float(q.step.detach()), round(float(q.zero_point.detach()))
         t = x64 / alpha + z
-        flips = near_tie(t, 4 * U32 * ((x64 / alpha).abs() + abs(z) + 1), q.qmin, q.qmax).double()
+        flips = near_tie(t, 4 * U32 * ((x64 / alpha).abs() + UINT8_SHIFT), q.qmin, q.qmax).double()
         x64 = (torch.round(t).clamp(q.qmin, q.qmax) - z) * alpha
     y = F.conv2d(x64, w, b, **kw)
     n = w[0].numel() + 1
@@ -276,3 +278,8 @@ def fq_attention_f32_reference(q, k, v, step, zero_point, qmin, qmax, grad_out, 
         "grad_zero_point": (exact[4], b_zp + tiny),
         "p_zero_point_terms": -alpha[2] * gy_p * ~inside_p,
     }
+
+
+# What torch.backends.cpu.get_cpu_capability() reports when a test forces ATEN_CPU_CAPABILITY (the
+# kernels' ISA decides which error bound applies); torch 2.4 calls the baseline "NO AVX".
+CAPABILITY_NAMES = {"default": ("DEFAULT", "NO AVX"), "avx2": ("AVX2",), "avx512": ("AVX512",)}
