@@ -394,7 +394,14 @@ def test_bench_prints_one_table_and_no_third_party_warnings(capfd):
     out, err = capfd.readouterr()
     assert (out + err).count("peak MB") == 1
     assert "WARNING:root:" not in err
-    assert len([line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]) == 4
+    rows = [line for line in out.splitlines() if line.startswith("vit_tiny_patch16_224")]
+    from packaging.version import Version
+    import onnxruntime
+
+    if Version(onnxruntime.__version__) >= Version("1.24"):
+        assert len(rows) == 4
+    else:  # no ConvInteger on int8 weights: the ort_int8 rows are skipped with the reason
+        assert len(rows) == 2 and "onnxruntime >= 1.24" in out + err
 
 
 # ----------------------------------------------------------------------------- finished work kept everywhere

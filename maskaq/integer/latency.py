@@ -155,7 +155,15 @@ def _ort_session_impl(name, path, threads):
     # ONNX Runtime keeps its default: threads that spin after a run. That slows a torch call right
     # after it in isolation, but in the interleaved rounds here turning spinning off left the torch
     # rows unchanged and cost ONNX Runtime time (docs/results.md#timing-runtimes-side-by-side).
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types live in its compiled module
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise
+        reason = str(exc).split("NOT_IMPLEMENTED :", 1)[-1].strip().splitlines()[0]
+        raise Unavailable(f"onnxruntime {ort.__version__} cannot run this graph ({reason}); ConvInteger on int8 "
+                          "weights, which its int8 quantization emits for the patch embedding, needs onnxruntime "
+                          ">= 1.24") from exc
 
     def fn(x):
         return session.run(None, {"x": x.numpy()})[0]
