@@ -473,3 +473,65 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
         load_quantized(tmp_path / "nowhere", teacher)
     with pytest.raises(ValueError, match="not a maskaq quantized model"):
         save_quantized(teacher, tmp_path / "fp")
+
+
+# -- cached fake-quant weights (a frozen student) ------------------------------------------------
+def _count_weight_quantizations(model, monkeypatch):
+    from maskaq.quant.quantizers import WeightQuantizer
+
+    calls = []
+    forward = WeightQuantizer.forward
+    monkeypatch.setattr(WeightQuantizer, "forward", lambda self, w: calls.append(self) or forward(self, w))
+    return calls
+
+
+@pytest.mark.parametrize("weight_method", ["minmax", "lsq"])
+def test_cached_weights_give_the_uncached_outputs_and_quantize_once(weight_method, monkeypatch):
+    from maskaq.quant import cached_weights
+
+    qmodel = quantize_model(small_vit(depth=2), 4, 4, weight_method=weight_method)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    calibrate(qmodel, x)
+    qmodel.requires_grad_(False)
+    n_weights = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in qmodel.modules())
+    plain = qmodel(x)
+    calls = _count_weight_quantizations(qmodel, monkeypatch)
+    with cached_weights(qmodel):
+        first, second = qmodel(x), qmodel(x * 0.5)
+    assert torch.equal(first, plain)
+    assert len(calls) == n_weights  # once per layer, not per forward
+    with torch.no_grad():
+        assert torch.equal(second, qmodel(x * 0.5))
+    calls.clear()
+    qmodel(x)
+    assert len(calls) == n_weights  # nothing stays cached after the block
+
+
+def test_cached_weights_follow_changed_or_reloaded_weights():
+    """A weight changed in place (an optimizer step), a reloaded state (resume) or a new step is
+    quantized again inside the block; a weight that needs its gradient is never cached."""
+    from maskaq.quant import cached_weights
+
+    qmodel = quantize_model(small_vit(depth=1), 4, 4, weight_method="lsq")
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    calibrate(qmodel, x)
+    state = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    qmodel.requires_grad_(False)
+    fc = next(m for m in qmodel.modules() if isinstance(m, QuantLinear))
+    with cached_weights(qmodel):
+        before = qmodel(x)
+        fc.weight.mul_(1.5)
+        changed = qmodel(x)
+        fc.weight_quantizer.step.mul_(0.5)
+        new_step = qmodel(x)
+        qmodel.load_state_dict(state)
+        reloaded = qmodel(x)
+    assert not torch.equal(changed, before) and not torch.equal(new_step, changed)
+    assert torch.equal(reloaded, before)
+    fc.weight.mul_(1.5)
+    assert torch.equal(qmodel(x), changed)
+    fc.weight.div_(1.5)
+    qmodel.requires_grad_(True)
+    with cached_weights(qmodel):
+        qmodel(x).sum().backward()
+    assert fc.weight.grad is not None and fc.weight_quantizer.step.grad is not None

@@ -359,6 +359,22 @@ def test_same_seed_same_images_and_student_untouched():
     assert all(p.requires_grad for p in student.parameters())  # and its flags are restored
 
 
+def test_cached_student_weights_give_the_same_images(monkeypatch):
+    """Synthesis fake-quantizes the frozen student's weights once per batch: the images are bit for
+    bit those of a student that quantizes them on every forward."""
+    import contextlib
+
+    from maskaq.synthesis import synthesizer
+
+    teacher = tiny_vit()
+    student = tiny_student(teacher)
+    cfg = SynthesisConfig(num_images=4, synth_batch_size=4, synth_iters=3)
+    cached = Synthesizer(teacher, cfg, progress=False).synthesize(seed=2, student=student)
+    monkeypatch.setattr(synthesizer, "_cached_weights", lambda model: contextlib.nullcontext())
+    uncached = Synthesizer(teacher, cfg, progress=False).synthesize(seed=2, student=student)
+    assert torch.equal(cached.images, uncached.images)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nan_batch_is_reseeded_retried_and_reported(precision):
     teacher = tiny_vit()

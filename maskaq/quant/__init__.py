@@ -9,7 +9,7 @@
 from maskaq.quant.capture import AttentionCapture, capture_attention, checkpointed_blocks
 from maskaq.quant.convert import activation_quantizers, calibrate, is_quantized, quant_config, quantize_model
 from maskaq.quant.io import load_quantized, save_quantized
-from maskaq.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
+from maskaq.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention, cached_weights
 from maskaq.quant.quantizers import LsqActQuantizer, WeightQuantizer, check_bits, lsq_fake_quant
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "calibrate",
     "capture_attention",
     "checkpointed_blocks",
+    "cached_weights",
     "AttentionCapture",
     "save_quantized",
     "load_quantized",

@@ -32,6 +32,7 @@ from maskaq.runtime import world_size
 __all__ = [
     "QuantLinear",
     "QuantConv2d",
+    "cached_weights",
     "QuantAttention",
     "QuantWindowAttention",
     "attention_with_bias",
@@ -48,6 +49,53 @@ def _ops():
 
 
 # -- linear layers ------------------------------------------------------------------------
+class _CachedWeight:
+    """The fake-quant weight of a QuantLinear / QuantConv2d, computed once while ``cached_weights``
+    is active and reused as long as the weight and its quantizer's step are the same tensors at the
+    same version (an optimizer step or a load_state_dict bumps the version and so recomputes it)."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    @staticmethod
+    def key_of(module) -> tuple:
+        tensors = [module.weight] + [getattr(module.weight_quantizer, "step", None)]
+        return tuple((id(t), t._version, t.dtype, t.device) for t in tensors if t is not None)
+
+    def get(self, module) -> torch.Tensor:
+        if module.weight.requires_grad and torch.is_grad_enabled():  # a trained weight needs its graph
+            return module.weight_quantizer(module.weight)
+        key = self.key_of(module)
+        if key != self.key:
+            with torch.no_grad():
+                self.value = module.weight_quantizer(module.weight)
+            self.key = self.key_of(module)  # a lazy LSQ init may have written the step
+        return self.value
+
+
+def _quantized_weight(module) -> torch.Tensor:
+    cache = module.__dict__.get("_weight_cache")
+    return module.weight_quantizer(module.weight) if cache is None else cache.get(module)
+
+
+@contextlib.contextmanager
+def cached_weights(model: nn.Module):
+    """Within the block, every QuantLinear / QuantConv2d of ``model`` fake-quantizes its weight once
+    and reuses it, for a student whose weights do not change (synthesis runs thousands of forward
+    passes of a frozen student). The outputs are bit for bit those of the uncached forward; a weight
+    or step changed in place, or replaced, is quantized again; weights that require a gradient (with
+    grad mode on) are never cached. Nothing stays cached after the block."""
+    modules = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))] if model is not None else []
+    saved = [m.__dict__.get("_weight_cache") for m in modules]
+    for m in modules:
+        m.__dict__["_weight_cache"] = _CachedWeight()
+    try:
+        yield model
+    finally:
+        for m, old in zip(modules, saved):
+            m.__dict__["_weight_cache"] = old
+
+
 class QuantLinear(nn.Module):
     """Linear with a per-channel fake-quant weight and an LSQ fake-quant input.
 
@@ -84,7 +132,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        return F.linear(x, _quantized_weight(self), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -118,7 +166,7 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight)
+        w = _quantized_weight(self)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

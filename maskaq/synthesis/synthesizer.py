@@ -122,6 +122,11 @@ def _checkpointed_blocks(model: nn.Module):
     return checkpointed_blocks(model)
 
 
+def _cached_weights(model: Optional[nn.Module]):
+    from maskaq.quant import cached_weights
+    return cached_weights(model)
+
+
 class Synthesizer:
     """MaskAQ (and MimiQ, with entropy and alignment off) image synthesis for a teacher.
 
@@ -304,7 +309,8 @@ class Synthesizer:
         first = progress.attempt if progress is not None else 0
         info = {"batch_index": batch_index, "nan_retries": progress.nan_retries if progress is not None else 0,
                 "failed": False}
-        with frozen(self.teacher, student):
+        # The student is frozen for the whole batch: its fake-quant weights are computed once.
+        with frozen(self.teacher, student), _cached_weights(student):
             for attempt in range(first, cfg.max_nan_retries + 1):
                 s = batch_seed(seed, batch_index, attempt)
                 if progress is not None:
