@@ -48,6 +48,16 @@ def layernorm_linear_pairs(model: nn.Module) -> List[Tuple[str, nn.LayerNorm, Li
             and all(isinstance(lin, nn.Linear) and lin.in_features == norm.weight.numel() for lin in lins)]
 
 
+def _pads_after_norm(model: nn.Module, name: str) -> bool:
+    """Whether zeros may join the LayerNorm's output before its Linear: a Swin block pads its window
+    attention's input to a multiple of the window (timm 1.0.29 lets the padded tokens into the
+    attention unmasked), and a scaled zero stays zero where a shifted one would not."""
+    from timm.models import swin_transformer as swin
+
+    block, _, attr = name.rpartition(".")
+    return attr == "norm1" and isinstance(model.get_submodule(block) if block else model, swin.SwinTransformerBlock)
+
+
 @torch.no_grad()
 def channel_ranges(model: nn.Module, images: torch.Tensor, pairs) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """{pair name: (per-channel min, per-channel max)} of each LayerNorm's output on ``images``."""
@@ -100,8 +110,10 @@ def equalize_layernorm_channels(model: nn.Module, images: torch.Tensor, max_rati
             continue
         r = torch.where(wide, width / limit, torch.ones_like(width))
         shift = torch.where(wide, centre - centre.median(), torch.zeros_like(centre))
-        if any(linear.bias is None for linear in linears):
-            shift = torch.zeros_like(shift)  # nowhere to fold it: scale only (the state dict keeps its keys)
+        if any(linear.bias is None for linear in linears) or _pads_after_norm(model, name):
+            # nowhere to fold it (the state dict keeps its keys), or zeros padded in after the norm
+            # would move with it: scale only
+            shift = torch.zeros_like(shift)
         for linear in linears:  # W·x = (W·diag(r))·((x − shift)/r) + W·shift
             if linear.bias is not None:
                 linear.bias += linear.weight @ shift.to(linear.weight.dtype)
