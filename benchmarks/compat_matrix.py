@@ -150,7 +150,8 @@ def run_row(name, spec, workdir, log, timeout):
         ("clone", ["git", "clone", "-q", "--no-hardlinks", ROOT, clone]),
         ("venv", [python, "-m", "venv", venv]),
         ("pip", pip + ["install", "-q", "--upgrade", "pip"]),
-        ("install torch", pip + ["install", "-q", "--upgrade", "-c", constraints, "torch", "torchvision", *BUILD_TOOLS]),
+        ("install torch", pip + ["install", "-q", "--upgrade", "-c", constraints, "torch", "torchvision",
+                                 *BUILD_TOOLS]),
         ("install maskaq", pip + ["install", "-q", "-c", constraints, "--no-build-isolation", ".[test,bench]"]),
     ]
     start = time.time()
@@ -199,7 +200,7 @@ def table(records):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         minutes = (r.get("install_s", 0) + r.get("test_s", 0)) / 60
-        cells = [r["row"]] + [str(r.get(k) or "-") for k in head[1:9]] + [r["status"], f"{minutes:.1f}"]
+        cells = [r["row"]] + ["-" if r.get(k) is None else str(r[k]) for k in head[1:9]] + [r["status"], f"{minutes:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
