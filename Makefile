@@ -45,7 +45,7 @@ test-avx2: install
 
 # The test suite against each version set pyproject.toml promises (the lowest bounds, torch 2.11, the
 # newest releases): a fresh clone and venv per row, deleted after it; a table at the end, and one record
-# per row appended to benchmarks/results/compat_matrix.json. Long (about 15 min a row), so not part
+# per row appended to benchmarks/results/compat_matrix.json. Long (about 7 min a row), so not part
 # of `make test`. ROWS=... picks rows, e.g. make test-compat ROWS=lowest.
 test-compat:
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) benchmarks/compat_matrix.py $(if $(ROWS),--rows $(ROWS))

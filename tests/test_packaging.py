@@ -57,3 +57,52 @@ def test_make_install_uses_the_constraints():
     install = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip" in line.lower()
                and " install " in line and "--upgrade pip" not in line]
     assert install and all("-c constraints.txt" in line for line in install), install
+
+
+def _version(text):
+    from packaging.version import Version
+
+    return Version(text)
+
+
+def _compat_records():
+    path = ROOT / "benchmarks" / "results" / "compat_matrix.json"
+    assert path.exists(), "benchmarks/results/compat_matrix.json is missing: run make test-compat"
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_every_lower_bound_is_a_tested_floor():
+    """Each `>=` of pyproject.toml (runtime and extras) and requires-python has a passing row of
+    `make test-compat` (benchmarks/results/compat_matrix.json) that ran exactly that version."""
+    from packaging.requirements import Requirement
+
+    project = _pyproject()
+    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values()
+                                                     for r in extra]
+    passing = [r for r in _compat_records() if r.get("status") == "passed" and not r.get("failed")]
+    assert passing, "no passing row in compat_matrix.json"
+    untested = []
+    for text in requirements:
+        req = Requirement(text)
+        lows = [s.version for s in req.specifier if s.operator == ">="]
+        if not lows:
+            continue
+        name = _name(req.name)
+        if not any(name in r.get("versions", {}) and _version(r["versions"][name]) == _version(lows[0])
+                   for r in passing):
+            untested.append(f"{name}>={lows[0]}")
+    python = re.search(r">=\s*(\d+\.\d+)", project["requires-python"]).group(1)
+    if not any(".".join(r.get("python", "").split(".")[:2]) == python for r in passing):
+        untested.append(f"python>={python}")
+    assert not untested, f"lower bounds with no passing make test-compat row: {untested}"
+
+
+def test_compat_records_say_where_they_ran():
+    for record in _compat_records():
+        for key in ("row", "date", "cpu", "cpu_flags", "status"):
+            assert record.get(key), f"compat_matrix.json record without {key}: {record}"
+        if record["status"] in ("passed", "failed"):
+            for key in ("python", "torch", "torchvision", "timm", "numpy", "passed", "failed", "skipped"):
+                assert record.get(key) is not None, f"record {record['row']} lacks {key}"
