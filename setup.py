@@ -124,16 +124,29 @@ def want_cuda(cuda_home):
     return forced == "1" or (forced != "0" and cuda_home is not None)
 
 
-def nvidia_wheel_includes(headers):
-    """Include dirs of pip's nvidia-* packages that hold any of `headers`: torch's CUDA headers
-    include cuBLAS/cuSPARSE headers that a bare toolkit may lack."""
-    dirs = []
+# Libraries whose headers torch's CUDA headers include and a bare toolkit may lack; pip's nvidia-*
+# wheels (torch's own dependencies) carry them.
+# family prefix -> the header that tells whether the toolkit has them.
+WHEEL_HEADER_FAMILIES = {"cublas": "cublas_v2.h", "cusparse": "cusparse.h", "cusolver": "cusolverDn.h",
+                         "curand": "curand.h", "cufft": "cufft.h"}
+
+
+def nvidia_wheel_includes(families):
+    """An include dir with only the headers of `families` (e.g. "cublas") taken from pip's nvidia-*
+    packages: the wheel's whole include dir would also bring its CUDA runtime and CCCL headers, which
+    nvcc rejects when they are newer than the toolkit (torch 2.15's CUDA 13.2 wheels under nvcc 13.0)."""
+    farm = ROOT / "build" / "wheel-cuda-headers"
+    shutil.rmtree(farm, ignore_errors=True)
+    linked = set()
     for site in sys.path:
         for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
             for d in sorted(glob.glob(os.path.join(site, pattern))):
-                if any(os.path.exists(os.path.join(d, h)) for h in headers):
-                    dirs.append(d)
-    return list(dict.fromkeys(dirs))
+                for header in sorted(Path(d).iterdir()):
+                    if header.name.startswith(families) and header.is_file() and header.name not in linked:
+                        farm.mkdir(parents=True, exist_ok=True)
+                        (farm / header.name).symlink_to(header)
+                        linked.add(header.name)
+    return [str(farm)] if linked else []
 
 
 def toolkit_lacks(cuda_home, header):
@@ -158,7 +171,7 @@ def extensions():
     cpp_extension.CUDA_HOME = cuda_home  # torch guessed at import time; the wrapper may have fooled it
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs(cuda_home)
-    missing = [h for h in ("cublas_v2.h", "cusparse.h") if toolkit_lacks(cuda_home, h)]
+    missing = tuple(f for f, header in WHEEL_HEADER_FAMILIES.items() if toolkit_lacks(cuda_home, header))
     if missing:
         include_dirs += nvidia_wheel_includes(missing)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
