@@ -135,6 +135,8 @@ def failed_tests(path, limit=20):
 def run_row(name, spec, workdir, log, timeout):
     record = dict(row=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     record["cpu"], record["cpu_flags"] = cpu()
+    record["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip()
     python = find_python(spec["python"])
     if python is None:
         return {**record, "status": f"no Python {spec['python']} on this machine"}
