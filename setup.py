@@ -159,7 +159,7 @@ def extensions():
     cuda_home = find_cuda_home()
     use_cuda = want_cuda(cuda_home)
     sources = ["csrc/maskaq.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]  # torch adds the -std it needs (C++20 for torch 2.14)
+    cxx = ["-O3", "-fopenmp"]  # torch adds the -std it needs (C++20 for torch 2.14 and later)
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if not use_cuda:
