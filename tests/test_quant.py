@@ -314,19 +314,23 @@ def test_first_last_layer_policy():
 
 
 def test_eight_bit_student_tracks_teacher_and_low_bits_degrade():
+    """The output error follows the grids' step: each bit halves it, so two bits fewer make it about
+    4 times larger (uniform rounding noise, step/√12 per quantizer, adds up over the layers); at 8 bits
+    it is a small fraction of the output (it gives 0.5 % here; 2 % allows four times that)."""
     teacher = small_vit(depth=4)
     gen = torch.Generator().manual_seed(0)
     calib, test = torch.randn(32, 1, 28, 28, generator=gen), torch.randn(64, 1, 28, 28, generator=gen)
     with torch.no_grad():
         ref = teacher(test)
     errors = {}
-    for bits in (8, 4):
+    for bits in (8, 6, 4):
         qmodel = calibrate(quantize_model(teacher, bits, bits), calib)
         with torch.no_grad():
             out = qmodel(test)
         errors[bits] = ((out - ref).norm() / ref.norm()).item()
-    assert errors[8] < 0.15, errors
-    assert errors[4] > 2 * errors[8], errors
+    assert errors[8] < 0.02, errors
+    for bits in (6, 4):
+        assert 2.5 < errors[bits] / errors[bits + 2] < 6.5, errors
 
 
 def _bundled_teacher():
