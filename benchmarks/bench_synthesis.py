@@ -14,7 +14,7 @@ For random-init timm models (teacher T and its W4A4 student Q), per step:
 CPU: deit_tiny_patch16_224 at batch 8 with 2 threads (`--cpu-models` adds others, e.g.
 vit_base_patch16_224). GPU (when present): deit_small_patch16_224
 and vit_base_patch16_224 at batch 128. Prints a table with ratios; `--json PATH` writes records
-{"model", "device", "batch", "impl", "s_per_step"}.
+{"model", "device", "batch", "precision", "impl", "s_per_step"}; `--precision fp32 bf16` times both.
 
 Targets: fused <= 1.1x model_only <= 1.15x float_pair; fused >= 2x faster than loop on CPU,
 >= 3x on GPU.
@@ -83,12 +83,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_synthesis(teacher, student, impl: str, batch: int, steps: int, warmup: int, device) -> float:
-    """Seconds per step of `impl` (median of per-step times after `warmup` steps)."""
+def time_synthesis(teacher, student, impl: str, batch: int, steps: int, warmup: int, device,
+                   precision: str = "fp32") -> float:
+    """Seconds per step of `impl` (median of per-step times after `warmup` steps); `precision` of the
+    T and Q passes as SynthesisConfig.precision (bf16: autocast)."""
     from maskaq.synthesis.synthesizer import SynthesisConfig, Synthesizer
     total = warmup + steps
     if impl in ("model_only", "float_pair"):
-        return _time_model_only(teacher, student if impl == "model_only" else teacher, batch, warmup, steps, device)
+        return _time_model_only(teacher, student if impl == "model_only" else teacher, batch, warmup, steps, device,
+                                precision)
     ops = loop_ops() if impl == "loop" else None
     times = []
     last = [None]
@@ -100,16 +103,19 @@ def time_synthesis(teacher, student, impl: str, batch: int, steps: int, warmup: 
             times.append(now - last[0])
         last[0] = now
 
-    cfg = SynthesisConfig(num_images=batch, synth_batch_size=batch, synth_iters=total + 1)
+    cfg = SynthesisConfig(num_images=batch, synth_batch_size=batch, synth_iters=total + 1, precision=precision)
     synth = Synthesizer(teacher, cfg, ops=ops, progress=False, on_step=on_step)
     synth.synthesize_batch(seed=0, student=student)
     measured = sorted(times[warmup:])
     return measured[len(measured) // 2]
 
 
-def _time_model_only(teacher, student, batch, warmup, steps, device) -> float:
+def _time_model_only(teacher, student, batch, warmup, steps, device, precision="fp32") -> float:
+    import contextlib
+
     from maskaq.quant import cached_weights
     from maskaq.runtime import frozen
+    from maskaq.synthesis.synthesizer import PRECISIONS
     x = torch.randn(batch, 3, 224, 224, device=device, requires_grad=True)
     y = torch.randint(0, teacher.num_classes, (batch,), device=device)
     opt = torch.optim.AdamW([x], lr=0.1)
@@ -119,7 +125,10 @@ def _time_model_only(teacher, student, batch, warmup, steps, device) -> float:
             _sync(device)
             t0 = clock()
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(teacher(x), y) + F.cross_entropy(student(x), y)
+            dtype = PRECISIONS[precision]
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                logits = teacher(x), student(x)
+            loss = F.cross_entropy(logits[0].float(), y) + F.cross_entropy(logits[1].float(), y)
             loss.backward()
             opt.step()
             _sync(device)
@@ -284,8 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MEMORY_MODELS), help="models for --memory")
     p.add_argument("--checkpointing", choices=("no", "yes", "both"), default="both",
                    help="--memory: without and/or with checkpoint_blocks (activation checkpointing per block)")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-                   help="--memory: precisions of the T and Q passes (SynthesisConfig.precision)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                   help="precisions of the T and Q passes (SynthesisConfig.precision): of the timed steps "
+                        "(default fp32) and of --memory's points (default fp32 and bf16)")
     p.add_argument("--memory-point", nargs=4, metavar=("MODEL", "BATCH", "CHECKPOINTING", "PRECISION"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -299,7 +309,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         devices = [args.device] if args.device else (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         checkpointing = {"no": (False,), "yes": (True,), "both": (False, True)}[args.checkpointing]
-        records = run_memory(devices, args.models, args.threads, checkpointing, tuple(args.precision))
+        records = run_memory(devices, args.models, args.threads, checkpointing,
+                             tuple(args.precision or ("fp32", "bf16")))
         print_memory_table(records)
         if args.json:
             from maskaq._files import write_json
@@ -322,20 +333,24 @@ def main(argv=None) -> int:
     records = []
     for model_name, batch, device in plan:
         teacher, student = build(model_name, batch, device)
-        for impl in args.impls:
-            s = time_synthesis(teacher, student, impl, batch, args.steps, args.warmup, device)
-            records.append({"model": model_name, "device": device.type, "batch": batch, "impl": impl, "s_per_step": s})
-            print(f"  {model_name:<24s} {device.type:<5s} b{batch:<4d} {impl:<11s} {s:8.4f} s/step", flush=True)
+        for precision in args.precision or ("fp32",):
+            for impl in args.impls:
+                s = time_synthesis(teacher, student, impl, batch, args.steps, args.warmup, device, precision)
+                records.append({"model": model_name, "device": device.type, "batch": batch, "precision": precision,
+                                "impl": impl, "s_per_step": s})
+                print(f"  {model_name:<24s} {device.type:<5s} b{batch:<4d} {precision} {impl:<11s} {s:8.4f} s/step",
+                      flush=True)
         del teacher, student
     print()
     # "losses: loop / fused" compares the time the losses add on top of the bare model passes,
     # (loop − model_only) / (fused − model_only): what the fused ops change, without the model
     # passes that both pay.
-    print("| model | device | batch | impl | s/step | images·steps/s | vs model_only | vs float_pair "
+    print("| model | device | batch | precision | impl | s/step | images·steps/s | vs model_only | vs float_pair "
           "| loop / fused | losses: loop / fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        same = {q["impl"]: q["s_per_step"] for q in records if q["model"] == r["model"] and q["device"] == r["device"]}
+        same = {q["impl"]: q["s_per_step"] for q in records
+                if (q["model"], q["device"], q["precision"]) == (r["model"], r["device"], r["precision"])}
         vs_model = f"{r['s_per_step'] / same['model_only']:.2f}x" if "model_only" in same else "—"
         vs_pair = f"{r['s_per_step'] / same['float_pair']:.2f}x" if "float_pair" in same else "—"
         is_fused = r["impl"] == "fused" and "loop" in same
@@ -343,7 +358,8 @@ def main(argv=None) -> int:
         losses = ""
         if is_fused and "model_only" in same and same["fused"] > same["model_only"]:
             losses = f"{(same['loop'] - same['model_only']) / (same['fused'] - same['model_only']):.2f}x"
-        print(f"| {r['model']} | {r['device']} | {r['batch']} | {r['impl']} | {r['s_per_step']:.4f} | "
+        print(f"| {r['model']} | {r['device']} | {r['batch']} | {r['precision']} | {r['impl']} | "
+              f"{r['s_per_step']:.4f} | "
               f"{r['batch'] / r['s_per_step']:.1f} | {vs_model} | {vs_pair} | {loop_fused} | {losses} |")
     if args.json:
         from maskaq._files import write_json
