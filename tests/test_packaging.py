@@ -1,8 +1,11 @@
 """Packaging: maskaq states dependency ranges like a library; the exact set lives in constraints.txt."""
+import json
 import re
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's; pyproject.toml is read with it")
 
@@ -12,6 +15,13 @@ _NAME = re.compile(r"^\s*([A-Za-z0-9_.\-]+)")
 
 def _pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _requirements():
+    """Every requirement of pyproject.toml: runtime dependencies and all extras."""
+    project = _pyproject()
+    return list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
+                                            for r in extra]
 
 
 def _name(requirement: str) -> str:
@@ -31,22 +41,14 @@ def _pins():
 
 def test_runtime_dependencies_are_ranges_not_pins():
     project = _pyproject()
-    requirements = list(project["dependencies"])
-    for extra in project.get("optional-dependencies", {}).values():
-        requirements += extra
-    pinned = [r for r in requirements if "==" in r or "===" in r]
+    pinned = [r for r in _requirements() if "==" in r or "===" in r]
     assert not pinned, f"exact pins in pyproject.toml (move them to constraints.txt): {pinned}"
     assert all(">=" in r for r in project["dependencies"]), "every runtime dependency states its oldest version"
 
 
 def test_constraints_pin_every_dependency_inside_its_range():
-    from packaging.requirements import Requirement
-
     pins = _pins()
-    project = _pyproject()
-    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values()
-                                                     for r in extra]
-    for text in requirements:
+    for text in _requirements():
         req = Requirement(text)
         name = _name(req.name)
         assert name in pins, f"{name} has no exact version in constraints.txt"
@@ -59,38 +61,26 @@ def test_make_install_uses_the_constraints():
     assert install and all("-c constraints.txt" in line for line in install), install
 
 
-def _version(text):
-    from packaging.version import Version
-
-    return Version(text)
-
-
 def _compat_records():
     path = ROOT / "benchmarks" / "results" / "compat_matrix.json"
     assert path.exists(), "benchmarks/results/compat_matrix.json is missing: run make test-compat"
-    import json
-
     return json.loads(path.read_text())
 
 
 def test_every_lower_bound_is_a_tested_floor():
     """Each `>=` of pyproject.toml (runtime and extras) and requires-python has a passing row of
     `make test-compat` (benchmarks/results/compat_matrix.json) that ran exactly that version."""
-    from packaging.requirements import Requirement
-
     project = _pyproject()
-    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values()
-                                                     for r in extra]
     passing = [r for r in _compat_records() if r.get("status") == "passed" and not r.get("failed")]
     assert passing, "no passing row in compat_matrix.json"
     untested = []
-    for text in requirements:
+    for text in _requirements():
         req = Requirement(text)
         lows = [s.version for s in req.specifier if s.operator == ">="]
         if not lows:
             continue
         name = _name(req.name)
-        if not any(name in r.get("versions", {}) and _version(r["versions"][name]) == _version(lows[0])
+        if not any(name in r.get("versions", {}) and Version(r["versions"][name]) == Version(lows[0])
                    for r in passing):
             untested.append(f"{name}>={lows[0]}")
     python = re.search(r">=\s*(\d+\.\d+)", project["requires-python"]).group(1)
