@@ -37,9 +37,13 @@ REPORTED = ("torch", "torchvision", "timm", "numpy")
 BUILD_TOOLS = ("setuptools", "wheel", "ninja", "pybind11")
 
 
+def _project():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def _requirements():
     """(name, specifier) of every dependency of pyproject.toml, runtime and extras."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _project()
     reqs = list(project["dependencies"])
     for extra in project.get("optional-dependencies", {}).values():
         reqs += extra
@@ -57,8 +61,7 @@ def lower_bounds():
 
 
 def oldest_python():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return re.search(r">=\s*(3\.\d+)", project["requires-python"]).group(1)
+    return re.search(r">=\s*(3\.\d+)", _project()["requires-python"]).group(1)
 
 
 def rows():
@@ -71,11 +74,10 @@ def rows():
             name, version = line.split("==")
             pinned[name.strip().lower()] = version.strip()
     return {
-        "lowest": dict(python=oldest_python(), pins={n: lowest[n] for n in names if n in lowest},
-                       lift_cap=True),
+        "lowest": dict(python=oldest_python(), pins={n: lowest[n] for n in names if n in lowest}),
         "torch-2.11": dict(python="3.12", pins={**{n: pinned[n] for n in names if n in pinned},
-                                                "torch": "2.11.0", "torchvision": "0.26.0"}, lift_cap=True),
-        "newest": dict(python="3.11", pins={}, lift_cap=True),
+                                                "torch": "2.11.0", "torchvision": "0.26.0"}),
+        "newest": dict(python="3.11", pins={}),
     }
 
 
@@ -141,10 +143,9 @@ def run_row(name, spec, workdir, log, timeout):
     if python is None:
         return {**record, "status": f"no Python {spec['python']} on this machine"}
     clone, venv = workdir / "clone", workdir / "venv"
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MASKAQ_CUDA": "0", "MAX_JOBS": os.environ.get(
-        "MAX_JOBS", "2"), "PYTHONDONTWRITEBYTECODE": "1"}
-    if spec["lift_cap"]:
-        env["PIP_CONFIG_FILE"] = os.devnull  # a local pip.conf may cap torch below what the row asks for
+    # PIP_CONFIG_FILE: a local pip.conf may cap torch below what the row asks for
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": os.devnull, "MASKAQ_CUDA": "0",
+           "MAX_JOBS": os.environ.get("MAX_JOBS", "2"), "PYTHONDONTWRITEBYTECODE": "1"}
     constraints = workdir / "constraints.txt"
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in spec["pins"].items()))
     pip = [venv / "bin" / "python", "-m", "pip"]
