@@ -124,9 +124,8 @@ def want_cuda(cuda_home):
     return forced == "1" or (forced != "0" and cuda_home is not None)
 
 
-# Libraries whose headers torch's CUDA headers include and a bare toolkit may lack; pip's nvidia-*
-# wheels (torch's own dependencies) carry them.
-# family prefix -> the header that tells whether the toolkit has them.
+# Libraries whose headers torch's CUDA headers include and a bare toolkit may lack (pip's nvidia-*
+# wheels, torch's own dependencies, carry them): file-name prefix -> the header that tells.
 WHEEL_HEADER_FAMILIES = {"cublas": "cublas_v2.h", "cusparse": "cusparse.h", "cusolver": "cusolverDn.h",
                          "curand": "curand.h", "cufft": "cufft.h"}
 
