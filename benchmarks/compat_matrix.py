@@ -203,7 +203,8 @@ def table(records):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         minutes = (r.get("install_s", 0) + r.get("test_s", 0)) / 60
-        cells = [r["row"]] + ["-" if r.get(k) is None else str(r[k]) for k in head[1:9]] + [r["status"], f"{minutes:.1f}"]
+        cells = [r["row"]] + ["-" if r.get(k) is None else str(r[k]) for k in head[1:9]]
+        cells += [r["status"], f"{minutes:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
