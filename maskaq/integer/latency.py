@@ -161,9 +161,9 @@ def _ort_session_impl(name, path, threads):
         if "NOT_IMPLEMENTED" not in str(exc):
             raise
         reason = str(exc).split("NOT_IMPLEMENTED :", 1)[-1].strip().splitlines()[0]
-        raise Unavailable(f"onnxruntime {ort.__version__} cannot run this graph ({reason}); ConvInteger on int8 "
-                          "weights, which its int8 quantization emits for the patch embedding, needs onnxruntime "
-                          ">= 1.24") from exc
+        hint = ("; ConvInteger on int8 weights, which its int8 quantization emits for the patch embedding, needs "
+                "onnxruntime >= 1.24") if "ConvInteger" in reason else ""
+        raise Unavailable(f"onnxruntime {ort.__version__} cannot run this graph ({reason}){hint}") from exc
 
     def fn(x):
         return session.run(None, {"x": x.numpy()})[0]
