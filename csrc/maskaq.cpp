@@ -61,8 +61,14 @@ TORCH_LIBRARY(maskaq, m) {
         "Tensor? scale=None, Tensor? bias=None) -> Tensor");
 }
 
+namespace maskaq {
+std::string int8_attention_products();  // csrc/cpu/integer.cpp
+}  // namespace maskaq
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "maskaq kernels; the ops are torch.ops.maskaq.* (see maskaq/ops.py)";
+  module.def("int8_attention_products", &maskaq::int8_attention_products,
+             "What runs int8_attention's two products on this CPU: 'int16', 'int8' or 'float'");
 #ifdef MASKAQ_WITH_CUDA
   module.attr("with_cuda") = true;
 #else

@@ -46,6 +46,11 @@ def loaded() -> bool:
     return _module is not None
 
 
+def int8_attention_products() -> str:
+    """What the loaded extension's CPU int8_attention runs its products on: "int16", "int8" or "float"."""
+    return _module.int8_attention_products()
+
+
 def load_error():
     return _error
 

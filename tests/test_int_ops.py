@@ -206,27 +206,51 @@ def test_attention_matches_reference_exactly(shape, p_grid, zero_points):
     assert torch.equal(got, got.round())  # integers
 
 
+def _onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 GEMM should add pairs in int32 here: the CPU has AVX512-VNNI and nothing
+    limits oneDNN's ISA (as the forced-AVX2 run of this file does)."""
+    import os
+
+    if os.environ.get("DNNL_MAX_CPU_ISA") or os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read().split()
+    except OSError:
+        return False
+
+
 @needs_ext
-@pytest.mark.parametrize("capability", ["avx2", "default"])
-def test_attention_product_paths_match_reference_exactly(capability):
-    """Both CPU product paths give the reference's integers: maskaq's int16 GEMM where ATen's
-    capability is AVX2 (forced here on any x86 CPU) and ATen's BLAS elsewhere ("default")."""
+@pytest.mark.parametrize("capability, int8_isa_limit, expected", [
+    ("avx2", False, "int16"),
+    ("default", False, "int8" if _onednn_int8_exact() else "float"),
+    ("default", True, "float"),
+])
+def test_attention_product_paths_match_reference_exactly(capability, int8_isa_limit, expected):
+    """Every CPU product path gives the reference's integers: maskaq's int16 GEMM where ATen's
+    capability is AVX2 (forced here on any x86 CPU), oneDNN's int8 GEMM (torch._int_mm) on a CPU with
+    AVX512-VNNI, and float BLAS where that GEMM would clip pair sums (oneDNN limited to AVX2 here)."""
     import os
     import subprocess
     import sys
 
     code = ("import torch, itertools, sys; sys.path.insert(0, %r)\n"
             "from test_int_ops import *\n"
+            "from maskaq import _extension\n"
             "assert torch.backends.cpu.get_cpu_capability() in %r\n"
             "for shape, grid, zs in itertools.product([(1, 1, 1, 1), (2, 3, 17, 24), (1, 2, 197, 64), (1, 1, 33, 17)],\n"
             "                                         P_GRIDS, ZERO_POINTS):\n"
             "    q, k, v, s = attention_inputs(shape, seed=sum(shape))\n"
             "    args = (s, *p_grid_args(grid, shape[2]), *zs)\n"
             "    assert torch.equal(torch.ops.maskaq.int8_attention(q, k, v, *args), ref.int8_attention(q, k, v, *args))\n"
+            "print(_extension.int8_attention_products())\n"
             ) % (os.path.dirname(os.path.abspath(__file__)), CAPABILITY_NAMES[capability])
-    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
-                         capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    if int8_isa_limit:
+        env.update(DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == expected
 
 
 @needs_ext
@@ -575,9 +599,11 @@ def test_int_attention_kernel_path_on_cpu(monkeypatch, fold, abits):
 
 @needs_ext
 def test_int_attention_cpu_path_follows_thread_count_and_gives_the_same_integers():
-    """On the CPU IntAttention takes the int8_attention op with several threads or on an AVX2 CPU (int16
-    products), else its per-sample loop (measured faster each way); the two give the same output."""
+    """On the CPU IntAttention takes the int8_attention op with several threads or where its products run
+    on an integer GEMM (int16 on AVX2, oneDNN int8 with VNNI), else its per-sample loop (measured faster
+    each way); the two give the same output."""
     from maskaq.integer import IntAttention
+    from maskaq.integer.cpu_gemm import ATTENTION_BLAS, attention_products_path
 
     integer = IntAttention.from_quant(_student(8, 8, seed=4).blocks[0].attn, fold=True)
     x = torch.randn(2, 50, 48, generator=gen(6))
@@ -586,8 +612,7 @@ def test_int_attention_cpu_path_follows_thread_count_and_gives_the_same_integers
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
-            assert IntAttention._uses_int8_kernel(x) == (n > 1 or avx2)
+            assert IntAttention._uses_int8_kernel(x) == (n > 1 or attention_products_path() != ATTENTION_BLAS)
             with torch.no_grad():
                 outputs[n] = integer(x)
     finally:

@@ -219,10 +219,12 @@ def test_integer_path_is_recorded():
     path = cpu_integer_path()
     assert path["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert set(path) == {"cpu_capability", "onednn_int8", "fbgemm_int8", "attention_products"}
-    from maskaq.integer.cpu_gemm import int16_gemm_available
+    from maskaq.integer.cpu_gemm import cpu_int8_pairs_saturate, int16_gemm_available
 
     int16_attention = int16_gemm_available() and path["cpu_capability"] == "AVX2"
     assert ("int16" in path["attention_products"]) == int16_attention
+    if "int8" in path["attention_products"]:  # oneDNN's int8 GEMM only where it adds pairs in int32
+        assert not cpu_int8_pairs_saturate("int_mm")
     _, qmodel = _student(8, 8)
     assert export_integer(qmodel).maskaq_integer["cpu_path"] == path
 

@@ -17,7 +17,9 @@
 // split over the B*H (batch, head) slices. On CPUs whose ATen capability is AVX2 (no AVX-512) the
 // two products run on maskaq's exact int16 GEMM (int8_gemm.cpp), which does twice the multiply-adds
 // per instruction of float32 FMA there and makes the whole op faster than BLAS would
-// (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). Elsewhere they run
+// (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). On CPUs with AVX512-VNNI
+// they run on oneDNN's int8 GEMM (at::_int_mm), exact int32 accumulators at four times float32's
+// multiply-adds per instruction, where a probe shows it exact (run_int8mm). Elsewhere they run
 // through ATen's BLAS (at::mm_out) on the integers stored as floating point, which is exact while
 // every partial sum stays below 2^24 in float32 (the usual ViT case: 8-bit operands, d <= 64,
 // N <= 197); where the checked bounds of the sums say float32 could round, the slice runs in
@@ -29,6 +31,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -226,6 +229,27 @@ inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requ
   quantize_probs_scalar(p, dst, n, pq);
 }
 
+// P's levels as int8 level − offset (offset = qmin + 128 puts any 8-bit grid into int8): the int8
+// GEMM's left operand.
+inline void quantize_probs_s8_scalar(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq,
+                                     float offset) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<int32_t>(requantize(p[i], pq) - offset));
+}
+
+#if defined(MASKAQ_SIMD)
+MASKAQ_CLONES void quantize_probs_s8(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq,
+                                     float offset) {
+  const int64_t nv = n - n % kLanes;
+  const vi8 off = __builtin_convertvector(vsplat(offset), vi8);
+  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(p + i), pq) - off));
+  quantize_probs_s8_scalar(p + nv, dst + nv, n - nv, pq, offset);
+}
+#else
+inline void quantize_probs_s8(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq, float offset) {
+  quantize_probs_s8_scalar(p, dst, n, pq, offset);
+}
+#endif
+
 // P's levels as uint8 level − qmin (the int16 GEMM's activations, zero point z − qmin).
 inline void quantize_probs_u8_scalar(const float* p, uint8_t* dst, int64_t n, const checks::Requant& pq) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint8_t>(static_cast<int32_t>(requantize(p[i], pq) - pq.lo));
@@ -297,6 +321,125 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   });
 }
 
+// Σ_j x[i, j] of the rows of an int8 (rows, cols) block.
+inline void row_sums(const int8_t* x, int64_t rows, int64_t cols, uint32_t* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < cols; ++j) s += x[i * cols + j];
+    out[i] = static_cast<uint32_t>(s);
+  }
+}
+
+// The same on ATen's int8 GEMM (at::_int_mm; on the CPU oneDNN's, exact int32 accumulators where the
+// CPU adds u8·s8 pairs in int32: VNNI, AMX; see int_mm_exact), on the stored int8 values. The zero
+// points come back as rank-one corrections:
+//   S = Σ (q − z_q)(k − z_k) = q·kᵀ − z_k·Σq − z_q·Σk + d·z_q·z_k,
+//   O = Σ (p + c)(v − z_v)   = p·v − z_v·Σp + c·Σv − c·z_v·N,  with P̃ = p + c, p = level − (qmin + 128).
+// They are added modulo 2^32 (uint32): S and O fit int32 (check_int8_attention bounds them), so the
+// wrapped sum is exactly their value whatever the terms.
+void run_int8mm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const Args& a) {
+  const int64_t N = a.N, d = a.d;
+  const auto fopts = q.options().dtype(at::kFloat), iopts = q.options().dtype(at::kInt);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const int8_t* kp = k.data_ptr<int8_t>();
+  const int8_t* vp = v.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t offset = static_cast<int64_t>(a.pq.lo) + 128;
+  const auto u32 = [](int64_t x) { return static_cast<uint32_t>(x); };  // two's complement, mod 2^32
+  const uint32_t zq = u32(a.zq), zk = u32(a.zk), zv = u32(a.zv), c = u32(offset - static_cast<int64_t>(a.pq.zero_point));
+  at::parallel_for(0, a.slices, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scores = at::empty({N, N}, iopts), prod = at::empty({N, d}, iopts);
+    at::Tensor logits = at::empty({N, N}, fopts), probs = at::empty({N, N}, fopts);
+    at::Tensor levels = at::empty({N, N}, q.options());
+    std::vector<uint32_t> row(N), col(std::max(N, d));
+    const uint32_t* sp = reinterpret_cast<const uint32_t*>(scores.data_ptr<int32_t>());
+    const uint32_t* pr = reinterpret_cast<const uint32_t*>(prod.data_ptr<int32_t>());
+    float* lp = logits.data_ptr<float>();
+    int8_t* lv = levels.data_ptr<int8_t>();
+    const float scale = a.scale_qk;
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t off = s * N * d;
+      // at::from_blob does not write through its pointer; the operands stay the caller's.
+      const at::Tensor qs = at::from_blob(const_cast<int8_t*>(qp + off), {N, d}, q.options());
+      const at::Tensor ks = at::from_blob(const_cast<int8_t*>(kp + off), {N, d}, q.options());
+      const at::Tensor vs = at::from_blob(const_cast<int8_t*>(vp + off), {N, d}, q.options());
+      at::_int_mm_out(scores, qs, ks.t());
+      // row[i] = d·z_q·z_k − z_k·Σq_i, col[j] = −z_q·Σk_j (zero without zero points)
+      std::fill(row.begin(), row.end(), 0u);
+      std::fill(col.begin(), col.end(), 0u);
+      if (a.zk != 0) {
+        row_sums(qp + off, N, d, row.data());
+        for (int64_t i = 0; i < N; ++i) row[i] = u32(d) * zq * zk - zk * row[i];
+      }
+      if (a.zq != 0) {
+        row_sums(kp + off, N, d, col.data());
+        for (int64_t j = 0; j < N; ++j) col[j] = 0u - zq * col[j];
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        const uint32_t* si = sp + i * N;
+        float* li = lp + i * N;
+        const uint32_t ri = row[i];
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) li[j] = static_cast<float>(static_cast<int32_t>(si[j] + ri + col[j])) * scale;
+      }
+      at::_softmax_out(probs, logits, 1, false);
+      quantize_probs_s8(probs.data_ptr<float>(), lv, N * N, a.pq, static_cast<float>(offset));
+      at::_int_mm_out(prod, levels, vs);
+      // row[i] = −z_v·Σp_i − c·z_v·N, col[j] = c·Σv_j
+      std::fill(row.begin(), row.end(), 0u - c * zv * u32(N));
+      if (a.zv != 0) {
+        row_sums(lv, N, N, col.data());  // col as scratch for Σp
+        for (int64_t i = 0; i < N; ++i) row[i] -= zv * col[i];
+      }
+      std::fill(col.begin(), col.end(), 0u);
+      if (c != 0) {
+        for (int64_t i = 0; i < N; ++i) {
+          const int8_t* vi = vp + off + i * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) col[j] += u32(vi[j]);
+        }
+        for (int64_t j = 0; j < d; ++j) col[j] *= c;
+      }
+      float* dst = op + off;
+      for (int64_t i = 0; i < N; ++i) {
+        const uint32_t* pi = pr + i * d;
+        float* oi = dst + i * d;
+        const uint32_t ri = row[i];
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) oi[j] = static_cast<float>(static_cast<int32_t>(pi[j] + ri + col[j]));
+      }
+    }
+  });
+}
+
+// Whether at::_int_mm runs oneDNN's int8 GEMM with exact int32 accumulators here: only CPUs with
+// AVX512-VNNI (without it ATen may take a scalar loop, and oneDNN multiplies u8·s8 with vpmaddubsw,
+// which clips each pair sum to int16). Probed once on operands whose every pair overflows int16 (as
+// maskaq.integer.cpu_gemm's probe), so library settings such as DNNL_MAX_CPU_ISA count; false where
+// the op is missing or fails.
+bool int_mm_exact() {
+  static const bool exact = [] {
+    if (!at::cpu::is_avx512_vnni_supported()) return false;
+    try {
+      const int64_t m = 32, kk = 64, n = 16;
+      const auto opts = at::TensorOptions().dtype(at::kChar);
+      at::Tensor s = at::full({m, kk}, 127, opts);
+      at::Tensor w = at::empty({n, kk}, opts);
+      for (int64_t i = 0; i < n; ++i) w[i].fill_(i % 2 == 0 ? 127 : -128);
+      const at::Tensor got = at::_int_mm(s, w.t());
+      const int32_t* g = got.data_ptr<int32_t>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          if (g[i * n + j] != 127 * kk * (j % 2 == 0 ? 127 : -128)) return false;
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return exact;
+}
+
 // The same on maskaq's int16 GEMM (int16_gemm.h), for CPUs whose best float32 GEMM is AVX2's: q̃·k̃ᵀ
 // and P̃·ṽ with exact int32 accumulators at twice the multiply-adds per instruction of float32 FMA.
 // The logits come out of the GEMM's epilogue as float(S)·scale_qk, the reference's rounding.
@@ -343,6 +486,25 @@ bool use_int16_products(const checks::Int8AttentionSpec& spec, const Args& a) {
          32767;
 }
 
+// ATen's int8 GEMM where it is exact (int_mm_exact) and its raw sums fit int32: |stored·stored| ≤ 2^14
+// per product, over d or N terms (the corrections are added in int64).
+bool use_int8_products(const checks::Int8AttentionSpec& spec) {
+  constexpr int64_t kTerms = (int64_t(1) << 31) / (int64_t(1) << 14);
+  return spec.d < kTerms && spec.N < kTerms && int_mm_exact();
+}
+
+}  // namespace
+
+// What runs int8_attention's two products on this CPU for the usual shapes (extension_info and
+// maskaq.integer.cpu_gemm report it): "int16", "int8" or "float".
+std::string int8_attention_products() {
+  static const bool avx2_only = at::get_cpu_capability() == std::string("AVX2");
+  if (avx2_only) return "int16";
+  return int_mm_exact() ? "int8" : "float";
+}
+
+namespace {
+
 at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_qk,
                               double p_step, int64_t p_zero_point, int64_t p_qmin, int64_t p_qmax,
                               int64_t q_zero_point, int64_t k_zero_point, int64_t v_zero_point) {
@@ -359,6 +521,8 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   a.zq = q_zero_point, a.zk = k_zero_point, a.zv = v_zero_point;
   if (use_int16_products(spec, a)) {
     run_int16(q, k, v, out, a);
+  } else if (use_int8_products(spec)) {
+    run_int8mm(q, k, v, out, a);
   } else if (spec.score_bound < kFloatExact && spec.out_bound < kFloatExact) {
     run<float>(q, k, v, out, a);
   } else {

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from maskaq import ops
-from maskaq.integer.cpu_gemm import ATTENTION_INT16, DEFAULT_KERNEL, attention_products_path
+from maskaq.integer.cpu_gemm import ATTENTION_BLAS, DEFAULT_KERNEL, attention_products_path
 from maskaq.integer.device import _cuda_kernels, _has_int8_tensor_cores
 from maskaq.integer.grid import ActGrid, integer_grid
 from maskaq.integer.linear import IntLinear
@@ -81,16 +81,17 @@ class IntAttention(nn.Module):
     @staticmethod
     def _uses_int8_kernel(x: torch.Tensor) -> bool:
         """CUDA with maskaq's kernels and int8 tensor cores (else the float32 products, with a warning).
-        CPU: maskaq's int8_attention op when more than one thread runs, or when ATen's capability is
-        AVX2, where the op's products run on maskaq's int16 GEMM. The op splits the B·H slices over the
-        threads, where the per-sample loop below parallelizes each small bmm; on one thread the loop
-        needs no int8 copies of q, k and v, and where the products run on BLAS it was the faster of
-        the two (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). Both give the
-        same integers."""
+        CPU: maskaq's int8_attention op when more than one thread runs, or when the op's products run on
+        an integer GEMM (maskaq's int16 one where ATen's capability is AVX2, oneDNN's int8 one with
+        VNNI). The op splits the B·H slices over the threads, where the per-sample loop below
+        parallelizes each small bmm; on one thread the loop needs no int8 copies of q, k and v, and
+        where the products run on BLAS it was the faster of the two
+        (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices). Both give the same
+        integers."""
         if x.is_cuda:
             return _cuda_kernels(x.device) and _has_int8_tensor_cores(x.device.index or 0)
         return (x.device.type == "cpu" and ops.integer_kernels_available(x.device)
-                and (torch.get_num_threads() > 1 or attention_products_path() == ATTENTION_INT16))
+                and (torch.get_num_threads() > 1 or attention_products_path() != ATTENTION_BLAS))
 
     def _kernel_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """O/(α_p·α_v) as (B, N, H·d) from float tensors q, k, v (B, H, N, d) holding the integers q − z

@@ -118,18 +118,24 @@ PATH_INT16 = "maskaq int16 GEMM where pairs would saturate (the library adds pai
 PATH_SPLIT = "split-weights where pairs would saturate (the library adds pairs in int16; no AVX2 for maskaq's GEMM)"
 
 
-# What runs IntAttention's two integer products on the CPU (cpu_integer_path); both are exact.
+# What runs IntAttention's two integer products on the CPU (cpu_integer_path); all are exact.
 ATTENTION_INT16 = "maskaq int16 GEMM (ATen's capability is AVX2)"
+ATTENTION_INT8 = "oneDNN int8 GEMM (torch._int_mm; VNNI adds pairs in int32)"
 ATTENTION_BLAS = "float32 BLAS on the integers (float64 where a sum could round)"
+_ATTENTION_PATHS = {"int16": ATTENTION_INT16, "int8": ATTENTION_INT8, "float": ATTENTION_BLAS}
 
 
 def attention_products_path() -> str:
-    """maskaq's int8_attention runs q̃·k̃ᵀ and P̃·ṽ on its int16 GEMM where ATen's capability is
-    exactly AVX2 (with AVX-512, float32 FMA does as many multiply-adds per instruction), else in
-    float32 BLAS, as IntAttention's per-sample loop and the plain-PyTorch reference do."""
-    if int16_gemm_available() and torch.backends.cpu.get_cpu_capability() == "AVX2":
-        return ATTENTION_INT16
-    return ATTENTION_BLAS
+    """What maskaq's int8_attention runs q̃·k̃ᵀ and P̃·ṽ on, as its CPU kernel decides: its int16 GEMM
+    where ATen's capability is exactly AVX2 (with AVX-512, float32 FMA does as many multiply-adds per
+    instruction); oneDNN's int8 GEMM through torch._int_mm where the CPU has AVX512-VNNI and that
+    GEMM is exact (probed once, like ``cpu_int8_pairs_saturate``); else float32 BLAS, as
+    IntAttention's per-sample loop and the plain-PyTorch reference do."""
+    from maskaq import _extension
+
+    if not _extension.loaded():
+        return ATTENTION_BLAS
+    return _ATTENTION_PATHS[_extension.int8_attention_products()]
 
 
 def cpu_integer_path() -> dict:
