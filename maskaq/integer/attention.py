@@ -36,7 +36,9 @@ class IntAttention(nn.Module):
         self.register_buffer("grids", torch.stack([g.as_tensor() for g in grids]) if grids[0] is not None
                              else torch.zeros(4, 5, dtype=torch.float64))
         self.register_buffer("folded_flag", torch.tensor(False))
+        self._folded = False  # Python mirror of folded_flag (no tensor read per call)
         self._grid_cache = None
+        self._plan_cache = None
 
     @classmethod
     def from_quant(cls, qattn, fold: bool = True, kernel: str = DEFAULT_KERNEL) -> "IntAttention":
@@ -50,7 +52,13 @@ class IntAttention(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self._folded = bool(self.folded_flag)
         self._grid_cache = None
+        self._plan_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan_cache = None  # its shift tensor follows the module's device
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def attn_grids(self) -> tuple:
@@ -60,7 +68,21 @@ class IntAttention(nn.Module):
 
     @property
     def folded(self) -> bool:
-        return bool(self.folded_flag)
+        return self._folded
+
+    def _kernel_plan(self) -> tuple:
+        """What ``_folded_kernel_products`` needs from the grids, computed once: the int8 shifts of q, k,
+        v (``_int8_shift``), their clamp bounds after the shift, the op's P and scale arguments, and the
+        shifts as a (1, 1, 3, 1, 1) tensor to subtract from qkv (None when all are 0)."""
+        if self._plan_cache is None:
+            gq, gk, gp, gv = self.attn_grids
+            shifts = [_int8_shift(g) for g in (gq, gk, gv)]
+            lo = [g.qmin - g.zero_point - o for g, o in zip((gq, gk, gv), shifts)]
+            hi = [g.qmax - g.zero_point - o for g, o in zip((gq, gk, gv), shifts)]
+            args = (gq.step * gk.step * self.scale, gp.step, gp.zero_point, gp.qmin, gp.qmax)
+            shift = torch.tensor(shifts, dtype=torch.float32, device=self.grids.device).view(1, 1, 3, 1, 1)
+            self._plan_cache = (shifts, lo, hi, args, shift if any(shifts) else None)
+        return self._plan_cache
 
     def can_fold(self) -> bool:
         return (all(isinstance(m, nn.Identity) for m in (self.q_norm, self.k_norm, self.norm))
@@ -77,6 +99,7 @@ class IntAttention(nn.Module):
         self.qkv.fold_output_scale(scale)
         self.proj.fold_input_prescale(gp.step * gv.step)
         self.folded_flag.fill_(True)
+        self._folded = True
 
     @staticmethod
     def _uses_int8_kernel(x: torch.Tensor) -> bool:
@@ -107,24 +130,20 @@ class IntAttention(nn.Module):
         and clamping it, then shifting and packing q, k and v one by one, took 10
         (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices)."""
         B, N, _, H, d = qkv.shape
-        gq, gk, _, gv = self.attn_grids
-        grids = (gq, gk, gv)
-        shifts = [_int8_shift(g) for g in grids]
+        shifts, lo, hi, _, shift = self._kernel_plan()
         qkv.round_()
-        if any(shifts):
-            qkv.sub_(qkv.new_tensor(shifts).view(1, 1, 3, 1, 1))
-        _clamp_slices(qkv, [g.qmin - g.zero_point - o for g, o in zip(grids, shifts)],
-                      [g.qmax - g.zero_point - o for g, o in zip(grids, shifts)])
+        if shift is not None:
+            qkv.sub_(shift if shift.device == qkv.device else shift.to(qkv.device))
+        _clamp_slices(qkv, lo, hi)
         packed = torch.empty((3, B, H, N, d), dtype=torch.int8, device=qkv.device)
         packed.copy_(qkv.permute(2, 0, 3, 1, 4))  # exact integers in [-128, 127]: the cast is exact
         return self._int8_attention(*packed.unbind(0), *(-o for o in shifts))
 
     def _int8_attention(self, q8, k8, v8, zq: int, zk: int, zv: int) -> torch.Tensor:
-        """maskaq's int8_attention on int8 operands (B, H, N, d) whose integers are x − z_x, as (B, N, H·d)."""
+        """maskaq's int8_attention on int8 operands (B, H, N, d) whose integers are x − z_x, as (B, N, H·d).
+        Called where ``_uses_int8_kernel`` holds, so the compiled op runs (it validates its arguments)."""
         B, H, N, d = q8.shape
-        gq, gk, gp, gv = self.attn_grids
-        out = ops.int8_attention(q8, k8, v8, gq.step * gk.step * self.scale, gp.step, gp.zero_point, gp.qmin,
-                                 gp.qmax, zq, zk, zv)
+        out = torch.ops.maskaq.int8_attention(q8, k8, v8, *self._kernel_plan()[3], zq, zk, zv)
         return out.transpose(1, 2).reshape(B, N, self.attn_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):

@@ -125,6 +125,7 @@ ATTENTION_BLAS = "float32 BLAS on the integers (float64 where a sum could round)
 _ATTENTION_PATHS = {"int16": ATTENTION_INT16, "int8": ATTENTION_INT8, "float": ATTENTION_BLAS}
 
 
+@functools.lru_cache(maxsize=None)
 def attention_products_path() -> str:
     """What maskaq's int8_attention runs q̃·k̃ᵀ and P̃·ṽ on, as its CPU kernel decides: its int16 GEMM
     where ATen's capability is exactly AVX2 (with AVX-512, float32 FMA does as many multiply-adds per

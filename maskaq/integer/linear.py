@@ -18,6 +18,22 @@ from maskaq.integer.grid import ActGrid, _grid_buffer, clamp_to_grid
 __all__ = ["IntLinear", "set_kernel"]
 
 
+_quantize_warned = False
+
+
+def _quantize_per_tensor(x: torch.Tensor, step: float, zero_point: int) -> torch.Tensor:
+    """torch.quantize_per_tensor to quint8. torch >= 2.10 warns once per process that quantized dtypes
+    are deprecated: the first call hides that warning, later calls skip the cost of catching it."""
+    global _quantize_warned
+    if _quantize_warned:
+        return torch.quantize_per_tensor(x, step, zero_point, torch.quint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qx = torch.quantize_per_tensor(x, step, zero_point, torch.quint8)
+    _quantize_warned = True
+    return qx
+
+
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Switch every IntLinear of ``model`` to the CPU library ``kernel`` ("onednn" or "fbgemm")."""
     _check_kernel(kernel)
@@ -184,9 +200,7 @@ class IntLinear(nn.Module):
         """uint8 u = q − qmin of a float input (the kernel's activation operand)."""
         step, zp = self.kernel_step(), self.kernel_zero_point()
         if 0 <= zp <= 255:  # one vectorized pass; the quint8 bytes are then read as uint8, no copy
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # quantized dtypes are deprecated in torch >= 2.10
-                qx = torch.quantize_per_tensor(x2d, step, zp, torch.quint8)
+            qx = _quantize_per_tensor(x2d, step, zp)
             # (Tensor.view(torch.uint8) on a quint8 tensor is not a real view and crashes; set_
             # on its storage is. int_repr() would copy.)
             u = torch.empty(0, dtype=torch.uint8).set_(qx.untyped_storage(), qx.storage_offset(), qx.shape, qx.stride())
@@ -202,7 +216,7 @@ class IntLinear(nn.Module):
         packed = self._cpu_packed()
         if packed[0] not in ("onednn", "int16"):
             raise RuntimeError(f"run_uint8 needs the onednn kernel or maskaq's int16 GEMM, this layer runs {self.cpu_gemm}")
-        if (act is not None or out is not None) and not self.fuses_epilogue(act):
+        if (act is not None or out is not None) and (packed[0] != "onednn" or self._split):  # fuses_epilogue
             raise RuntimeError(f"a layer on {self.cpu_gemm} cannot fuse the epilogue act={act!r}"
                                + (" with requantization" if out is not None else ""))
         if packed[0] == "int16":
