@@ -455,6 +455,11 @@ struct Int8AttentionSpec {
   int64_t score_bound = 0, out_bound = 0;
 };
 
+inline Int8AttentionSpec check_int8_attention_grids(int64_t B, int64_t H, int64_t N, int64_t d, double scale_qk,
+                                                    double p_step, int64_t p_zero_point, int64_t p_qmin,
+                                                    int64_t p_qmax, int64_t q_zero_point, int64_t k_zero_point,
+                                                    int64_t v_zero_point);
+
 // Largest |x − zero_point| over the int8 values x.
 inline int64_t int8_magnitude(int64_t zero_point) {
   const int64_t a = -128 - zero_point, b = 127 - zero_point;
@@ -476,6 +481,15 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
     check_contiguous(*entry, name);
   }
   check_one_attention_shape(q, k, v);
+  return check_int8_attention_grids(q.size(0), q.size(1), q.size(2), q.size(3), scale_qk, p_step, p_zero_point,
+                                    p_qmin, p_qmax, q_zero_point, k_zero_point, v_zero_point);
+}
+
+// The scalar arguments of int8_attention (and qkv_int8_attention) for operands of shape (B, H, N, d).
+inline Int8AttentionSpec check_int8_attention_grids(int64_t B, int64_t H, int64_t N, int64_t d, double scale_qk,
+                                                    double p_step, int64_t p_zero_point, int64_t p_qmin,
+                                                    int64_t p_qmax, int64_t q_zero_point, int64_t k_zero_point,
+                                                    int64_t v_zero_point) {
   MASKAQ_CHECK_VALUE(std::isfinite(scale_qk), "scale_qk must be finite, got ", scale_qk);
   MASKAQ_CHECK_VALUE(std::isfinite(p_step) && p_step > 0, "p_step must be positive and finite, got ",
                     p_step);
@@ -494,7 +508,7 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
                       -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", e);
   }
   Int8AttentionSpec spec;
-  spec.B = q.size(0), spec.H = q.size(1), spec.N = q.size(2), spec.d = q.size(3);
+  spec.B = B, spec.H = H, spec.N = N, spec.d = d;
   spec.p_lo = p_qmin - p_zero_point;
   spec.p_hi = p_qmax - p_zero_point;
   const int64_t p_mag = std::max(spec.p_lo < 0 ? -spec.p_lo : spec.p_lo, spec.p_hi < 0 ? -spec.p_hi : spec.p_hi);
@@ -508,6 +522,44 @@ inline Int8AttentionSpec check_int8_attention(const at::Tensor& q, const at::Ten
                     out_bound, " > 2^31 − 1 (N = ", spec.N, " tokens)");
   spec.score_bound = static_cast<int64_t>(score_bound);
   spec.out_bound = static_cast<int64_t>(out_bound);
+  return spec;
+}
+
+// ---------------------------------------------------------------------------------------
+// qkv_int8_attention
+
+// The offset o that stores the integers [lo, hi] (at most 256 of them) in int8: 0 where they fit,
+// else lo + 128; the products then read them with zero point −o (IntAttention's _int8_shift).
+inline int64_t int8_shift(int64_t lo, int64_t hi) { return (lo >= -128 && hi <= 127) ? 0 : lo + 128; }
+
+struct QkvAttentionSpec {
+  Int8AttentionSpec attention;
+  std::array<int64_t, 3> lo{}, hi{}, shift{};
+};
+
+// qkv (B, N, 3, H, d) float32, contiguous; lo/hi: the integer range of q − z_q, k − z_k, v − z_v.
+inline QkvAttentionSpec check_qkv_int8_attention(const at::Tensor& qkv, double scale_qk, double p_step,
+                                                 int64_t p_zero_point, int64_t p_qmin, int64_t p_qmax,
+                                                 at::IntArrayRef lo, at::IntArrayRef hi) {
+  check_defined(qkv, "qkv");
+  check_dtype(qkv, "qkv", at::kFloat);
+  check_dim(qkv, "qkv", 5, "(B, N, 3, H, d) float32");
+  MASKAQ_CHECK_VALUE(qkv.size(2) == 3, "qkv must be (B, N, 3, H, d) with 3 at dim 2 (q, k, v), got ",
+                    qkv.sizes());
+  check_contiguous(qkv, "qkv");
+  MASKAQ_CHECK_VALUE(lo.size() == 3 && hi.size() == 3, "lo and hi must hold 3 integers (q, k, v), got ", lo.size(),
+                    " and ", hi.size());
+  QkvAttentionSpec spec;
+  for (int i = 0; i < 3; ++i) {
+    MASKAQ_CHECK_VALUE(lo[i] >= -kMaxQuantLevel && hi[i] <= kMaxQuantLevel, "lo and hi must lie in [",
+                      -kMaxQuantLevel, ", ", kMaxQuantLevel, "], got ", lo[i], " and ", hi[i]);
+    MASKAQ_CHECK_VALUE(lo[i] < hi[i] && hi[i] - lo[i] <= 255, "each range [lo, hi] must hold 2 to 256 integers, got [",
+                      lo[i], ", ", hi[i], "]");
+    spec.lo[i] = lo[i], spec.hi[i] = hi[i], spec.shift[i] = int8_shift(lo[i], hi[i]);
+  }
+  spec.attention = check_int8_attention_grids(qkv.size(0), qkv.size(3), qkv.size(1), qkv.size(4), scale_qk, p_step,
+                                              p_zero_point, p_qmin, p_qmax, -spec.shift[0], -spec.shift[1],
+                                              -spec.shift[2]);
   return spec;
 }
 

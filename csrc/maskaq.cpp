@@ -34,6 +34,11 @@
 // returns O = P̃·ṽ (exact integers, int32 range) as float32 (B, H, N, d). The steps of q, k, v and
 // P are the caller's to fold (O·α_p·α_v is the attention output).
 //
+// qkv_int8_attention — int8_attention straight from a folded qkv projection: qkv (B, N, 3, H, d)
+// float32 holds x/α of q, k and v; their integers are clamp(round(x/α), lo[i], hi[i]) (the range of
+// q − z of each grid, at most 256 values). Returns O as float32 (B, N, H·d), the layout the output
+// projection reads (CPU only: the rounding, packing and products in one op).
+//
 // int8_gemm_pack — weight (N, K) int8 -> the packed int16 panels int8_gemm reads (CPU only).
 // int8_gemm — input (M, K) uint8, packed_weight from int8_gemm_pack: returns the exact int32
 // accumulators Σ_k (input[m, k] − input_zero_point)·weight[n, k], (M, out_features), with no int16
@@ -56,6 +61,8 @@ TORCH_LIBRARY(maskaq, m) {
         "int out_zero_point, int out_qmin, int out_qmax) -> Tensor");
   m.def("int8_attention(Tensor q, Tensor k, Tensor v, float scale_qk, float p_step, int p_zero_point, "
         "int p_qmin, int p_qmax, int q_zero_point=0, int k_zero_point=0, int v_zero_point=0) -> Tensor");
+  m.def("qkv_int8_attention(Tensor qkv, float scale_qk, float p_step, int p_zero_point, int p_qmin, int p_qmax, "
+        "int[] lo, int[] hi) -> Tensor");
   m.def("int8_gemm_pack(Tensor weight) -> Tensor");
   m.def("int8_gemm(Tensor input, int input_zero_point, Tensor packed_weight, int out_features, "
         "Tensor? scale=None, Tensor? bias=None) -> Tensor");

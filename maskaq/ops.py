@@ -8,9 +8,9 @@ reference in :mod:`maskaq.reference` computes the same result (the loader warns 
 the extension is missing, or when a GPU's compute capability has no code in the build).
 
 Fake (meta) kernels are registered for every op, so they trace under torch.compile, and
-autograd for the three training ops (their backward calls the ``*_backward`` ops). The two
-integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`, :func:`int8_gemm`) have
-no autograd.
+autograd for the three training ops (their backward calls the ``*_backward`` ops). The
+integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`, :func:`qkv_int8_attention`,
+:func:`int8_gemm`) have no autograd.
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from maskaq.reference import (
     check_fq_attention_args,
     check_int8_attention_args,
     check_int8_linear_epilogue_args,
+    check_qkv_int8_attention_args,
     draw_keep_rand,
     draw_row_index,
     epilogue_out_dtype,
 )
 
 __all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
-           "int8_attention", "int8_gemm_pack", "int8_gemm", "uses_extension", "integer_kernels_available"]
+           "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm", "uses_extension",
+           "integer_kernels_available"]
 
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -214,6 +216,30 @@ def int8_attention(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_ze
     return torch.ops.maskaq.int8_attention(q.contiguous(), k.contiguous(), v.contiguous(), *args)
 
 
+def qkv_int8_attention(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi):
+    """:func:`int8_attention` straight from the output of a folded qkv projection (IntAttention on
+    the CPU): the rounding, clamping and packing of q, k, v and both products in one op.
+
+    Args:
+        qkv: (B, N, 3, H, d) float32, contiguous: x/α of q, k and v (each slice divided by its step).
+        scale_qk, p_step, p_zero_point, p_qmin, p_qmax: as for :func:`int8_attention`.
+        lo, hi: 3 ints each, the range of the integers q − z_q, k − z_k, v − z_v (qmin − z, qmax − z
+            of each grid; at most 256 values).
+
+    The integers are clamp(round(x/α), lo, hi) (round half to even, as torch.round); each range is
+    stored in int8 shifted where it does not fit (see :func:`maskaq.reference.int8_shift`).
+
+    Returns:
+        O as float32 (B, N, H·d), the layout the output projection reads (int8_attention's O with
+        heads and tokens swapped).
+    """
+    check_qkv_int8_attention_args(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi)
+    if qkv.device.type != "cpu" or not integer_kernels_available(qkv.device):
+        return reference.qkv_int8_attention(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi)
+    return torch.ops.maskaq.qkv_int8_attention(qkv.contiguous(), float(scale_qk), float(p_step), int(p_zero_point),
+                                               int(p_qmin), int(p_qmax), [int(x) for x in lo], [int(x) for x in hi])
+
+
 def int8_gemm_pack(weight):
     """Packs int8 weights (out_features, in_features) for :func:`int8_gemm` (CPU, extension only)."""
     _require_extension("int8_gemm_pack")
@@ -289,6 +315,11 @@ def _int8_attention_fake(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+def _qkv_int8_attention_fake(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi):
+    B, N, _, H, d = qkv.shape
+    return qkv.new_empty((B, N, H * d), dtype=torch.float32)
+
+
 def _int8_gemm_pack_fake(weight):
     return weight.new_empty((-(-weight.shape[0] // 16), -(-weight.shape[1] // 2), 32), dtype=torch.int16)
 
@@ -357,6 +388,7 @@ def _register():
         ("masked_attention_align_backward", _align_backward_fake),
         ("int8_linear_epilogue", _int8_linear_epilogue_fake),
         ("int8_attention", _int8_attention_fake),
+        ("qkv_int8_attention", _qkv_int8_attention_fake),
         ("int8_gemm_pack", _int8_gemm_pack_fake),
         ("int8_gemm", _int8_gemm_fake),
     ):

@@ -32,6 +32,7 @@ __all__ = [
     "alignment_mask",
     "int8_linear_epilogue",
     "int8_attention",
+    "qkv_int8_attention",
     "int8_gemm",
 ]
 
@@ -333,8 +334,10 @@ from maskaq.reference_integer import (  # noqa: E402,F401
     INT32_MAX,
     check_int8_attention_args,
     check_int8_linear_epilogue_args,
+    check_qkv_int8_attention_args,
     epilogue_out_dtype,
     int8_attention,
     int8_gemm,
     int8_linear_epilogue,
+    qkv_int8_attention,
 )

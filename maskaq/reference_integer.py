@@ -13,8 +13,9 @@ import torch.nn.functional as F
 # The largest |qmin|, |qmax| of any quantizer grid the ops take (fq_attention's too).
 MAX_QUANT_LEVEL = 1 << 16
 
-__all__ = ["int8_linear_epilogue", "int8_attention", "int8_gemm", "epilogue_out_dtype", "check_int8_linear_epilogue_args",
-           "check_int8_attention_args", "ACTIVATIONS", "INT32_MAX"]
+__all__ = ["int8_linear_epilogue", "int8_attention", "qkv_int8_attention", "int8_gemm", "epilogue_out_dtype",
+           "check_int8_linear_epilogue_args", "check_int8_attention_args", "check_qkv_int8_attention_args", "int8_shift",
+           "ACTIVATIONS", "INT32_MAX"]
 
 ACTIVATIONS = ("none", "gelu")
 INT32_MAX = 2 ** 31 - 1
@@ -179,3 +180,50 @@ def int8_attention(q, k, v, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, q_ze
     probs = torch.softmax(scores.float() * scale_qk, dim=-1)
     p_int = (torch.round(_exact_div(probs, p_step)) + zp).clamp(p_qmin, p_qmax) - zp
     return (p_int.double() @ (v.double() - zv)).float()
+
+
+def int8_shift(lo: int, hi: int) -> int:
+    """The offset o that stores the integers [lo, hi] (at most 256 of them) in int8: 0 where they fit,
+    else lo + 128 (e.g. [-127, 128] -> 1); the products then read them with zero point −o."""
+    return 0 if (lo >= -128 and hi <= 127) else lo + 128
+
+
+def check_qkv_int8_attention_args(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi):
+    """Validates qkv_int8_attention's arguments (the kernel checks the same); returns (the P arguments
+    as check_int8_attention_args normalizes them, lo, hi, shifts) with lo/hi/shifts lists of 3 ints."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dtype != torch.float32:
+        raise TypeError(f"qkv must be a float32 tensor (B, N, 3, H, d), got "
+                        f"{qkv.dtype if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    if qkv.dim() != 5:
+        raise ValueError(f"qkv must be 5-D (B, N, 3, H, d) float32, got shape {tuple(qkv.shape)}")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, d) with 3 at dim 2 (q, k, v), got shape {tuple(qkv.shape)}")
+    lo, hi = list(lo), list(hi)
+    if len(lo) != 3 or len(hi) != 3:
+        raise ValueError(f"lo and hi must hold 3 integers (q, k, v), got {len(lo)} and {len(hi)}")
+    lo = [_check_int("lo", x) for x in lo]
+    hi = [_check_int("hi", x) for x in hi]
+    for a, b in zip(lo, hi):
+        if a < -MAX_QUANT_LEVEL or b > MAX_QUANT_LEVEL:
+            raise ValueError(f"lo and hi must lie in [{-MAX_QUANT_LEVEL}, {MAX_QUANT_LEVEL}], got {a} and {b}")
+        if not (a < b and b - a <= 255):
+            raise ValueError(f"each range [lo, hi] must hold 2 to 256 integers, got [{a}, {b}]")
+    shifts = [int8_shift(a, b) for a, b in zip(lo, hi)]
+    B, N, _, H, d = qkv.shape
+    probe = qkv.new_empty((B, H, N, d), dtype=torch.int8, device="meta")  # shapes only, for the shared checks
+    args = check_int8_attention_args(probe, probe, probe, scale_qk, p_step, p_zero_point, p_qmin, p_qmax,
+                                     *(-o for o in shifts))
+    return args[:5], lo, hi, shifts
+
+
+def qkv_int8_attention(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi):
+    """int8_attention straight from a folded qkv output; see :func:`maskaq.ops.qkv_int8_attention`."""
+    p_args, lo, hi, shifts = check_qkv_int8_attention_args(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax,
+                                                           lo, hi)
+    B, N, _, H, d = qkv.shape
+    operands = []
+    for i in range(3):
+        t = qkv[:, :, i].round().clamp(lo[i], hi[i]) - shifts[i]  # (B, N, H, d): exact integers in int8
+        operands.append(t.permute(0, 2, 1, 3).to(torch.int8))
+    out = int8_attention(*operands, *p_args, *(-o for o in shifts))
+    return out.transpose(1, 2).reshape(B, N, H * d)

@@ -243,6 +243,9 @@ def test_attention_product_paths_match_reference_exactly(capability, int8_isa_li
             "    q, k, v, s = attention_inputs(shape, seed=sum(shape))\n"
             "    args = (s, *p_grid_args(grid, shape[2]), *zs)\n"
             "    assert torch.equal(torch.ops.maskaq.int8_attention(q, k, v, *args), ref.int8_attention(q, k, v, *args))\n"
+            "for shape, ranges in itertools.product([(1, 197, 6, 64), (2, 17, 3, 24)], QKV_RANGES):\n"
+            "    qkv, args = qkv_inputs(*shape, seed=1), (0.001, 1 / 255, -3, 0, 255, *ranges)\n"
+            "    assert torch.equal(torch.ops.maskaq.qkv_int8_attention(qkv, *args), ref.qkv_int8_attention(qkv, *args))\n"
             "print(_extension.int8_attention_products())\n"
             ) % (os.path.dirname(os.path.abspath(__file__)), CAPABILITY_NAMES[capability])
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
@@ -334,6 +337,85 @@ def test_attention_rejects_non_contiguous_in_the_op():
     q, k, v, s = attention_inputs((1, 2, 6, 8), seed=3)
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.maskaq.int8_attention(q.transpose(2, 3), k, v, s, 1 / 255, 0, 0, 255)
+
+
+# --------------------------------------------------------------------------------------------
+# qkv_int8_attention: int8_attention straight from a folded qkv output (CPU)
+
+# (lo, hi) of q − z, k − z, v − z: int8 exactly, ranges that need a shift (z = -1, z = 60), narrow grids
+QKV_RANGES = [([-128, -128, -128], [127, 127, 127]), ([-127, -128, -60], [128, 127, 195]), ([0, -8, -3], [15, 7, 4])]
+
+
+def qkv_inputs(B, N, H, d, seed):
+    """qkv (B, N, 3, H, d) as x/α: spread past every range so that rounding and both clamps occur, with
+    exact .5 ties mixed in (round half to even must match torch.round)."""
+    g = gen(seed)
+    qkv = torch.randn((B, N, 3, H, d), generator=g) * 90
+    ties = torch.rand(qkv.shape, generator=g) < 0.05
+    return torch.where(ties, qkv.floor() + 0.5, qkv)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 197, 6, 64), (2, 17, 3, 24), (1, 1, 1, 1), (3, 33, 2, 17), (2, 50, 1, 40)])
+@pytest.mark.parametrize("ranges", QKV_RANGES)
+@pytest.mark.parametrize("p_grid", P_GRIDS[:3])
+def test_qkv_attention_matches_reference_exactly(shape, ranges, p_grid):
+    B, N, H, d = shape
+    qkv = qkv_inputs(*shape, seed=sum(shape))
+    scale_qk = 2.0 / max(math.sqrt(d) * 74.0 ** 2, 1.0)
+    args = (scale_qk, *p_grid_args(p_grid, N), *ranges)
+    got = torch.ops.maskaq.qkv_int8_attention(qkv, *args)
+    expected = ref.qkv_int8_attention(qkv, *args)
+    assert got.shape == (B, N, H * d) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert torch.equal(ops.qkv_int8_attention(qkv, *args), expected)
+
+
+def test_qkv_attention_reference_is_int8_attention_of_the_rounded_operands():
+    """The reference's own meaning, by hand: round, clamp, shift where the range leaves int8, then
+    int8_attention with the shifts as zero points, heads and tokens swapped in the output."""
+    B, N, H, d = 2, 9, 3, 8
+    qkv = qkv_inputs(B, N, H, d, seed=3)
+    lo, hi = QKV_RANGES[1]
+    scale_qk, p = 0.01, (1 / 255, 0, 0, 255)
+    ints = [qkv[:, :, i].round().clamp(lo[i], hi[i]).permute(0, 2, 1, 3) for i in range(3)]
+    shifts = [1, 0, 68]  # [-127, 128] fits int8 shifted by 1, [-128, 127] as it is, [-60, 195] shifted by 68
+    operands = [(t - o).to(torch.int8) for t, o in zip(ints, shifts)]
+    expected = ref.int8_attention(*operands, scale_qk, *p, *(-o for o in shifts)).transpose(1, 2).reshape(B, N, H * d)
+    assert torch.equal(ref.qkv_int8_attention(qkv, scale_qk, *p, lo, hi), expected)
+
+
+def _qkv_bad_calls():
+    qkv = qkv_inputs(1, 5, 2, 8, seed=1)
+    ok = (0.1, 1 / 255, 0, 0, 255)
+    r = QKV_RANGES[0]
+    return [
+        (TypeError, "qkv must", (qkv.double(), *ok, *r)),
+        (ValueError, "3 at dim 2", (qkv[:, :, :2], *ok, *r)),
+        (ValueError, "5-D", (qkv[0], *ok, *r)),
+        (ValueError, "3 integers", (qkv, *ok, [0, 0], [1, 1])),
+        (ValueError, "2 to 256 integers", (qkv, *ok, [0, 0, 0], [256, 1, 1])),
+        (ValueError, "2 to 256 integers", (qkv, *ok, [5, 0, 0], [5, 1, 1])),
+        (ValueError, "p_step", (qkv, 0.1, 0.0, 0, 0, 255, *r)),
+        (ValueError, "wider than 8 bits", (qkv, 0.1, 1 / 255, 0, 0, 256, *r)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_qkv_bad_calls())))
+def test_qkv_attention_bad_inputs(case):
+    error, message, args = _qkv_bad_calls()[case]
+    with pytest.raises(error, match=message):
+        ops.qkv_int8_attention(*args)
+    if HAS_EXT:
+        with pytest.raises(error, match=message):
+            torch.ops.maskaq.qkv_int8_attention(*args)
+
+
+@needs_ext
+def test_qkv_attention_rejects_non_contiguous_in_the_op():
+    qkv = qkv_inputs(2, 6, 2, 8, seed=4).transpose(0, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.maskaq.qkv_int8_attention(qkv, 0.1, 1 / 255, 0, 0, 255, *QKV_RANGES[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,6 +560,8 @@ def test_opcheck_int_ops():
                           test_utils=utils)
     torch.library.opcheck(torch.ops.maskaq.int8_attention.default, (q, k, v, s, 1 / 15, 0, 0, 15),
                           test_utils=utils)
+    torch.library.opcheck(torch.ops.maskaq.qkv_int8_attention.default,
+                          (qkv_inputs(2, 19, 2, 8, seed=9), s, 1 / 255, 0, 0, 255, *QKV_RANGES[1]), test_utils=utils)
     u, w = gemm_inputs(9, 21, 18, seed=8)
     torch.library.opcheck(torch.ops.maskaq.int8_gemm_pack.default, (w,), test_utils=utils)
     torch.library.opcheck(torch.ops.maskaq.int8_gemm.default, (u, 100, ops.int8_gemm_pack(w), 18), test_utils=utils)

@@ -273,7 +273,15 @@ struct Args {
   float scale_qk;
   checks::Requant pq;  // P's requantizer
   int64_t zq, zk, zv;
+  int64_t H = 1;          // heads: slice s is (sample s / H, head s % H)
+  bool token_major = false;  // O laid out (B, N, H·d), as proj reads it, instead of (B, H, N, d)
 };
+
+// Where slice s of O starts and the stride between its rows, in either layout of Args.
+inline float* out_slice(float* op, int64_t s, const Args& a) {
+  return a.token_major ? op + (s / a.H) * a.N * a.H * a.d + (s % a.H) * a.d : op + s * a.N * a.d;
+}
+inline int64_t out_stride(const Args& a) { return a.token_major ? a.H * a.d : a.d; }
 
 // T: the type the products run in (float: exact by the bounds; double otherwise).
 template <typename T>
@@ -308,14 +316,17 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
       at::_softmax_out(probs, logits, 1, false);
       quantize_probs(pp, sp, N * N, a.pq);
       if constexpr (std::is_same<T, float>::value) {
-        at::Tensor dst = at::from_blob(op + off, {N, d}, fopts);
+        at::Tensor dst = at::from_blob(out_slice(op, s, a), {N, d}, {out_stride(a), 1}, fopts);
         at::mm_out(dst, scores, vt);  // O = P̃·ṽ, exact, straight into the output
       } else {
         at::mm_out(out_t, scores, vt);
         const double* src = out_t.data_ptr<double>();
-        float* dst = op + off;
+        float* dst = out_slice(op, s, a);
+        const int64_t ld = out_stride(a);
+        for (int64_t i = 0; i < N; ++i) {
 #pragma omp simd
-        for (int64_t i = 0; i < N * d; ++i) dst[i] = static_cast<float>(src[i]);
+          for (int64_t j = 0; j < d; ++j) dst[i * ld + j] = static_cast<float>(src[i * d + j]);
+        }
       }
     }
   });
@@ -401,10 +412,10 @@ void run_int8mm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
         }
         for (int64_t j = 0; j < d; ++j) col[j] *= c;
       }
-      float* dst = op + off;
+      float* dst = out_slice(op, s, a);
       for (int64_t i = 0; i < N; ++i) {
         const uint32_t* pi = pr + i * d;
-        float* oi = dst + i * d;
+        float* oi = dst + i * out_stride(a);
         const uint32_t ri = row[i];
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) oi[j] = static_cast<float>(static_cast<int32_t>(pi[j] + ri + col[j]));
@@ -468,7 +479,7 @@ void run_int16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
       at::_softmax_out(probs, logits, 1, false);
       quantize_probs_u8(probs.data_ptr<float>(), levels.data(), N * N, a.pq);
       // O = P̃·ṽ, with P̃ = (level − qmin) − (z − qmin)
-      int16_gemm::run_serial({levels.data(), false, N, N, N, p_zero - p_lo, wv.data(), d, op + off, d, ones.data(),
+      int16_gemm::run_serial({levels.data(), false, N, N, N, p_zero - p_lo, wv.data(), d, out_slice(op, s, a), out_stride(a), ones.data(),
                               nullptr}, scratch);
     }
   });
@@ -505,6 +516,20 @@ std::string int8_attention_products() {
 
 namespace {
 
+// The two products and the softmax between them, on the path this CPU and these bounds allow.
+void run_products(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  const checks::Int8AttentionSpec& spec, const Args& a) {
+  if (use_int16_products(spec, a)) {
+    run_int16(q, k, v, out, a);
+  } else if (use_int8_products(spec)) {
+    run_int8mm(q, k, v, out, a);
+  } else if (spec.score_bound < kFloatExact && spec.out_bound < kFloatExact) {
+    run<float>(q, k, v, out, a);
+  } else {
+    run<double>(q, k, v, out, a);
+  }
+}
+
 at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_qk,
                               double p_step, int64_t p_zero_point, int64_t p_qmin, int64_t p_qmax,
                               int64_t q_zero_point, int64_t k_zero_point, int64_t v_zero_point) {
@@ -519,15 +544,61 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   a.scale_qk = static_cast<float>(scale_qk);
   a.pq = checks::requant_grid(p_step, p_zero_point, p_qmin, p_qmax);
   a.zq = q_zero_point, a.zk = k_zero_point, a.zv = v_zero_point;
-  if (use_int16_products(spec, a)) {
-    run_int16(q, k, v, out, a);
-  } else if (use_int8_products(spec)) {
-    run_int8mm(q, k, v, out, a);
-  } else if (spec.score_bound < kFloatExact && spec.out_bound < kFloatExact) {
-    run<float>(q, k, v, out, a);
-  } else {
-    run<double>(q, k, v, out, a);
-  }
+  run_products(q, k, v, out, spec, a);
+  return out;
+}
+
+// One row of d values of qkv into int8: clamp(round(x), lo, hi) − shift (round half to even, as
+// torch.round; the requantizer with step 1 and zero point 0 computes exactly that).
+inline void gather_row_scalar(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<int32_t>(requantize(src[i], rq)) - shift);
+}
+
+#if defined(MASKAQ_SIMD)
+MASKAQ_CLONES void gather_row(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
+  const int64_t nv = n - n % kLanes;
+  const vi8 o = vi8{} + shift;
+  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(src + i), rq) - o));
+  gather_row_scalar(src + nv, dst + nv, n - nv, rq, shift);
+}
+#else
+inline void gather_row(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
+  gather_row_scalar(src, dst, n, rq, shift);
+}
+#endif
+
+at::Tensor qkv_int8_attention_cpu(const at::Tensor& qkv, double scale_qk, double p_step, int64_t p_zero_point,
+                                  int64_t p_qmin, int64_t p_qmax, at::IntArrayRef lo, at::IntArrayRef hi) {
+  const checks::QkvAttentionSpec qs =
+      checks::check_qkv_int8_attention(qkv, scale_qk, p_step, p_zero_point, p_qmin, p_qmax, lo, hi);
+  MASKAQ_CHECK_VALUE(qkv.device().is_cpu(), "qkv_int8_attention (CPU kernel): qkv must be a CPU tensor, got ",
+                    qkv.device());
+  const checks::Int8AttentionSpec& spec = qs.attention;
+  const int64_t B = spec.B, N = spec.N, H = spec.H, d = spec.d;
+  at::Tensor out = at::empty({B, N, H * d}, qkv.options());
+  if (out.numel() == 0) return out;
+  // q, k and v as int8 (3, B, H, N, d), in one pass over qkv (rows of d values, split over the threads)
+  at::Tensor packed = at::empty({3, B, H, N, d}, qkv.options().dtype(at::kChar));
+  const float* src = qkv.data_ptr<float>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  const checks::Requant rq[3] = {checks::requant_grid(1.0, 0, qs.lo[0], qs.hi[0]),
+                                 checks::requant_grid(1.0, 0, qs.lo[1], qs.hi[1]),
+                                 checks::requant_grid(1.0, 0, qs.lo[2], qs.hi[2])};
+  at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / N, n = r % N;
+      for (int64_t i = 0; i < 3; ++i)
+        for (int64_t h = 0; h < H; ++h)
+          gather_row(src + ((r * 3 + i) * H + h) * d, dst + (((i * B + b) * H + h) * N + n) * d, d, rq[i],
+                     static_cast<int32_t>(qs.shift[i]));
+    }
+  });
+  Args a{};
+  a.slices = B * H, a.N = N, a.d = d, a.H = H, a.token_major = true;
+  a.scale_qk = static_cast<float>(scale_qk);
+  a.pq = checks::requant_grid(p_step, p_zero_point, p_qmin, p_qmax);
+  a.zq = -qs.shift[0], a.zk = -qs.shift[1], a.zv = -qs.shift[2];
+  run_products(packed[0], packed[1], packed[2], out, spec, a);
   return out;
 }
 
@@ -536,6 +607,7 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
 TORCH_LIBRARY_IMPL(maskaq, CPU, m) {
   m.impl("int8_linear_epilogue", &int8_linear_epilogue_cpu);
   m.impl("int8_attention", &int8_attention_cpu);
+  m.impl("qkv_int8_attention", &qkv_int8_attention_cpu);
 }
 
 }  // namespace maskaq

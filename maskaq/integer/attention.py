@@ -1,7 +1,7 @@
 """IntAttention: timm ViT attention on the integer q, k, P, v of the fake-quant student."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -11,6 +11,20 @@ from maskaq.integer.cpu_gemm import ATTENTION_BLAS, DEFAULT_KERNEL, attention_pr
 from maskaq.integer.device import _cuda_kernels, _has_int8_tensor_cores
 from maskaq.integer.grid import ActGrid, integer_grid
 from maskaq.integer.linear import IntLinear
+from maskaq.reference_integer import int8_shift
+
+
+class _KernelPlan(NamedTuple):
+    """IntAttention's kernel arguments from its grids: the ranges [lo, hi] of the integers q − z, k − z,
+    v − z; their int8 shifts (``int8_shift``) and the ranges after the shift; int8_attention's scale and
+    P-grid arguments; the shifts as a (1, 1, 3, 1, 1) tensor to subtract from qkv (None when all are 0)."""
+    lo: list
+    hi: list
+    shifts: list
+    shifted_lo: list
+    shifted_hi: list
+    args: tuple
+    shift: Optional[torch.Tensor]
 
 __all__ = ["IntAttention"]
 
@@ -71,17 +85,16 @@ class IntAttention(nn.Module):
         return self._folded
 
     def _kernel_plan(self) -> tuple:
-        """What ``_folded_kernel_products`` needs from the grids, computed once: the int8 shifts of q, k,
-        v (``_int8_shift``), their clamp bounds after the shift, the op's P and scale arguments, and the
-        shifts as a (1, 1, 3, 1, 1) tensor to subtract from qkv (None when all are 0)."""
+        """What the kernel paths need from the grids, computed once (``_KernelPlan``)."""
         if self._plan_cache is None:
             gq, gk, gp, gv = self.attn_grids
-            shifts = [_int8_shift(g) for g in (gq, gk, gv)]
-            lo = [g.qmin - g.zero_point - o for g, o in zip((gq, gk, gv), shifts)]
-            hi = [g.qmax - g.zero_point - o for g, o in zip((gq, gk, gv), shifts)]
+            lo = [g.qmin - g.zero_point for g in (gq, gk, gv)]
+            hi = [g.qmax - g.zero_point for g in (gq, gk, gv)]
+            shifts = [int8_shift(a, b) for a, b in zip(lo, hi)]
             args = (gq.step * gk.step * self.scale, gp.step, gp.zero_point, gp.qmin, gp.qmax)
             shift = torch.tensor(shifts, dtype=torch.float32, device=self.grids.device).view(1, 1, 3, 1, 1)
-            self._plan_cache = (shifts, lo, hi, args, shift if any(shifts) else None)
+            self._plan_cache = _KernelPlan(lo, hi, shifts, [a - o for a, o in zip(lo, shifts)],
+                                           [b - o for b, o in zip(hi, shifts)], args, shift if any(shifts) else None)
         return self._plan_cache
 
     def can_fold(self) -> bool:
@@ -130,20 +143,20 @@ class IntAttention(nn.Module):
         and clamping it, then shifting and packing q, k and v one by one, took 10
         (docs/integer-inference.md#measurements-behind-the-smaller-cpu-choices)."""
         B, N, _, H, d = qkv.shape
-        shifts, lo, hi, _, shift = self._kernel_plan()
+        plan = self._kernel_plan()
         qkv.round_()
-        if shift is not None:
-            qkv.sub_(shift if shift.device == qkv.device else shift.to(qkv.device))
-        _clamp_slices(qkv, lo, hi)
+        if plan.shift is not None:
+            qkv.sub_(plan.shift if plan.shift.device == qkv.device else plan.shift.to(qkv.device))
+        _clamp_slices(qkv, plan.shifted_lo, plan.shifted_hi)
         packed = torch.empty((3, B, H, N, d), dtype=torch.int8, device=qkv.device)
         packed.copy_(qkv.permute(2, 0, 3, 1, 4))  # exact integers in [-128, 127]: the cast is exact
-        return self._int8_attention(*packed.unbind(0), *(-o for o in shifts))
+        return self._int8_attention(*packed.unbind(0), *(-o for o in plan.shifts))
 
     def _int8_attention(self, q8, k8, v8, zq: int, zk: int, zv: int) -> torch.Tensor:
         """maskaq's int8_attention on int8 operands (B, H, N, d) whose integers are x − z_x, as (B, N, H·d).
         Called where ``_uses_int8_kernel`` holds, so the compiled op runs (it validates its arguments)."""
         B, H, N, d = q8.shape
-        out = torch.ops.maskaq.int8_attention(q8, k8, v8, *self._kernel_plan()[3], zq, zk, zv)
+        out = torch.ops.maskaq.int8_attention(q8, k8, v8, *self._kernel_plan().args, zq, zk, zv)
         return out.transpose(1, 2).reshape(B, N, self.attn_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
@@ -154,6 +167,10 @@ class IntAttention(nn.Module):
         gq, gk, gp, gv = self.attn_grids
         qkv = self.qkv(x).view(B, N, 3, H, d)
         if self.folded and self._uses_int8_kernel(x):
+            if x.device.type == "cpu":
+                # rounding, clamping, packing and both products in one op, O in proj's layout
+                plan = self._kernel_plan()
+                return self.proj(torch.ops.maskaq.qkv_int8_attention(qkv, *plan.args, plan.lo, plan.hi))
             return self.proj(self._folded_kernel_products(qkv))
         if self.folded:
             # qkv already holds x/α per slice: one round and one clamp give (q − z) for q, k and v.
@@ -205,11 +222,9 @@ def _clamp_slices(qkv: torch.Tensor, lo: list, hi: list) -> None:
 
 
 def _int8_shift(grid) -> int:
-    """The offset o that stores the centred integers [qmin − z, qmax − z] of ``grid`` in int8: 0 where
-    they fit, else qmin − z + 128 (e.g. [-127, 128] for z = -1); int8_attention then reads them with
-    zero point −o."""
-    lo, hi = grid.qmin - grid.zero_point, grid.qmax - grid.zero_point
-    return 0 if (lo >= -128 and hi <= 127) else lo + 128
+    """``int8_shift`` of the centred integers [qmin − z, qmax − z] of ``grid`` (e.g. 1 for [-127, 128],
+    z = -1); int8_attention then reads them with zero point −o."""
+    return int8_shift(grid.qmin - grid.zero_point, grid.qmax - grid.zero_point)
 
 
 def _int8_operands(tensors: tuple, grids: tuple) -> tuple:

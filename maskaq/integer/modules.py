@@ -41,9 +41,10 @@ per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero po
   true for 8-bit operands and head dims up to 64 with N ≤ 197; beyond that the error is one
   float rounding); the 1/(α_p·α_v) of the second product is folded into proj's input scale.
   On CPU with several threads, or where its products run on an integer GEMM, it runs
-  ``maskaq.ops.int8_attention`` (below), whose CPU kernel splits the (sample, head) slices over the
-  threads and multiplies on oneDNN's int8 GEMM (CPUs with AVX512-VNNI), maskaq's int16 GEMM (AVX2)
-  or float BLAS; otherwise it loops over the samples so that bmm reads q, k, v in place (no int8
+  ``maskaq.ops.int8_attention`` (below; when folded, ``maskaq.ops.qkv_int8_attention``, which also
+  rounds and packs q, k, v from qkv's output and writes O in proj's layout), whose CPU kernel splits
+  the (sample, head) slices over the threads and multiplies on oneDNN's int8 GEMM (CPUs with
+  AVX512-VNNI), maskaq's int16 GEMM (AVX2) or float BLAS; otherwise it loops over the samples so that bmm reads q, k, v in place (no int8
   copies) and writes O in the layout proj reads (the same integers either way). On CUDA both products run on int8 tensor cores in one maskaq kernel
   (``maskaq.ops.int8_attention``: exact int32 products, the softmax and P's quantization between
   them); q, k, v whose centred grid does not fit int8 are passed shifted, with a zero point.
