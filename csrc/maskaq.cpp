@@ -22,6 +22,12 @@
 // Σ_{b,i} |mean_h cls_t − mean_h cls_q|·m / (Σ m + 1e-8). Returns (loss 0-dim, mask (B, M)).
 //
 // Integer inference (maskaq.integer; no autograd):
+// lsq_fake_quant — x float32/float64 (any shape, contiguous), step and zero_point one-element tensors
+// of x's dtype: x̂ = (round(clamp(x/step + round(z), qmin, qmax)) − round(z))·step, the LSQ fake quant
+// of a fixed grid (no gradient for step or zero_point). lsq_fake_quant_backward — its straight-through
+// gradient for x: grad · [qmin ≤ x/step + round(z) ≤ qmax]. CPU only (on CUDA maskaq.quant composes
+// PyTorch ops).
+//
 // int8_linear_epilogue — acc (M, N) int32 (an int8 GEMM's accumulators), scale / bias (N,)
 // float32: y = acc·scale + bias, then GELU (activation "gelu": erf GELU as nn.GELU(); "none").
 // out_step <= 0: returns y, float32 (M, N). out_step > 0: returns the requantized
@@ -51,6 +57,9 @@ TORCH_LIBRARY(maskaq, m) {
   m.def("fq_attention_backward(Tensor grad_out, Tensor? grad_logits, Tensor q, Tensor k, Tensor v, "
         "Tensor? step, Tensor? zero_point, int[] qmin, int[] qmax, float scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lsq_fake_quant(Tensor x, Tensor step, Tensor zero_point, int qmin, int qmax) -> Tensor");
+  m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor zero_point, int qmin, int qmax) "
+        "-> Tensor");
   m.def("patch_similarity_entropy(Tensor logits, Tensor row_index, int num_prefix_tokens) -> Tensor");
   m.def("patch_similarity_entropy_backward(Tensor grad, Tensor logits, Tensor row_index, "
         "int num_prefix_tokens) -> Tensor");

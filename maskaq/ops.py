@@ -8,7 +8,7 @@ reference in :mod:`maskaq.reference` computes the same result (the loader warns 
 the extension is missing, or when a GPU's compute capability has no code in the build).
 
 Fake (meta) kernels are registered for every op, so they trace under torch.compile, and
-autograd for the three training ops (their backward calls the ``*_backward`` ops). The
+autograd for lsq_fake_quant and the three training ops (their backward calls the ``*_backward`` ops). The
 integer-inference ops (:func:`int8_linear_epilogue`, :func:`int8_attention`, :func:`qkv_int8_attention`,
 :func:`int8_gemm`) have no autograd.
 """
@@ -29,7 +29,7 @@ from maskaq.reference import (
     epilogue_out_dtype,
 )
 
-__all__ = ["fq_attention", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
+__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
            "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm", "uses_extension",
            "integer_kernels_available"]
 
@@ -96,6 +96,38 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     q, k, v = (_attention_operand(t) for t in (q, k, v))
     out, logits = torch.ops.maskaq.fq_attention(q, k, v, step, zero_point, qmin, qmax, scale, bool(return_logits))
     return out, (logits if return_logits else None)
+
+
+def lsq_fake_quant(x, step, zero_point, qmin, qmax):
+    """LSQ fake quantization of ``x`` on a fixed per-tensor grid (a frozen student's activation):
+    x̂ = (round(clamp(x/α + round(z), qmin, qmax)) − round(z))·α, one pass forward and one backward
+    on the CPU (the same bits as maskaq.quant's composition of PyTorch ops, which makes six each way).
+
+    Args:
+        x: float32 or float64 tensor (CUDA and other dtypes run the reference).
+        step, zero_point: one-element tensors α and z (cast to x's dtype). They get no gradient:
+            a grid being learned (QAT) goes through :func:`maskaq.quant.lsq_fake_quant`.
+        qmin, qmax: the integer range.
+
+    The gradient of x is the straight-through one: grad where qmin ≤ x/α + round(z) ≤ qmax, else 0.
+    Raises ValueError where step or zero_point requires grad while grad mode is on.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    for name, t in (("step", step), ("zero_point", zero_point)):
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            raise ValueError(f"{name} must be a one-element tensor (a per-tensor grid), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if torch.is_grad_enabled() and (step.requires_grad or zero_point.requires_grad):
+        raise ValueError("lsq_fake_quant gives step and zero_point no gradient; for a grid being learned "
+                         "use maskaq.quant.lsq_fake_quant")
+    qmin, qmax = int(qmin), int(qmax)
+    if not qmin < qmax:
+        raise ValueError(f"qmin = {qmin} must be below qmax = {qmax}")
+    if x.device.type != "cpu" or not uses_extension(x):
+        return reference.fake_quantize(x, step.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+    return torch.ops.maskaq.lsq_fake_quant(x.contiguous(), step.detach().to(x.dtype).reshape(1),
+                                           zero_point.detach().to(x.dtype).reshape(1), qmin, qmax)
 
 
 def _attention_operand(t):
@@ -347,6 +379,28 @@ def _fq_attention_backward(ctx, grad_out, grad_logits):
             gzp if (step is not None and zero_point is not None) else None, None, None, None, None)
 
 
+def _lsq_setup(ctx, inputs, output):
+    x, step, zero_point, qmin, qmax = inputs
+    ctx.save_for_backward(x, step, zero_point)
+    ctx.qrange = (qmin, qmax)
+
+
+def _lsq_backward(ctx, grad):
+    x, step, zero_point = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.maskaq.lsq_fake_quant_backward(grad.contiguous(), x, step, zero_point, *ctx.qrange)
+    return grad_x, None, None, None, None
+
+
+def _lsq_fake(x, step, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+def _lsq_backward_fake(grad, x, step, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
 def _entropy_setup(ctx, inputs, output):
     logits, row_index, num_prefix_tokens = inputs
     ctx.save_for_backward(logits, row_index)
@@ -382,6 +436,8 @@ def _register():
     for name, fake in (
         ("fq_attention", _fq_attention_fake),
         ("fq_attention_backward", _fq_attention_backward_fake),
+        ("lsq_fake_quant", _lsq_fake),
+        ("lsq_fake_quant_backward", _lsq_backward_fake),
         ("patch_similarity_entropy", _entropy_fake),
         ("patch_similarity_entropy_backward", _entropy_backward_fake),
         ("masked_attention_align", _align_fake),
@@ -394,6 +450,7 @@ def _register():
     ):
         torch.library.register_fake(lib + name, fake)
     torch.library.register_autograd(lib + "fq_attention", _fq_attention_backward, setup_context=_fq_attention_setup)
+    torch.library.register_autograd(lib + "lsq_fake_quant", _lsq_backward, setup_context=_lsq_setup)
     torch.library.register_autograd(lib + "patch_similarity_entropy", _entropy_backward,
                                     setup_context=_entropy_setup)
     torch.library.register_autograd(lib + "masked_attention_align", _align_backward, setup_context=_align_setup)

@@ -771,3 +771,110 @@ def test_loop_baselines_agree_where_no_draw_is_involved():
     g_loop, = torch.autograd.grad(ssim_loop, blocks[0])
     g, = torch.autograd.grad(ssim, blocks[0])
     torch.testing.assert_close(g_loop, g, rtol=1e-3, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# lsq_fake_quant: a frozen per-tensor grid in one pass each way (CPU)
+
+def _lsq_inputs(shape, qmin, qmax, dtype, seed):
+    """x spread past both ends of the grid, every 7th value on an exact x/α + round(z) = k + ½ tie,
+    and a NaN (propagated forward, no gradient); a random step and a non-integer zero point."""
+    g = gen(seed)
+    step = (torch.rand(1, generator=g, dtype=torch.float64) * 0.1 + 0.01).to(dtype)
+    zero_point = (torch.randn(1, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) * float(step) * (qmax - qmin) * 0.6
+    flat = x.view(-1)
+    flat[::7] = (torch.floor(flat[::7] / step) + 0.5) * step  # x/α on a tie (round(z) is an integer)
+    if flat.numel() > 3:
+        flat[1] = float("nan")
+    return x, step, zero_point
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (8, 197, 192), (2, 50, 17), (40001,)])
+@pytest.mark.parametrize("grid", [(0, 15), (-8, 7), (0, 255), (-128, 127), (-4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lsq_fake_quant_is_the_quantizers_composition_bit_for_bit(shape, grid, dtype):
+    """Forward and straight-through backward give maskaq.quant's PyTorch composition (_LsqFakeQuant)
+    bit for bit, ties, clamped values, signed zeros and NaN included."""
+    from maskaq.quant.quantizers import _LsqFakeQuant
+
+    qmin, qmax = grid
+    x, step, zero_point = _lsq_inputs(shape, qmin, qmax, dtype, seed=sum(shape) + qmax)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = ops.lsq_fake_quant(x1, step, zero_point, qmin, qmax)
+    y2 = _LsqFakeQuant.apply(x2, step, zero_point, qmin, qmax, 1.0)
+    grad = torch.randn(shape, generator=gen(1), dtype=torch.float64).to(dtype)
+    y1.backward(grad)
+    y2.backward(grad)
+    assert torch.equal(y1.isnan(), y2.isnan()) and torch.equal(y1.nan_to_num(), y2.nan_to_num())
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(x1.grad.signbit(), x2.grad.signbit())
+    clamped = (x / step + torch.round(zero_point) < qmin) | (x / step + torch.round(zero_point) > qmax)
+    if x.numel() >= 100:  # both sides of the straight-through mask are exercised
+        assert clamped.any() and (~clamped).any()
+    assert (x1.grad[clamped] == 0).all()
+
+
+def test_lsq_fake_quant_reference_path_matches_the_kernel_values():
+    """Without the kernel (CUDA, other dtypes) the wrapper runs the reference fake quant: the same values."""
+    x, step, zero_point = _lsq_inputs((4, 33), 0, 15, torch.float32, seed=2)
+    x = x.nan_to_num()
+    expected = ref.fake_quantize(x, step, zero_point, 0, 15)
+    assert torch.equal(ops.lsq_fake_quant(x.bfloat16().float(), step, zero_point, 0, 15),
+                       ref.fake_quantize(x.bfloat16().float(), step, zero_point, 0, 15))
+    assert torch.allclose(ops.lsq_fake_quant(x, step, zero_point, 0, 15), expected, rtol=0, atol=1e-6 * float(step))
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(step=torch.ones(2)), ValueError, "one-element"),
+    (dict(zero_point=torch.zeros(1, 1, 2)), ValueError, "one-element"),
+    (dict(qmin=3, qmax=3), ValueError, "below"),
+    (dict(x=torch.ones(3, dtype=torch.int32)), TypeError, "floating-point"),
+    (dict(step=torch.ones(1, requires_grad=True)), ValueError, "no gradient"),
+])
+def test_lsq_fake_quant_bad_inputs(bad, error, message):
+    args = dict(x=torch.randn(3), step=torch.ones(1), zero_point=torch.zeros(1), qmin=0, qmax=15)
+    args.update(bad)
+    with pytest.raises(error, match=message):
+        ops.lsq_fake_quant(**args)
+
+
+@needs_ext
+def test_lsq_fake_quant_op_bad_inputs():
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.maskaq.lsq_fake_quant(x.t(), torch.ones(1), torch.zeros(1), 0, 15)
+    with pytest.raises(TypeError, match="step must have dtype"):
+        torch.ops.maskaq.lsq_fake_quant(x, torch.ones(1, dtype=F64), torch.zeros(1), 0, 15)
+    with pytest.raises(ValueError, match="one-element"):
+        torch.ops.maskaq.lsq_fake_quant(x, torch.ones(2), torch.zeros(1), 0, 15)
+    with pytest.raises(ValueError, match="grad must have x's shape"):
+        torch.ops.maskaq.lsq_fake_quant_backward(torch.randn(5), x, torch.ones(1), torch.zeros(1), 0, 15)
+
+
+@needs_ext
+def test_opcheck_lsq_fake_quant():
+    x = randn(3, 7, seed=1, requires_grad=True)
+    step, zero_point = torch.full((1,), 0.05, dtype=x.dtype), torch.full((1,), 1.4, dtype=x.dtype)
+    torch.library.opcheck(torch.ops.maskaq.lsq_fake_quant.default, (x, step, zero_point, -8, 7))
+    torch.library.opcheck(torch.ops.maskaq.lsq_fake_quant_backward.default,
+                          (randn(3, 7, seed=2), x.detach(), step, zero_point, -8, 7))
+
+
+@needs_ext
+def test_quantizer_takes_the_kernel_only_for_a_fixed_grid(monkeypatch):
+    """maskaq.quant's activation quantizer runs the fused op when its grid gets no gradient (a frozen
+    student) and its own autograd Function when the grid is being learned (QAT)."""
+    from maskaq.quant import quantizers
+
+    calls = []
+    real = ops.lsq_fake_quant
+    monkeypatch.setattr(ops, "lsq_fake_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = randn(2, 9, seed=3, requires_grad=True)
+    step = torch.full((1,), 0.1, requires_grad=True)
+    zero_point = torch.zeros(1, requires_grad=True)
+    learned = quantizers.lsq_fake_quant(x, step, zero_point, 0, 15)
+    learned.sum().backward()
+    assert not calls and step.grad is not None
+    frozen = quantizers.lsq_fake_quant(x, step.detach(), zero_point.detach(), 0, 15)
+    assert calls and torch.equal(frozen, learned)

@@ -162,6 +162,11 @@ def lsq_fake_quant(
         grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel() * world_size(), qmax)
     step = step.to(x.dtype)
     zero_point = zero_point.to(x.dtype)
+    if (step.numel() == 1 and zero_point.numel() == 1 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (step.requires_grad or zero_point.requires_grad))):
+        from maskaq import ops  # a fixed per-tensor grid (a frozen student): one fused pass each way
+        if ops.uses_extension(x):
+            return ops.lsq_fake_quant(x, step, zero_point, qmin, qmax)
     return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
 
 
