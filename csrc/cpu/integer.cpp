@@ -31,7 +31,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -424,6 +423,16 @@ void run_int8mm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   });
 }
 
+// (The compiler's CPU check, not ATen's: ATen renamed its function between the torch versions maskaq
+// supports.)
+inline bool cpu_has_avx512_vnni() {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 // Whether at::_int_mm runs oneDNN's int8 GEMM with exact int32 accumulators here: only CPUs with
 // AVX512-VNNI (without it ATen may take a scalar loop, and oneDNN multiplies u8·s8 with vpmaddubsw,
 // which clips each pair sum to int16). Probed once on operands whose every pair overflows int16 (as
@@ -431,7 +440,7 @@ void run_int8mm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 // the op is missing or fails.
 bool int_mm_exact() {
   static const bool exact = [] {
-    if (!at::cpu::is_avx512_vnni_supported()) return false;
+    if (!cpu_has_avx512_vnni()) return false;
     try {
       const int64_t m = 32, kk = 64, n = 16;
       const auto opts = at::TensorOptions().dtype(at::kChar);
