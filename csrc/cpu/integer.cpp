@@ -228,24 +228,23 @@ inline void quantize_probs(const float* p, T* dst, int64_t n, const checks::Requ
   quantize_probs_scalar(p, dst, n, pq);
 }
 
-// P's levels as int8 level − offset (offset = qmin + 128 puts any 8-bit grid into int8): the int8
-// GEMM's left operand.
-inline void quantize_probs_s8_scalar(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq,
-                                     float offset) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<int32_t>(requantize(p[i], pq) - offset));
+// Requantized values as int8 level − offset: P's levels for the int8 GEMM (offset = qmin + 128 puts
+// any 8-bit grid into int8), and q, k, v from qkv's output (step 1, zero point 0: clamp(round(x), lo,
+// hi) − shift).
+inline void requantize_s8_scalar(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<int32_t>(requantize(src[i], rq)) - offset);
 }
 
 #if defined(MASKAQ_SIMD)
-MASKAQ_CLONES void quantize_probs_s8(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq,
-                                     float offset) {
+MASKAQ_CLONES void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
   const int64_t nv = n - n % kLanes;
-  const vi8 off = __builtin_convertvector(vsplat(offset), vi8);
-  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(p + i), pq) - off));
-  quantize_probs_s8_scalar(p + nv, dst + nv, n - nv, pq, offset);
+  const vi8 o = vi8{} + offset;
+  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(src + i), rq) - o));
+  requantize_s8_scalar(src + nv, dst + nv, n - nv, rq, offset);
 }
 #else
-inline void quantize_probs_s8(const float* p, int8_t* dst, int64_t n, const checks::Requant& pq, float offset) {
-  quantize_probs_s8_scalar(p, dst, n, pq, offset);
+inline void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+  requantize_s8_scalar(src, dst, n, rq, offset);
 }
 #endif
 
@@ -394,7 +393,7 @@ void run_int8mm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
         for (int64_t j = 0; j < N; ++j) li[j] = static_cast<float>(static_cast<int32_t>(si[j] + ri + col[j])) * scale;
       }
       at::_softmax_out(probs, logits, 1, false);
-      quantize_probs_s8(probs.data_ptr<float>(), lv, N * N, a.pq, static_cast<float>(offset));
+      requantize_s8(probs.data_ptr<float>(), lv, N * N, a.pq, static_cast<int32_t>(offset));
       at::_int_mm_out(prod, levels, vs);
       // row[i] = −z_v·Σp_i − c·z_v·N, col[j] = c·Σv_j
       std::fill(row.begin(), row.end(), 0u - c * zv * u32(N));
@@ -557,25 +556,6 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   return out;
 }
 
-// One row of d values of qkv into int8: clamp(round(x), lo, hi) − shift (round half to even, as
-// torch.round; the requantizer with step 1 and zero point 0 computes exactly that).
-inline void gather_row_scalar(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<int32_t>(requantize(src[i], rq)) - shift);
-}
-
-#if defined(MASKAQ_SIMD)
-MASKAQ_CLONES void gather_row(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
-  const int64_t nv = n - n % kLanes;
-  const vi8 o = vi8{} + shift;
-  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(src + i), rq) - o));
-  gather_row_scalar(src + nv, dst + nv, n - nv, rq, shift);
-}
-#else
-inline void gather_row(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t shift) {
-  gather_row_scalar(src, dst, n, rq, shift);
-}
-#endif
-
 at::Tensor qkv_int8_attention_cpu(const at::Tensor& qkv, double scale_qk, double p_step, int64_t p_zero_point,
                                   int64_t p_qmin, int64_t p_qmax, at::IntArrayRef lo, at::IntArrayRef hi) {
   const checks::QkvAttentionSpec qs =
@@ -586,7 +566,8 @@ at::Tensor qkv_int8_attention_cpu(const at::Tensor& qkv, double scale_qk, double
   const int64_t B = spec.B, N = spec.N, H = spec.H, d = spec.d;
   at::Tensor out = at::empty({B, N, H * d}, qkv.options());
   if (out.numel() == 0) return out;
-  // q, k and v as int8 (3, B, H, N, d), in one pass over qkv (rows of d values, split over the threads)
+  // q, k and v as int8 (3, B, H, N, d), clamp(round(x), lo, hi) − shift (the requantizer with step 1 and
+  // zero point 0; round half to even, as torch.round), in one pass over qkv split over the threads
   at::Tensor packed = at::empty({3, B, H, N, d}, qkv.options().dtype(at::kChar));
   const float* src = qkv.data_ptr<float>();
   int8_t* dst = packed.data_ptr<int8_t>();
@@ -598,8 +579,8 @@ at::Tensor qkv_int8_attention_cpu(const at::Tensor& qkv, double scale_qk, double
       const int64_t b = r / N, n = r % N;
       for (int64_t i = 0; i < 3; ++i)
         for (int64_t h = 0; h < H; ++h)
-          gather_row(src + ((r * 3 + i) * H + h) * d, dst + (((i * B + b) * H + h) * N + n) * d, d, rq[i],
-                     static_cast<int32_t>(qs.shift[i]));
+          requantize_s8(src + ((r * 3 + i) * H + h) * d, dst + (((i * B + b) * H + h) * N + n) * d, d, rq[i],
+                        static_cast<int32_t>(qs.shift[i]));
     }
   });
   Args a{};

@@ -88,6 +88,13 @@ void read_grid(const at::Tensor& step, const at::Tensor& zero_point, T& s, T& z)
   z = std::nearbyint(zero_point.item<T>());
 }
 
+Grid float_grid(const at::Tensor& step, const at::Tensor& zero_point, int64_t qmin, int64_t qmax) {
+  Grid g{};
+  read_grid<float>(step, zero_point, g.step, g.zero);
+  g.lo = static_cast<float>(qmin), g.hi = static_cast<float>(qmax);
+  return g;
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& step, const at::Tensor& zero_point, int64_t qmin,
                 int64_t qmax, const char* op) {
   checks::check_defined(x, "x");
@@ -113,9 +120,7 @@ at::Tensor lsq_fake_quant_cpu(const at::Tensor& x, const at::Tensor& step, const
   at::Tensor y = at::empty_like(x);
   const int64_t n = x.numel();
   if (x.scalar_type() == at::kFloat) {
-    Grid g{};
-    read_grid<float>(step, zero_point, g.step, g.zero);
-    g.lo = static_cast<float>(qmin), g.hi = static_cast<float>(qmax);
+    const Grid g = float_grid(step, zero_point, qmin, qmax);
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { forward_float(xp + b, yp + b, e - b, g); });
@@ -142,9 +147,7 @@ at::Tensor lsq_fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor&
   at::Tensor dx = at::empty_like(x);
   const int64_t n = x.numel();
   if (x.scalar_type() == at::kFloat) {
-    Grid g{};
-    read_grid<float>(step, zero_point, g.step, g.zero);
-    g.lo = static_cast<float>(qmin), g.hi = static_cast<float>(qmax);
+    const Grid g = float_grid(step, zero_point, qmin, qmax);
     const float* gp = grad.data_ptr<float>();
     const float* xp = x.data_ptr<float>();
     float* dp = dx.data_ptr<float>();
