@@ -506,10 +506,11 @@ bool use_int16_products(const checks::Int8AttentionSpec& spec, const Args& a) {
 }
 
 // ATen's int8 GEMM where it is exact (int_mm_exact) and its raw sums fit int32: |stored·stored| ≤ 2^14
-// per product, over d or N terms (the corrections are added in int64).
+// per product, over d or N terms. Both products sum over at least 2 terms: torch 2.4's CPU _int_mm
+// returns uninitialized memory for an inner dimension of 1.
 bool use_int8_products(const checks::Int8AttentionSpec& spec) {
   constexpr int64_t kTerms = (int64_t(1) << 31) / (int64_t(1) << 14);
-  return spec.d < kTerms && spec.N < kTerms && int_mm_exact();
+  return spec.d >= 2 && spec.N >= 2 && spec.d < kTerms && spec.N < kTerms && int_mm_exact();
 }
 
 }  // namespace
