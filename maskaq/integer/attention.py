@@ -13,6 +13,8 @@ from maskaq.integer.grid import ActGrid, integer_grid
 from maskaq.integer.linear import IntLinear
 from maskaq.reference_integer import int8_shift
 
+__all__ = ["IntAttention"]
+
 
 class _KernelPlan(NamedTuple):
     """IntAttention's kernel arguments from its grids: the ranges [lo, hi] of the integers q − z, k − z,
@@ -25,8 +27,6 @@ class _KernelPlan(NamedTuple):
     shifted_hi: list
     args: tuple
     shift: Optional[torch.Tensor]
-
-__all__ = ["IntAttention"]
 
 
 class IntAttention(nn.Module):
@@ -84,7 +84,7 @@ class IntAttention(nn.Module):
     def folded(self) -> bool:
         return self._folded
 
-    def _kernel_plan(self) -> tuple:
+    def _kernel_plan(self) -> _KernelPlan:
         """What the kernel paths need from the grids, computed once (``_KernelPlan``)."""
         if self._plan_cache is None:
             gq, gk, gp, gv = self.attn_grids

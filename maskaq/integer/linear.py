@@ -216,7 +216,7 @@ class IntLinear(nn.Module):
         packed = self._cpu_packed()
         if packed[0] not in ("onednn", "int16"):
             raise RuntimeError(f"run_uint8 needs the onednn kernel or maskaq's int16 GEMM, this layer runs {self.cpu_gemm}")
-        if (act is not None or out is not None) and (packed[0] != "onednn" or self._split):  # fuses_epilogue
+        if (act is not None or out is not None) and not self.fuses_epilogue(act):
             raise RuntimeError(f"a layer on {self.cpu_gemm} cannot fuse the epilogue act={act!r}"
                                + (" with requantization" if out is not None else ""))
         if packed[0] == "int16":

@@ -156,10 +156,6 @@ def lsq_fake_quant(
     ``grad_scale`` (of the step's gradient) defaults to docs/method.md's g = 1/sqrt(numel(x)·qmax)
     (#the-quantizer); the zero point's gradient is not scaled.
     """
-    if grad_scale is None:
-        # Under DDP x is this rank's share of the global batch: g is that of the whole batch, as in
-        # a one-process run, so that N processes train like one.
-        grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel() * world_size(), qmax)
     step = step.to(x.dtype)
     zero_point = zero_point.to(x.dtype)
     if (step.numel() == 1 and zero_point.numel() == 1 and x.device.type == "cpu"
@@ -167,6 +163,10 @@ def lsq_fake_quant(
         from maskaq import ops  # a fixed per-tensor grid (a frozen student): one fused pass each way
         if ops.uses_extension(x):
             return ops.lsq_fake_quant(x, step, zero_point, qmin, qmax)
+    if grad_scale is None:
+        # Under DDP x is this rank's share of the global batch: g is that of the whole batch, as in
+        # a one-process run, so that N processes train like one.
+        grad_scale = LSQ_GRAD_SCALE * lsq_grad_scale(x.numel() * world_size(), qmax)
     return _LsqFakeQuant.apply(x, step, zero_point, int(qmin), int(qmax), float(grad_scale))
 
 
