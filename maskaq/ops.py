@@ -29,9 +29,9 @@ from maskaq.reference import (
     epilogue_out_dtype,
 )
 
-__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "masked_attention_align", "int8_linear_epilogue",
-           "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm", "uses_extension",
-           "integer_kernels_available"]
+__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "masked_attention_align",
+           "int8_linear_epilogue", "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm",
+           "uses_extension", "integer_kernels_available"]
 
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -113,7 +113,8 @@ def lsq_fake_quant(x, step, zero_point, qmin, qmax):
     Raises ValueError where step or zero_point requires grad while grad mode is on.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor, got {got}")
     for name, t in (("step", step), ("zero_point", zero_point)):
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             raise ValueError(f"{name} must be a one-element tensor (a per-tensor grid), got "
