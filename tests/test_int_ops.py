@@ -322,14 +322,18 @@ def _attention_bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_attention_bad_calls())))
-def test_attention_bad_inputs(case):
-    error, message, args = _attention_bad_calls()[case]
+def _assert_both_reject(name, error, message, args):
+    """The Python wrapper ops.<name> and, where built, the compiled op raise the same error."""
     with pytest.raises(error, match=message):
-        ops.int8_attention(*args)
+        getattr(ops, name)(*args)
     if HAS_EXT:
         with pytest.raises(error, match=message):
-            torch.ops.maskaq.int8_attention(*args)
+            getattr(torch.ops.maskaq, name)(*args)
+
+
+@pytest.mark.parametrize("case", range(len(_attention_bad_calls())))
+def test_attention_bad_inputs(case):
+    _assert_both_reject("int8_attention", *_attention_bad_calls()[case])
 
 
 @needs_ext
@@ -403,12 +407,7 @@ def _qkv_bad_calls():
 
 @pytest.mark.parametrize("case", range(len(_qkv_bad_calls())))
 def test_qkv_attention_bad_inputs(case):
-    error, message, args = _qkv_bad_calls()[case]
-    with pytest.raises(error, match=message):
-        ops.qkv_int8_attention(*args)
-    if HAS_EXT:
-        with pytest.raises(error, match=message):
-            torch.ops.maskaq.qkv_int8_attention(*args)
+    _assert_both_reject("qkv_int8_attention", *_qkv_bad_calls()[case])
 
 
 @needs_ext

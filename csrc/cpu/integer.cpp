@@ -248,23 +248,11 @@ inline void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks
 }
 #endif
 
-// P's levels as uint8 level − qmin (the int16 GEMM's activations, zero point z − qmin).
-inline void quantize_probs_u8_scalar(const float* p, uint8_t* dst, int64_t n, const checks::Requant& pq) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint8_t>(static_cast<int32_t>(requantize(p[i], pq) - pq.lo));
-}
-
-#if defined(MASKAQ_SIMD)
-MASKAQ_CLONES void quantize_probs_u8(const float* p, uint8_t* dst, int64_t n, const checks::Requant& pq) {
-  const int64_t nv = n - n % kLanes;
-  const vi8 lo = __builtin_convertvector(vsplat(pq.lo), vi8);
-  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, vlow_bytes(vrequantize(vload(p + i), pq) - lo));
-  quantize_probs_u8_scalar(p + nv, dst + nv, n - nv, pq);
-}
-#else
+// P's levels as uint8 level − qmin (the int16 GEMM's activations, zero point z − qmin): the bytes of
+// requantize_s8 with offset qmin (level − qmin ∈ [0, 255], stored modulo 256).
 inline void quantize_probs_u8(const float* p, uint8_t* dst, int64_t n, const checks::Requant& pq) {
-  quantize_probs_u8_scalar(p, dst, n, pq);
+  requantize_s8(p, reinterpret_cast<int8_t*>(dst), n, pq, static_cast<int32_t>(pq.lo));
 }
-#endif
 
 struct Args {
   int64_t slices, N, d;
