@@ -37,6 +37,8 @@ _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+# dtypes fq_attention upcasts to float32 for the CPU kernel (the CUDA kernel reads them as they are)
+_CPU_UPCAST = (torch.bfloat16, torch.float16)
 
 
 def uses_extension(t: torch.Tensor) -> bool:
@@ -74,7 +76,9 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
     Args:
         q, k, v: (B, H, N, d) tensors of one dtype. On the CPU they are read where they lie when
             each row of d values is contiguous (the q, k, v views of timm's fused qkv projection
-            need no copy); otherwise, and on CUDA, they are made contiguous here.
+            need no copy); otherwise, and on CUDA, they are made contiguous here. bfloat16 and
+            float16 run the float32 CPU kernel on upcast copies; out and logits come back in
+            the input dtype.
         step: None for full precision (the teacher), else a 1-D tensor of 4 LSQ steps α in
             the order (q, k, p, v); receives LSQ gradients scaled by 1/sqrt(numel·qmax).
         zero_point: optional 1-D tensor of 4 LSQ zero points z (same order), learnable
@@ -90,6 +94,13 @@ def fq_attention(q, k, v, *, step=None, zero_point=None, qmin=None, qmax=None, s
         (out (B, H, N, d), logits or None).
     """
     qmin, qmax, scale = check_fq_attention_args(q, k, v, step, zero_point, qmin, qmax, scale)
+    if q.dtype in _CPU_UPCAST and q.device.type == "cpu" and _extension.loaded():
+        # bf16 / fp16 (autocast) on the CPU: the float32 kernel on the upcast operands, which is
+        # what the reference computes after its fake quant (products, softmax and P̂ in float32)
+        out, logits = fq_attention(q.float(), k.float(), v.float(), step=step, zero_point=zero_point,
+                                   qmin=qmin or None, qmax=qmax or None, scale=scale,
+                                   return_logits=return_logits)
+        return out.to(q.dtype), (logits.to(q.dtype) if return_logits else None)
     if not uses_extension(q):
         return reference.fq_attention(q, k, v, step=step, zero_point=zero_point, qmin=qmin or None,
                                       qmax=qmax or None, scale=scale, return_logits=return_logits)

@@ -203,7 +203,8 @@ def fake_or_plain(x, kw, i):
 @pytest.mark.parametrize("impl", [ops.fq_attention, ref.fq_attention], ids=["op", "reference"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["full", "quantized"])
 def test_fq_attention_float16_logits_beyond_float16_range(impl, quantized):
-    """float16 inputs (on the CPU the op runs the reference) compute the logits in float32, so
+    """float16 inputs compute the logits in float32 (the reference, and on the CPU the op's float32
+    kernel on the upcast operands), so
     |q̂·k̂ᵀ| > 65504 gives finite outputs and gradients equal to float64 on the same inputs."""
     q, k, v = large_float16_attention_inputs()
     kw = {}
@@ -706,12 +707,28 @@ def test_masked_attention_align_python_errors_are_clear():
 # Fallback and the build
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="maskaq._C not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quantized", [False, True], ids=["full", "quantized"])
+def test_fq_attention_low_precision_runs_the_float32_kernel_on_cpu(dtype, quantized):
+    """bfloat16 / float16 on the CPU (autocast's students): out, logits and the gradients are the
+    float32 kernel's on the upcast operands, rounded once to the dtype, bit for bit."""
+    q, k, v = (randn(2, 3, 13, 8, seed=i, dtype=dtype).requires_grad_() for i in range(3))
+    kw = quant_params(q.float(), k.float(), v.float(), 4, True, 4) if quantized else {}
+    out, logits = ops.fq_attention(q, k, v, return_logits=True, **kw)
+    assert out.dtype == dtype and logits.dtype == dtype
+    go = randn(*out.shape, seed=5, dtype=dtype)
+    grads = torch.autograd.grad((out * go).sum() + logits.float().sum(), [q, k, v])
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out32, logits32 = ops.fq_attention(q32, k32, v32, return_logits=True, **kw)
+    grads32 = torch.autograd.grad((out32.to(dtype) * go).sum() + logits32.to(dtype).float().sum(), [q32, k32, v32])
+    assert torch.equal(out, out32.to(dtype)) and torch.equal(logits, logits32.to(dtype))
+    for g, g32 in zip(grads, grads32):
+        assert g.dtype == dtype and torch.equal(g, g32.to(dtype))
+
+
 def test_unsupported_dtype_falls_back_to_reference():
-    """bfloat16 on CPU has no compiled kernel: the reference answers, with the same draws."""
-    q, k, v = (randn(1, 2, 9, 8, seed=i, dtype=torch.bfloat16) for i in range(3))
-    out, logits = ops.fq_attention(q, k, v, return_logits=True)
-    out_r, logits_r = ref.fq_attention(q, k, v, return_logits=True)
-    assert torch.equal(out, out_r) and torch.equal(logits, logits_r)
+    """bfloat16 entropy on the CPU has no compiled kernel: the reference answers, with the same draws."""
     logits = randn(2, 2, 9, 9, seed=1, dtype=torch.bfloat16)
     h = ops.patch_similarity_entropy(logits, num_rows=4, generator=gen(0))
     assert torch.equal(h, ref.patch_similarity_entropy(logits, num_rows=4, generator=gen(0)))
@@ -878,3 +895,26 @@ def test_quantizer_takes_the_kernel_only_for_a_fixed_grid(monkeypatch):
     assert not calls and step.grad is not None
     frozen = quantizers.lsq_fake_quant(x, step.detach(), zero_point.detach(), 0, 15)
     assert calls and torch.equal(frozen, learned)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_quantizer_of_low_precision_input_works_in_float32(dtype):
+    """An autocast student's bf16 / fp16 activation quantizes on the float32 grid it is evaluated
+    with (not on a step rounded to the dtype): x̂ is the float32 op's, rounded once to the dtype, and
+    the gradient passes where the float32 x lies inside the grid."""
+    from maskaq.quant import quantizers
+
+    step, zero_point = torch.full((1,), 0.0371), torch.full((1,), 3.4)
+    assert step.to(dtype).item() != step.item()  # a step the dtype cannot hold
+    x = (randn(4, 33, seed=7) * 0.3).to(dtype).requires_grad_()
+    y = quantizers.lsq_fake_quant(x, step, zero_point, 0, 15)
+    x32 = x.detach().float().requires_grad_()
+    y32 = ops.lsq_fake_quant(x32, step, zero_point, 0, 15)
+    assert y.dtype == dtype and torch.equal(y, y32.to(dtype))
+    g = randn(4, 33, seed=8).to(dtype)
+    y.backward(g)
+    y32.backward(g.float())
+    assert torch.equal(x.grad, x32.grad.to(dtype))
+    inside = (x32.detach() / step + zero_point.round() >= 0) & (x32.detach() / step + zero_point.round() <= 15)
+    assert 0 < int(inside.sum()) < inside.numel()  # both regimes occur

@@ -156,13 +156,16 @@ def lsq_fake_quant(
     ``grad_scale`` (of the step's gradient) defaults to docs/method.md's g = 1/sqrt(numel(x)·qmax)
     (#the-quantizer); the zero point's gradient is not scaled.
     """
-    step = step.to(x.dtype)
-    zero_point = zero_point.to(x.dtype)
     if (step.numel() == 1 and zero_point.numel() == 1 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (step.requires_grad or zero_point.requires_grad))):
         from maskaq import ops  # a fixed per-tensor grid (a frozen student): one fused pass each way
-        if ops.uses_extension(x):
-            return ops.lsq_fake_quant(x, step, zero_point, qmin, qmax)
+        # bf16 / fp16 (autocast) quantize in float32 on the float32 grid, as the student is evaluated,
+        # instead of on a step rounded to 8 bits; x̂ = level·α comes back in x's dtype
+        wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        if ops.uses_extension(wide):
+            return ops.lsq_fake_quant(wide, step, zero_point, qmin, qmax).to(x.dtype)
+    step = step.to(x.dtype)
+    zero_point = zero_point.to(x.dtype)
     if grad_scale is None:
         # Under DDP x is this rank's share of the global batch: g is that of the whole batch, as in
         # a one-process run, so that N processes train like one.
