@@ -29,7 +29,8 @@ from maskaq.reference import (
     epilogue_out_dtype,
 )
 
-__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "masked_attention_align",
+__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "key_map_statistics",
+           "masked_attention_align",
            "int8_linear_epilogue", "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm",
            "uses_extension", "integer_kernels_available"]
 
@@ -177,6 +178,27 @@ def patch_similarity_entropy(logits, *, num_prefix_tokens=1, num_rows=64, genera
                                                   row_index=row_index)
     return torch.ops.maskaq.patch_similarity_entropy(logits.contiguous(), row_index.contiguous(),
                                                      int(num_prefix_tokens))
+
+
+def key_map_statistics(logits, num_prefix_tokens=1):
+    """Statistics of every key map (the logits-sized part of the inter-head SSIM loss).
+
+    For every query patch n and head h, the key map r = logits[b, h, P + n, P:] over the
+    M = N − P patch keys (P = ``num_prefix_tokens``).
+
+    Returns:
+        ``(gram, mean, lo, hi, lo_at, hi_at)``: gram (B, M, H, H), the head Gram of the centred
+        maps Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M; mean, min and max (B, M, H) in the dtype of
+        ``logits``; the first indices of the min and max (B, M, H) int64 (no gradient). The
+        gradient of the min and max goes to those indices.
+
+    On the CPU one fused pass each way (the backward recomputes the centred maps from the logits
+    instead of keeping a logits-sized copy); elsewhere the reference's composition.
+    """
+    reference.check_key_map_args(logits, num_prefix_tokens)
+    if logits.device.type != "cpu" or not uses_extension(logits):
+        return reference.key_map_statistics(logits, num_prefix_tokens)
+    return torch.ops.maskaq.key_map_statistics(logits.contiguous(), int(num_prefix_tokens))
 
 
 def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, seed=None, rand=None):
@@ -426,6 +448,39 @@ def _entropy_backward(ctx, grad):
     return grad_logits, None, None
 
 
+def _key_map_fake(logits, num_prefix_tokens):
+    B, H, N, _ = logits.shape
+    M = N - num_prefix_tokens
+    stat = logits.new_empty((B, M, H))
+    index = logits.new_empty((B, M, H), dtype=torch.int64)
+    return logits.new_empty((B, M, H, H)), stat, stat.clone(), stat.clone(), index, index.clone()
+
+
+def _key_map_backward_fake(d_gram, d_mean, d_lo, d_hi, logits, lo_at, hi_at, num_prefix_tokens):
+    return torch.empty_like(logits)
+
+
+def _key_map_setup(ctx, inputs, output):
+    logits, num_prefix_tokens = inputs
+    ctx.save_for_backward(logits, output[4], output[5])
+    ctx.mark_non_differentiable(output[4], output[5])
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _key_map_backward(ctx, d_gram, d_mean, d_lo, d_hi, _lo_at, _hi_at):
+    logits, lo_at, hi_at = ctx.saved_tensors
+    B, H, N, _ = logits.shape
+    M = N - ctx.num_prefix_tokens
+
+    def given(g, shape):  # an output that reached no loss gets a zero gradient
+        return logits.new_zeros(shape) if g is None else g.contiguous()
+
+    grad = torch.ops.maskaq.key_map_statistics_backward(
+        given(d_gram, (B, M, H, H)), given(d_mean, (B, M, H)), given(d_lo, (B, M, H)),
+        given(d_hi, (B, M, H)), logits, lo_at, hi_at, ctx.num_prefix_tokens)
+    return grad, None
+
+
 def _align_setup(ctx, inputs, output):
     cls_t, cls_q, _, _, _ = inputs
     ctx.save_for_backward(cls_t, cls_q, output[1])
@@ -452,6 +507,8 @@ def _register():
         ("lsq_fake_quant_backward", _lsq_backward_fake),
         ("patch_similarity_entropy", _entropy_fake),
         ("patch_similarity_entropy_backward", _entropy_backward_fake),
+        ("key_map_statistics", _key_map_fake),
+        ("key_map_statistics_backward", _key_map_backward_fake),
         ("masked_attention_align", _align_fake),
         ("masked_attention_align_backward", _align_backward_fake),
         ("int8_linear_epilogue", _int8_linear_epilogue_fake),
@@ -466,6 +523,7 @@ def _register():
     torch.library.register_autograd(lib + "patch_similarity_entropy", _entropy_backward,
                                     setup_context=_entropy_setup)
     torch.library.register_autograd(lib + "masked_attention_align", _align_backward, setup_context=_align_setup)
+    torch.library.register_autograd(lib + "key_map_statistics", _key_map_backward, setup_context=_key_map_setup)
 
 
 if _extension.loaded():

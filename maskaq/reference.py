@@ -209,6 +209,27 @@ def draw_row_index(batch: int, num_patches: int, num_rows: int, *, generator=Non
     return rows.to(device).contiguous()
 
 
+def check_key_map_args(logits, num_prefix_tokens):
+    """Validates the arguments of key_map_statistics."""
+    check_entropy_args(logits, num_prefix_tokens, 1, None)
+
+
+def key_map_statistics(logits, num_prefix_tokens=1):
+    """Per query patch and head, statistics of the key map r = logits[b, h, P + n, P:] (M keys):
+    ``(gram, mean, lo, hi, lo_at, hi_at)`` with gram (B, M, H, H) the head Gram of the centred maps
+    Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M, mean, min and max (B, M, H), and the first indices of the
+    min and max (B, M, H) int64 (the logits-sized part of the inter-head SSIM loss)."""
+    check_key_map_args(logits, num_prefix_tokens)
+    p = int(num_prefix_tokens)
+    keys = logits[:, :, p:, p:].transpose(1, 2)  # (B, M, H, M): query n, head h, key k
+    mean = keys.mean(dim=-1)
+    lo, lo_at = keys.min(dim=-1)
+    hi, hi_at = keys.max(dim=-1)
+    centred = keys - mean.unsqueeze(-1)
+    gram = centred @ centred.transpose(-1, -2) / keys.shape[-1]
+    return gram, mean, lo, hi, lo_at, hi_at
+
+
 def check_entropy_args(logits, num_prefix_tokens, num_rows, row_index):
     """Validates the arguments of patch_similarity_entropy; returns the patch count N'."""
     _check_float_4d("logits", logits, "(B, H, N, N)")

@@ -110,9 +110,14 @@ def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> t
     Min–max normalization x = (r − min r)/s, s = max r − min r + 1e-8, is affine, so the
     statistics of x follow from those of the raw rows r: mean (r̄ − min r)/s, covariance
     cov(r_i, r_j)/(s_i s_j). Only those per-row statistics and the head Gram touch the
-    logits-sized maps (``_KeyMapStatistics``); the rest is arithmetic on (B, N', H, H).
+    logits-sized maps (``maskaq.ops.key_map_statistics`` on the CPU, ``_KeyMapStatistics``
+    elsewhere); the rest is arithmetic on (B, N', H, H).
     """
-    gram, mean, lo, hi = _KeyMapStatistics.apply(logits, int(num_prefix_tokens))
+    from maskaq import ops
+    if logits.device.type == "cpu" and ops.uses_extension(logits):  # one fused pass each way
+        gram, mean, lo, hi, _, _ = ops.key_map_statistics(logits, int(num_prefix_tokens))
+    else:
+        gram, mean, lo, hi = _KeyMapStatistics.apply(logits, int(num_prefix_tokens))
     s = hi - lo + 1e-8  # (B, N', H)
     mu = (mean - lo) / s
     cov = gram / (s.unsqueeze(-1) * s.unsqueeze(-2))
