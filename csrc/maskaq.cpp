@@ -21,13 +21,13 @@
 // max(1, round(keep·k)) (half to even) with the smallest rand are kept (mask). Loss = mean_l
 // Σ_{b,i} |mean_h cls_t − mean_h cls_q|·m / (Σ m + 1e-8). Returns (loss 0-dim, mask (B, M)).
 //
-// key_map_statistics — logits (B, H, N, N), P = num_prefix_tokens, M = N − P: for every query
-// patch n and head h the key map r = logits[b, h, P + n, P:]: gram (B, M, H, H) = the head Gram of
-// the centred maps Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M, mean, min, max (B, M, H) in the logits dtype,
-// and the first indices of the min and max (B, M, H) int64. The logits-sized part of the inter-head
-// SSIM loss (maskaq.synthesis.losses). key_map_statistics_backward — the dense (B, H, N, N)
-// gradient from those of gram, mean, min and max (zero on the prefix rows and columns). CPU only:
-// elsewhere the loss composes PyTorch ops.
+// inter_head_ssim — logits (B, H, N, N), P = num_prefix_tokens: per sample, the mean over the
+// M = N − P query patches and the H×H ordered head pairs (self pairs included) of 1 − SSIM² of the
+// min-max normalized key maps logits[b, h, P + n, P:], with global statistics and constants c1,
+// c2 (MimiQ's inter-head loss; docs/method.md#synthesis). Returns (B,) in the logits dtype.
+// inter_head_ssim_backward — grad (B,) -> the dense (B, H, N, N) gradient (zero on the prefix
+// rows and columns; min and max send theirs to their first index). CPU only: elsewhere
+// maskaq.synthesis.losses composes PyTorch ops.
 //
 // Integer inference (maskaq.integer; no autograd):
 // lsq_fake_quant — x float32/float64 (any shape, contiguous), step and zero_point one-element tensors
@@ -74,10 +74,9 @@ TORCH_LIBRARY(maskaq, m) {
   m.def("masked_attention_align(Tensor cls_t, Tensor cls_q, Tensor rand, float ratio, float keep) "
         "-> (Tensor, Tensor)");
   m.def("masked_attention_align_backward(Tensor grad, Tensor cls_t, Tensor cls_q, Tensor mask) -> Tensor");
-  m.def("key_map_statistics(Tensor logits, int num_prefix_tokens) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("key_map_statistics_backward(Tensor d_gram, Tensor d_mean, Tensor d_lo, Tensor d_hi, "
-        "Tensor logits, Tensor lo_at, Tensor hi_at, int num_prefix_tokens) -> Tensor");
+  m.def("inter_head_ssim(Tensor logits, int num_prefix_tokens, float c1, float c2) -> Tensor");
+  m.def("inter_head_ssim_backward(Tensor grad, Tensor logits, int num_prefix_tokens, float c1, float c2) "
+        "-> Tensor");
   m.def("int8_linear_epilogue(Tensor acc, Tensor scale, Tensor bias, str activation, float out_step, "
         "int out_zero_point, int out_qmin, int out_qmax) -> Tensor");
   m.def("int8_attention(Tensor q, Tensor k, Tensor v, float scale_qk, float p_step, int p_zero_point, "

@@ -29,7 +29,7 @@ from maskaq.reference import (
     epilogue_out_dtype,
 )
 
-__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "key_map_statistics",
+__all__ = ["fq_attention", "lsq_fake_quant", "patch_similarity_entropy", "inter_head_ssim",
            "masked_attention_align",
            "int8_linear_epilogue", "int8_attention", "qkv_int8_attention", "int8_gemm_pack", "int8_gemm",
            "uses_extension", "integer_kernels_available"]
@@ -180,25 +180,29 @@ def patch_similarity_entropy(logits, *, num_prefix_tokens=1, num_rows=64, genera
                                                      int(num_prefix_tokens))
 
 
-def key_map_statistics(logits, num_prefix_tokens=1):
-    """Statistics of every key map (the logits-sized part of the inter-head SSIM loss).
+def inter_head_ssim(logits, *, num_prefix_tokens=1, c1=reference.SSIM_C1, c2=reference.SSIM_C2):
+    """MimiQ's inter-head SSIM loss of one block, per sample (L_ssim is the mean over blocks of its
+    mean; docs/method.md#synthesis).
 
-    For every query patch n and head h, the key map r = logits[b, h, P + n, P:] over the
-    M = N − P patch keys (P = ``num_prefix_tokens``).
+    For every query patch, each head's key map r = logits[b, h, P + n, P:] over the M patch keys
+    is min-max normalized, x = (r − min r)/(max r − min r + 1e-8); every ordered pair of heads (self
+    pairs included) is compared with global statistics, SSIM = (2μ_i μ_j + c1)(2σ_ij + c2) /
+    ((μ_i² + μ_j² + c1)(σ_i² + σ_j² + c2)), and the result is the mean of 1 − SSIM².
+
+    Args:
+        logits: (B, H, N, N) attention logits.
+        num_prefix_tokens: CLS / distillation / register tokens P in front of the patches.
+        c1, c2: the SSIM constants (MimiQ's 0.01² and 0.03²).
 
     Returns:
-        ``(gram, mean, lo, hi, lo_at, hi_at)``: gram (B, M, H, H), the head Gram of the centred
-        maps Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M; mean, min and max (B, M, H) in the dtype of
-        ``logits``; the first indices of the min and max (B, M, H) int64 (no gradient). The
-        gradient of the min and max goes to those indices.
-
-    On the CPU one fused pass each way (the backward recomputes the centred maps from the logits
-    instead of keeping a logits-sized copy); elsewhere the reference's composition.
+        (B,) in the dtype of ``logits``. On the CPU one fused pass each way (sums in double; the
+        backward recomputes the statistics from the logits instead of keeping logits-sized
+        copies); elsewhere the reference's composition.
     """
-    reference.check_key_map_args(logits, num_prefix_tokens)
+    reference.check_ssim_args(logits, num_prefix_tokens)
     if logits.device.type != "cpu" or not uses_extension(logits):
-        return reference.key_map_statistics(logits, num_prefix_tokens)
-    return torch.ops.maskaq.key_map_statistics(logits.contiguous(), int(num_prefix_tokens))
+        return reference.inter_head_ssim(logits, num_prefix_tokens, c1, c2)
+    return torch.ops.maskaq.inter_head_ssim(logits.contiguous(), int(num_prefix_tokens), float(c1), float(c2))
 
 
 def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, seed=None, rand=None):
@@ -448,37 +452,23 @@ def _entropy_backward(ctx, grad):
     return grad_logits, None, None
 
 
-def _key_map_fake(logits, num_prefix_tokens):
-    B, H, N, _ = logits.shape
-    M = N - num_prefix_tokens
-    stat = logits.new_empty((B, M, H))
-    index = logits.new_empty((B, M, H), dtype=torch.int64)
-    return logits.new_empty((B, M, H, H)), stat, stat.clone(), stat.clone(), index, index.clone()
+def _ssim_fake(logits, num_prefix_tokens, c1, c2):
+    return logits.new_empty((logits.shape[0],))
 
 
-def _key_map_backward_fake(d_gram, d_mean, d_lo, d_hi, logits, lo_at, hi_at, num_prefix_tokens):
+def _ssim_backward_fake(grad, logits, num_prefix_tokens, c1, c2):
     return torch.empty_like(logits)
 
 
-def _key_map_setup(ctx, inputs, output):
-    logits, num_prefix_tokens = inputs
-    ctx.save_for_backward(logits, output[4], output[5])
-    ctx.mark_non_differentiable(output[4], output[5])
-    ctx.num_prefix_tokens = num_prefix_tokens
+def _ssim_setup(ctx, inputs, output):
+    logits, num_prefix_tokens, c1, c2 = inputs
+    ctx.save_for_backward(logits)
+    ctx.args = (num_prefix_tokens, c1, c2)
 
 
-def _key_map_backward(ctx, d_gram, d_mean, d_lo, d_hi, _lo_at, _hi_at):
-    logits, lo_at, hi_at = ctx.saved_tensors
-    B, H, N, _ = logits.shape
-    M = N - ctx.num_prefix_tokens
-
-    def given(g, shape):  # an output that reached no loss gets a zero gradient
-        return logits.new_zeros(shape) if g is None else g.contiguous()
-
-    grad = torch.ops.maskaq.key_map_statistics_backward(
-        given(d_gram, (B, M, H, H)), given(d_mean, (B, M, H)), given(d_lo, (B, M, H)),
-        given(d_hi, (B, M, H)), logits, lo_at, hi_at, ctx.num_prefix_tokens)
-    return grad, None
+def _ssim_backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return torch.ops.maskaq.inter_head_ssim_backward(grad.contiguous(), logits, *ctx.args), None, None, None
 
 
 def _align_setup(ctx, inputs, output):
@@ -507,8 +497,8 @@ def _register():
         ("lsq_fake_quant_backward", _lsq_backward_fake),
         ("patch_similarity_entropy", _entropy_fake),
         ("patch_similarity_entropy_backward", _entropy_backward_fake),
-        ("key_map_statistics", _key_map_fake),
-        ("key_map_statistics_backward", _key_map_backward_fake),
+        ("inter_head_ssim", _ssim_fake),
+        ("inter_head_ssim_backward", _ssim_backward_fake),
         ("masked_attention_align", _align_fake),
         ("masked_attention_align_backward", _align_backward_fake),
         ("int8_linear_epilogue", _int8_linear_epilogue_fake),
@@ -523,7 +513,7 @@ def _register():
     torch.library.register_autograd(lib + "patch_similarity_entropy", _entropy_backward,
                                     setup_context=_entropy_setup)
     torch.library.register_autograd(lib + "masked_attention_align", _align_backward, setup_context=_align_setup)
-    torch.library.register_autograd(lib + "key_map_statistics", _key_map_backward, setup_context=_key_map_setup)
+    torch.library.register_autograd(lib + "inter_head_ssim", _ssim_backward, setup_context=_ssim_setup)
 
 
 if _extension.loaded():

@@ -209,25 +209,47 @@ def draw_row_index(batch: int, num_patches: int, num_rows: int, *, generator=Non
     return rows.to(device).contiguous()
 
 
-def check_key_map_args(logits, num_prefix_tokens):
-    """Validates the arguments of key_map_statistics."""
+# MimiQ's SSIM constants (docs/method.md#synthesis)
+SSIM_C1 = 0.01 ** 2
+SSIM_C2 = 0.03 ** 2
+
+
+def check_ssim_args(logits, num_prefix_tokens):
+    """Validates the arguments of inter_head_ssim."""
     check_entropy_args(logits, num_prefix_tokens, 1, None)
 
 
 def key_map_statistics(logits, num_prefix_tokens=1):
     """Per query patch and head, statistics of the key map r = logits[b, h, P + n, P:] (M keys):
-    ``(gram, mean, lo, hi, lo_at, hi_at)`` with gram (B, M, H, H) the head Gram of the centred maps
-    Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M, mean, min and max (B, M, H), and the first indices of the
-    min and max (B, M, H) int64 (the logits-sized part of the inter-head SSIM loss)."""
-    check_key_map_args(logits, num_prefix_tokens)
+    ``(gram, mean, lo, hi)`` with gram (B, M, H, H) the head Gram of the centred maps
+    Σ_k (r_h1 − r̄_h1)(r_h2 − r̄_h2)/M, and mean, min and max (B, M, H)."""
     p = int(num_prefix_tokens)
     keys = logits[:, :, p:, p:].transpose(1, 2)  # (B, M, H, M): query n, head h, key k
     mean = keys.mean(dim=-1)
-    lo, lo_at = keys.min(dim=-1)
-    hi, hi_at = keys.max(dim=-1)
     centred = keys - mean.unsqueeze(-1)
     gram = centred @ centred.transpose(-1, -2) / keys.shape[-1]
-    return gram, mean, lo, hi, lo_at, hi_at
+    return gram, mean, keys.min(dim=-1).values, keys.max(dim=-1).values
+
+
+def ssim_from_statistics(gram, mean, lo, hi, c1=SSIM_C1, c2=SSIM_C2):
+    """1 − SSIM² of every ordered pair of min-max normalized key maps, (B, M, H, H), from their
+    statistics (``key_map_statistics``): x = (r − min r)/s, s = max r − min r + 1e-8, is affine
+    in r, so μ = (r̄ − min r)/s and σ_ij = G_ij/(s_i s_j)."""
+    s = hi - lo + 1e-8
+    mu = (mean - lo) / s
+    cov = gram / (s.unsqueeze(-1) * s.unsqueeze(-2))
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    mu_sq = mu * mu
+    ssim = ((2 * mu.unsqueeze(-1) * mu.unsqueeze(-2) + c1) * (2 * cov + c2)) / (
+        (mu_sq.unsqueeze(-1) + mu_sq.unsqueeze(-2) + c1) * (var.unsqueeze(-1) + var.unsqueeze(-2) + c2))
+    return 1.0 - ssim * ssim
+
+
+def inter_head_ssim(logits, num_prefix_tokens=1, c1=SSIM_C1, c2=SSIM_C2):
+    """MimiQ's inter-head SSIM loss of one block, per sample: the mean over query patches and
+    ordered head pairs of 1 − SSIM² of the min-max normalized key maps, (B,)."""
+    check_ssim_args(logits, num_prefix_tokens)
+    return ssim_from_statistics(*key_map_statistics(logits, num_prefix_tokens), c1, c2).mean(dim=(1, 2, 3))
 
 
 def check_entropy_args(logits, num_prefix_tokens, num_rows, row_index):

@@ -17,8 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-SSIM_C1 = 0.01 ** 2
-SSIM_C2 = 0.03 ** 2
+from maskaq.reference import SSIM_C1, SSIM_C2, ssim_from_statistics
 
 __all__ = [
     "total_variation", "inter_head_ssim_loss", "inter_head_ssim_block", "entropy_loss",
@@ -110,24 +109,11 @@ def inter_head_ssim_block(logits: torch.Tensor, num_prefix_tokens: int = 1) -> t
     Min–max normalization x = (r − min r)/s, s = max r − min r + 1e-8, is affine, so the
     statistics of x follow from those of the raw rows r: mean (r̄ − min r)/s, covariance
     cov(r_i, r_j)/(s_i s_j). Only those per-row statistics and the head Gram touch the
-    logits-sized maps (``maskaq.ops.key_map_statistics`` on the CPU, ``_KeyMapStatistics``
-    elsewhere); the rest is arithmetic on (B, N', H, H).
+    logits-sized maps (``_KeyMapStatistics``); the rest is arithmetic on (B, N', H, H).
+    ``inter_head_ssim_loss`` runs all of it as one op on the CPU (``maskaq.ops.inter_head_ssim``).
     """
-    from maskaq import ops
-    if logits.device.type == "cpu" and ops.uses_extension(logits):  # one fused pass each way
-        gram, mean, lo, hi, _, _ = ops.key_map_statistics(logits, int(num_prefix_tokens))
-    else:
-        gram, mean, lo, hi = _KeyMapStatistics.apply(logits, int(num_prefix_tokens))
-    s = hi - lo + 1e-8  # (B, N', H)
-    mu = (mean - lo) / s
-    cov = gram / (s.unsqueeze(-1) * s.unsqueeze(-2))
-    var = cov.diagonal(dim1=-2, dim2=-1)
-    mu_sq = mu * mu
-    mu_ij = mu.unsqueeze(-1) * mu.unsqueeze(-2)
-    ssim = ((2 * mu_ij + SSIM_C1) * (2 * cov + SSIM_C2)) / (
-        (mu_sq.unsqueeze(-1) + mu_sq.unsqueeze(-2) + SSIM_C1)
-        * (var.unsqueeze(-1) + var.unsqueeze(-2) + SSIM_C2))
-    return 1.0 - ssim * ssim
+    gram, mean, lo, hi = _KeyMapStatistics.apply(logits, int(num_prefix_tokens))
+    return ssim_from_statistics(gram, mean, lo, hi, SSIM_C1, SSIM_C2)
 
 
 def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int = 1, *,
@@ -139,8 +125,13 @@ def inter_head_ssim_loss(blocks: Sequence[torch.Tensor], num_prefix_tokens: int 
     same value and gradient for less memory."""
     _check_blocks("inter_head_ssim_loss", blocks)
 
+    from maskaq import ops
+
     def block_loss(a):  # bf16 loses the statistics SSIM compares
-        return inter_head_ssim_block(full_precision(a), num_prefix_tokens).mean()
+        a = full_precision(a)
+        if a.device.type == "cpu" and ops.uses_extension(a):  # one fused pass each way
+            return ops.inter_head_ssim(a, num_prefix_tokens=num_prefix_tokens).mean()
+        return inter_head_ssim_block(a, num_prefix_tokens).mean()
 
     if recompute and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
