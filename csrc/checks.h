@@ -240,10 +240,10 @@ inline void check_fq_attention_grads(const at::Tensor& grad_out,
 
 // logits (B, H, N, N), row_index (B, R) int64; returns N' = N - P (the patch count).
 // Index values are checked by check_row_index_range.
-inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& row_index,
-                                    int64_t num_prefix_tokens,
-                                    std::initializer_list<at::ScalarType> dtypes) {
-  check_defined(logits, "logits");
+// Square attention logits (B, H, N, N) with at least one head, and 0 <= num_prefix_tokens < N.
+// Returns the patch count N − num_prefix_tokens.
+inline int64_t check_attention_logits(const at::Tensor& logits, int64_t num_prefix_tokens,
+                                      std::initializer_list<at::ScalarType> dtypes) {
   check_input(logits, "logits", logits.device(), 4, "(B, H, N, N)", dtypes);
   MASKAQ_CHECK_VALUE(logits.size(2) == logits.size(3), "logits must be square attention logits "
                     "(B, H, N, N), got shape ", shape_of(logits));
@@ -252,6 +252,13 @@ inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& 
   MASKAQ_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < logits.size(2),
                     "num_prefix_tokens must lie in [0, N) with N = ", logits.size(2), ", got ",
                     num_prefix_tokens);
+  return logits.size(2) - num_prefix_tokens;
+}
+
+inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& row_index,
+                                    int64_t num_prefix_tokens,
+                                    std::initializer_list<at::ScalarType> dtypes) {
+  const int64_t num_patches = check_attention_logits(logits, num_prefix_tokens, dtypes);
   check_defined(row_index, "row_index");
   check_device(row_index, "row_index", logits.device());
   check_dtype(row_index, "row_index", at::kLong);
@@ -260,7 +267,7 @@ inline int64_t check_entropy_inputs(const at::Tensor& logits, const at::Tensor& 
   check_size(row_index, "row_index", 0, logits.size(0), "the batch size of logits");
   MASKAQ_CHECK_VALUE(row_index.size(1) >= 1, "row_index must pick at least one row per sample, "
                     "got shape ", shape_of(row_index));
-  return logits.size(2) - num_prefix_tokens;
+  return num_patches;
 }
 
 // Every row index lies in [0, num_patches); reads the indices (a sync on CUDA).

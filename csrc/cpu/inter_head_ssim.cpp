@@ -41,16 +41,8 @@ struct Shape {
 };
 
 Shape check_logits(const at::Tensor& logits, int64_t num_prefix_tokens) {
-  checks::check_input(logits, "logits", logits.device(), 4, "(B, H, N, N)", kCpuDtypes);
-  MASKAQ_CHECK_VALUE(logits.size(2) == logits.size(3), "logits must be square attention logits "
-                     "(B, H, N, N), got shape ", checks::shape_of(logits));
-  MASKAQ_CHECK_VALUE(logits.size(1) >= 1, "logits need at least one head, got shape ",
-                     checks::shape_of(logits));
-  MASKAQ_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < logits.size(2),
-                     "num_prefix_tokens must lie in [0, N) with N = ", logits.size(2), ", got ",
-                     num_prefix_tokens);
-  return {logits.size(0), logits.size(1), logits.size(2), num_prefix_tokens,
-          logits.size(2) - num_prefix_tokens};
+  const int64_t M = checks::check_attention_logits(logits, num_prefix_tokens, kCpuDtypes);
+  return {logits.size(0), logits.size(1), logits.size(2), num_prefix_tokens, M};
 }
 
 // One key map r: ch = r − mean(r) in double, its mean, its minimum and maximum and the first
