@@ -1,4 +1,4 @@
-"""Forward+backward time of the three maskaq training ops and forward time of the two
+"""Forward+backward time of the four maskaq training ops and forward time of the two
 integer-inference ops: compiled extension vs plain-PyTorch reference (and, for the two losses,
 the per-sample loop of the public code).
 
@@ -9,6 +9,8 @@ the alignment loss takes the CLS rows of L = 12 blocks, (12, 32, H, 196).
                    from random output and logits gradients.
   fq_attention_fp  the teacher's full-precision mode, logits returned; backward to q, k, v.
   patch_similarity_entropy  64 random rows per sample; backward to the logits.
+  inter_head_ssim  one block's L_ssim; backward to the logits. Also "composed": the statistics
+                   with a written-out backward, what the loss runs where the kernel does not.
   masked_attention_align    ratio 0.5, keep 0.7; backward to the student rows.
   int8_linear_epilogue      forward only: fc1's epilogue, int32 (B·N, 4·H·d) -> GELU -> uint8.
   int8_attention            forward only: int8 q, k, v (B, H, N, d), 8-bit P, zero points.
@@ -96,6 +98,26 @@ def entropy_step(impl, dims, device, gen):
     return step_fn
 
 
+def ssim_step(impl, dims, device, gen):
+    B, H, N, _ = dims
+    logits = (torch.randn(B, H, N, N, generator=gen, device=device) * 3).requires_grad_()
+    if impl == "loop":
+        def fn(a):
+            return loop_baselines.inter_head_ssim_loss_loop([a], num_prefix_tokens=1)
+    elif impl == "composed":  # what L_ssim runs where the kernel does not (statistics with a written-out backward)
+        from maskaq.synthesis.losses import inter_head_ssim_block
+
+        def fn(a):
+            return inter_head_ssim_block(a, 1).mean()
+    else:
+        op = _op("inter_head_ssim", impl)
+
+        def fn(a):
+            return op(a, num_prefix_tokens=1).mean()
+
+    return lambda: torch.autograd.grad(fn(logits), logits)
+
+
 def align_step(impl, dims, device, gen):
     B, H, N, _ = dims
     M = N - 1
@@ -136,6 +158,8 @@ OPS = {
                         lambda s: "B{}xH{}xN{}xd{}".format(*s)),
     "patch_similarity_entropy": (entropy_step, ("extension", "reference", "loop"),
                                  lambda s: "B{0}xH{1}xN{2}xN{2}".format(*s)),
+    "inter_head_ssim": (ssim_step, ("extension", "reference", "composed", "loop"),
+                        lambda s: "B{0}xH{1}xN{2}xN{2}".format(*s)),
     "masked_attention_align": (align_step, ("extension", "reference", "loop"),
                                lambda s: f"L{NUM_BLOCKS}xB{s[0]}xH{s[1]}xM{s[2] - 1}"),
     "int8_linear_epilogue": (epilogue_step, ("extension", "reference"),
