@@ -45,6 +45,23 @@ Shape check_logits(const at::Tensor& logits, int64_t num_prefix_tokens) {
   return {logits.size(0), logits.size(1), logits.size(2), num_prefix_tokens, M};
 }
 
+// The first k with r[k] == v (n − 1 if none: a NaN row), 16 lanes compared at a time.
+template <typename T>
+MASKAQ_CLONES int64_t first_equal(const T* r, int64_t n, T v) {
+  constexpr int64_t kChunk = 16;
+  int64_t k = 0;
+  for (; k + kChunk <= n; k += kChunk) {
+    int hits = 0;
+#pragma omp simd reduction(+ : hits)
+    for (int64_t j = 0; j < kChunk; ++j) hits += r[k + j] == v;
+    if (hits > 0) break;
+  }
+  for (; k < n; ++k) {
+    if (r[k] == v) return k;
+  }
+  return n - 1;
+}
+
 // One key map r: ch = r − mean(r) in double, its mean, its minimum and maximum and the first
 // index where each is taken (as torch.min/max).
 template <typename T>
@@ -63,10 +80,8 @@ MASKAQ_CLONES void read_row(const T* r, int64_t n, double* ch, double* mean, dou
   const double m = sum / static_cast<double>(n);
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) ch[k] -= m;
-  int64_t ilo = 0, ihi = 0;  // (bounded: a NaN row matches no value)
-  while (ilo + 1 < n && r[ilo] != vlo) ++ilo;
-  while (ihi + 1 < n && r[ihi] != vhi) ++ihi;
-  *mean = m, *lo = vlo, *hi = vhi, *lo_at = ilo, *hi_at = ihi;
+  *mean = m, *lo = vlo, *hi = vhi;
+  *lo_at = first_equal(r, n, vlo), *hi_at = first_equal(r, n, vhi);
 }
 
 // a += w·x
