@@ -81,11 +81,15 @@ def test_onnx_qdq_matches_fake_quant(tmp_path, wbits, abits, weights):
         fake = qmodel(x)
     got = _run(path, x)
     scale = fake.abs().max().item()
-    assert (got.argmax(1) == fake.argmax(1)).float().mean() >= 0.97
-    close = torch.isclose(got, fake, rtol=1e-4, atol=1e-4 * scale).float().mean()
-    # ONNX Runtime fuses the pairs into its integer kernels: float rounding, and ties of x/α
-    # rounded the other way (one step) that propagate, move a few logits
-    assert close > 0.9 and (got - fake).abs().max() < 0.1 * scale
+    # ONNX Runtime computes the same integer products, so a sample's logits differ only by the float
+    # rounding of the dequantize steps (a few ulps of the largest logit; 1e-5 leaves 10x) unless a
+    # value x/α that lies within that rounding of a .5 tie rounds to the other level upstream. Such
+    # ties are rare (at most 1 of these 37 samples in any case here); one flipped level moves that
+    # sample's logits by about a step of the layers after it (at most 3.4 % of the largest logit here).
+    row_error = (got - fake).abs().amax(1)
+    flipped = row_error > 1e-5 * scale
+    assert int(flipped.sum()) <= 3, f"{int(flipped.sum())} of 37 samples differ beyond float rounding"
+    assert row_error.max() < 0.1 * scale
 
 
 def test_onnx_batch_axis_dynamic_or_fixed(tmp_path):
