@@ -177,6 +177,8 @@ def _run_report(method, wbits, abits, preset, seed, dev, calibrated_on, qat_repo
         "nan_retries": sum(int(r.get("nan_retries", 0)) for r in synth_reports),
         "failed_batches": sum(len(r.get("failed_batches", [])) for r in synth_reports),
         "synthesis_seconds": sum(float(r.get("seconds", 0.0)) for r in synth_reports),
+        # what precision "auto" took on this device (None where no MaskAQ synthesis ran)
+        "synthesis_precision": next((r["precision"] for r in synth_reports if "precision" in r), None),
         "qat": qat_report,
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,

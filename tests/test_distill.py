@@ -274,6 +274,10 @@ def test_quantize_quick_baselines(method):
     # only maskaq and its ablations (but maskaq-no-refresh) regenerate their images
     expected = [0, 1] if method in ("maskaq-no-align", "maskaq+") else [0]
     assert qmodel.maskaq_report["qat"]["refresh_epochs"] == expected
+    # the precision "auto" took for the synthesis passes (PSAQ's are always fp32; noise needs none)
+    from maskaq.synthesis.synthesizer import resolve_precision
+    expected = {"psaq": "fp32", "gaussian": None}.get(method, resolve_precision("auto", "cpu"))
+    assert qmodel.maskaq_report["synthesis_precision"] == expected
 
 
 def test_quantize_real_needs_data():

@@ -560,3 +560,26 @@ def test_bf16_passes_keep_the_losses_and_the_image_gradient_of_fp32():
     assert float(torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)) > 0.999
     with pytest.raises(ValueError, match="precision"):
         SynthesisConfig(precision="fp16").validate()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native):
+    """precision="auto" (the default) resolves per device: bf16 on a CPU that multiplies bfloat16 in
+    hardware, else fp32 (CUDA too, until bf16 synthesis is measured there); the images are those of the
+    precision it resolves to, bit for bit, and the report says which ran."""
+    import maskaq.synthesis.synthesizer as S
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: native)
+    want = "bf16" if native else "fp32"
+    assert SynthesisConfig().precision == "auto"
+    assert S.resolve_precision("auto", torch.device("cpu")) == want
+    assert S.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert S.resolve_precision("fp32", "cpu") == "fp32" and S.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, bf16, got 'fp16'"):
+        S.resolve_precision("fp16", "cpu")
+    teacher = tiny_vit()
+    sets = {p: Synthesizer(teacher, SynthesisConfig(num_images=2, synth_batch_size=2, synth_iters=3, precision=p,
+                                                    use_alignment=False), progress=False).synthesize(seed=4)
+            for p in ("auto", "fp32", "bf16")}
+    assert sets["auto"].report["precision"] == want
+    assert torch.equal(sets["auto"].images, sets[want].images)
+    assert not torch.equal(sets["fp32"].images, sets["bf16"].images)  # the two precisions do differ

@@ -12,6 +12,10 @@ state every --set checkpoint_every_steps=N steps and checkpoint_every_seconds=T 
 that was killed or interrupted continues with the same command plus --resume (the message it
 stops with spells it out) and ends with the student an uninterrupted run makes; a finished run
 removes OUT/checkpoint.
+
+Synthesis runs the teacher and student passes in bfloat16 where the CPU multiplies it natively
+(AMX or AVX512-BF16) and in float32 elsewhere, CUDA included: --set precision=auto, the default
+(the report's synthesis_precision says which ran); --set precision=fp32 or bf16 chooses one.
 """
 from __future__ import annotations
 

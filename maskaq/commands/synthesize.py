@@ -14,6 +14,10 @@ spells the command out) and ends with the images an uninterrupted run makes. Wit
 directory holding such batches is refused, and so is one holding a finished run without
 --overwrite; a damaged batch or one of a run with other settings is named in a one-line error
 (exit 2). A finished run removes OUT/batches.
+
+Synthesis runs the teacher and student passes in bfloat16 where the CPU multiplies it natively
+(AMX or AVX512-BF16) and in float32 elsewhere, CUDA included: --set precision=auto, the default
+(the report's precision says which ran); --set precision=fp32 or bf16 chooses one.
 """
 from __future__ import annotations
 

@@ -102,6 +102,9 @@ class PsaqSynthesizer(Synthesizer):
         # The progress bar counts steps: one batch is rounds × iters of them.
         self.config = replace(self.config, synth_iters=self.psaq.psaq_rounds * self.psaq.psaq_iters)
 
+    def passes_precision(self) -> str:
+        return "fp32"  # PSAQ's teacher passes run without autocast, whatever config.precision says
+
     def _lr_at(self, step: int) -> float:
         p = self.psaq
         warm = max(1, int(round(p.psaq_warmup_frac * p.psaq_iters)))
