@@ -21,6 +21,10 @@ maskaq above ptq; maskaq closes at least half of the gaussian-to-real gap. The m
 goal as met or not, for maskaq and for maskaq+. They are meant for a teacher with a pretrained
 ViT's channel outliers (vit_fmnist_outliers): on the plain bundled teacher every method ends
 within seed noise of ptq at W4A4.
+
+Synthesis runs in the package's default precision ("auto": bf16 on a CPU with native bfloat16, fp32
+elsewhere); a checkpointed run counts only for the precision it ran in. The tables in docs/ ran in
+fp32: on an AMX or AVX512-BF16 CPU, add `--set precision=fp32` to extend or rebuild them.
 """
 from __future__ import annotations
 
@@ -201,12 +205,24 @@ def targets(agg, lead="maskaq"):
     return lines
 
 
+def run_precision(record) -> str:
+    """The precision a checkpointed run synthesized in: recorded since "auto" became the default;
+    before, fp32 unless its overrides said otherwise."""
+    return record.get("precision", record.get("overrides", {}).get("precision", "fp32"))
+
+
+def other_overrides(overrides) -> dict:
+    """The overrides but precision, which run_precision compares as resolved (an fp32 run matches
+    --set precision=fp32 and the default on a CPU where "auto" is fp32)."""
+    return {k: v for k, v in (overrides or {}).items() if k != "precision"}
+
+
 def markdown(agg, methods, bits_list, meta):
     head = "| method | " + " | ".join(bits_list) + " |"
     overrides = "".join(f", {k}={v}" for k, v in sorted(meta["overrides"].items()))
     teacher = meta.get("teacher", "vit_fmnist")
     lines = [f"Fashion-MNIST ViT teacher {teacher}, FP top-1 {agg['full_precision_top1']:.2f}%; preset {meta['preset']}"
-             f"{overrides}; mean ± std over seeds (n)", "", agg["cpus"], "", head, "|" + "---|" * (len(bits_list) + 1)]
+             f"{overrides}; synthesis in {meta.get('precision', 'fp32')}; mean ± std over seeds (n)", "", agg["cpus"], "", head, "|" + "---|" * (len(bits_list) + 1)]
     for method in methods:
         cells = []
         for bits in bits_list:
@@ -233,6 +249,7 @@ def main(argv=None) -> int:
     from maskaq.data import fashion_mnist
     from maskaq.commands.common import collect_overrides
     from maskaq.pipeline import evaluate_model, run_pipeline
+    from maskaq.synthesis.synthesizer import resolve_precision
     from maskaq._files import atomic_write_bytes, write_json
 
     methods = args.methods or ALL_METHODS
@@ -256,7 +273,9 @@ def main(argv=None) -> int:
     test = fashion_mnist("test")
     train = fashion_mnist("train") if "real" in methods else None
     meta = {"pipeline_version": PIPELINE_VERSION, "teacher": args.teacher, "teacher_sha256": teacher_sha, "preset": preset, "overrides": {k: v for k, v in overrides.items()}, "limit": limit,
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            # the synthesis passes' precision here ("auto": bf16 on a CPU with native bfloat16)
+            "precision": resolve_precision(overrides.get("precision", "auto"), "cpu")}
     fp_file = runs_dir / "full_precision.json"
     fp_saved = json.loads(fp_file.read_text()) if fp_file.is_file() and not args.fresh else {}
     if fp_saved.get("teacher_sha256") == teacher_sha and fp_saved.get("limit") == limit:
@@ -269,7 +288,8 @@ def main(argv=None) -> int:
     def matches(r):
         # a checkpointed result counts only for the same teacher, preset, overrides and test subset
         return (r.get("teacher_sha256") == teacher_sha and r.get("preset") == preset and r.get("limit") == limit
-                and r.get("overrides") == meta["overrides"] and r.get("pipeline_version", 1) == PIPELINE_VERSION)
+                and other_overrides(r.get("overrides")) == other_overrides(meta["overrides"])
+                and run_precision(r) == meta["precision"] and r.get("pipeline_version", 1) == PIPELINE_VERSION)
 
     def collect():
         return [r for r in (json.loads(f.read_text()) for f in sorted(runs_dir.glob("*__*__seed*.json")))
@@ -303,7 +323,8 @@ def main(argv=None) -> int:
         acc = evaluate_model(result.model, test, limit, progress=False)
         record = {"pipeline_version": PIPELINE_VERSION, "teacher_sha256": teacher_sha, "method": method, "bits": bits, "seed": seed, "top1": acc["top1"], "top5": acc["top5"],
                   "seconds": time.perf_counter() - t0, "cpu_seconds": result.report["cpu_seconds"], "preset": preset, "limit": limit,
-                  "overrides": meta["overrides"], "cpu": cpu_description(), "nan_retries": result.report["nan_retries"],
+                  "overrides": meta["overrides"], "precision": meta["precision"], "cpu": cpu_description(),
+                  "nan_retries": result.report["nan_retries"],
                   "synthesis_seconds": result.report["synthesis_seconds"],
                   "qat_epoch_losses": result.report["qat"]["epoch_losses"],
                   "synthesis_final_losses": [s.get("final_losses") for s in result.report["qat"]["synthesis"]]}
