@@ -38,8 +38,13 @@ _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
-# dtypes fq_attention upcasts to float32 for the CPU kernel (the CUDA kernel reads them as they are)
+# dtypes the CPU kernels take widened to float32 (the CUDA kernels read them as they are)
 _CPU_UPCAST = (torch.bfloat16, torch.float16)
+
+
+def widened_for_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a CPU kernel takes it: bfloat16 / float16 widened to float32 (exact), else as it is."""
+    return t.float() if t.dtype in _CPU_UPCAST else t
 
 
 def uses_extension(t: torch.Tensor) -> bool:

@@ -161,7 +161,7 @@ def lsq_fake_quant(
         from maskaq import ops  # a fixed per-tensor grid (a frozen student): one fused pass each way
         # bf16 / fp16 (autocast) quantize in float32 on the float32 grid, as the student is evaluated,
         # instead of on a step rounded to 8 bits; x̂ = level·α comes back in x's dtype
-        wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        wide = ops.widened_for_cpu(x)
         if ops.uses_extension(wide):
             return ops.lsq_fake_quant(wide, step, zero_point, qmin, qmax).to(x.dtype)
     step = step.to(x.dtype)
