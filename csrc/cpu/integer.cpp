@@ -41,16 +41,7 @@
 #include <type_traits>
 #include <vector>
 
-// No floating-point contraction in this file's arithmetic: GCC contracts a·b + c into an FMA by
-// default in C++ wherever the target has one (the AVX-512 clone below), which would round
-// acc·scale + bias once instead of twice and break the bit-exact match with the reference.
-// (Only the code below is affected; the torch headers above keep the command line's options.)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "fp_contract_off_begin.h"  // acc·scale + bias rounded twice, as the reference does
 
 #include "float_math.h"
 #include "vec8.h"
@@ -591,6 +582,4 @@ TORCH_LIBRARY_IMPL(maskaq, CPU, m) {
 
 }  // namespace maskaq
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+#include "fp_contract_off_end.h"

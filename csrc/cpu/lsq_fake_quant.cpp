@@ -16,12 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "fp_contract_off_begin.h"  // every operation rounded on its own, as in the composition
 
 #include "clones.h"
 #include "float_math.h"
@@ -174,6 +169,4 @@ TORCH_LIBRARY_IMPL(maskaq, CPU, m) {
 
 }  // namespace maskaq
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+#include "fp_contract_off_end.h"
