@@ -86,8 +86,13 @@ def init_distributed() -> bool:
     return True
 
 
-def end_distributed(created: bool) -> None:
+def end_distributed(created: bool, finished: bool = True) -> None:
+    """Leave the process group this process created. After a finished run every rank first waits for
+    the others: rank 0 hosts the group's store, and a rank still tearing down its side of the group
+    after rank 0 is gone can block at exit."""
     if created and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

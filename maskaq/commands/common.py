@@ -41,10 +41,13 @@ def in_process_group(body, args) -> int:
     that every process joins first and leaves after."""
     from maskaq.runtime import end_distributed, init_distributed
     created = init_distributed()
+    finished = False
     try:
-        return body(args)
+        status = body(args)
+        finished = True
+        return status
     finally:
-        end_distributed(created)
+        end_distributed(created, finished)  # no waiting for the others after an exception
 
 
 def parse_override(text: str):
