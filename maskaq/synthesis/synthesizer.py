@@ -50,16 +50,19 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+
+
 def resolve_precision(precision: str, device) -> str:
     """The precision ("fp32" or "bf16") that SynthesisConfig.precision means on ``device``.
 
-    "auto" is bf16 on a CPU with native bfloat16 (AMX / AVX512-BF16), where it is measured faster
-    (0.59x the fp32 step on ViT-B/16 at batch 8) at the same W4A4 accuracy within the seed spread
-    (docs/results.md#synthesis-speed), and fp32 elsewhere: CPUs without it (bf16 would be emulated)
-    and CUDA, where bf16 synthesis has no accuracy measurement yet.
+    "auto" is bf16 on a CPU with native bfloat16 (AMX / AVX512-BF16), where it was measured faster
+    at the same W4A4 accuracy (docs/results.md#synthesis-speed), and fp32 elsewhere: CPUs without it
+    (bf16 would be emulated) and CUDA, where bf16 synthesis has no accuracy measurement yet.
     """
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    _check_precision(precision)
     if precision != "auto":
         return precision
     return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else "fp32"
@@ -125,8 +128,7 @@ class SynthesisConfig:
             raise ValueError(f"init_pixel must be in [0, 1] (a pixel value) or None, got {self.init_pixel}")
         if self.max_nan_retries < 0:
             raise ValueError(f"max_nan_retries must be >= 0, got {self.max_nan_retries}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        _check_precision(self.precision)
         return self
 
 
