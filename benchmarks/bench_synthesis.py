@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -282,6 +283,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the implementations this many times in turn, each round after the other "
+                        "(a slow spell of the machine then reaches all of them alike); s/step is the "
+                        "median of the rounds' medians")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--cpu-models", nargs="+", default=["deit_tiny_patch16_224"],
                    help="timm models timed on the CPU, at batch 8 (default: %(default)s)")
@@ -299,6 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-point", nargs=4, metavar=("MODEL", "BATCH", "CHECKPOINTING", "PRECISION"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--rounds and --steps must be >= 1 and --warmup >= 0")
     if args.memory_point:  # one CPU point, in the subprocess run_memory started
         torch.set_num_threads(args.threads)
         record = measure_memory_point(args.memory_point[0], int(args.memory_point[1]), torch.device("cpu"),
@@ -334,12 +341,17 @@ def main(argv=None) -> int:
     for model_name, batch, device in plan:
         teacher, student = build(model_name, batch, device)
         for precision in args.precision or ("fp32",):
-            for impl in args.impls:
-                s = time_synthesis(teacher, student, impl, batch, args.steps, args.warmup, device, precision)
+            rounds = {impl: [] for impl in args.impls}
+            for r in range(args.rounds):
+                for impl in args.impls:
+                    s = time_synthesis(teacher, student, impl, batch, args.steps, args.warmup, device, precision)
+                    rounds[impl].append(s)
+                    print(f"  {model_name:<24s} {device.type:<5s} b{batch:<4d} {precision} {impl:<11s} "
+                          f"{s:8.4f} s/step" + (f"  (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""),
+                          flush=True)
+            for impl, times in rounds.items():
                 records.append({"model": model_name, "device": device.type, "batch": batch, "precision": precision,
-                                "impl": impl, "s_per_step": s})
-                print(f"  {model_name:<24s} {device.type:<5s} b{batch:<4d} {precision} {impl:<11s} {s:8.4f} s/step",
-                      flush=True)
+                                "impl": impl, "s_per_step": statistics.median(times), "s_per_round": times})
         del teacher, student
     print()
     # "losses: loop / fused" compares the time the losses add on top of the bare model passes,
