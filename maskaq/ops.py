@@ -172,7 +172,9 @@ def patch_similarity_entropy(logits, *, num_prefix_tokens=1, num_rows=64, genera
         row_index: explicit (B, R) int64 rows in [0, N - num_prefix_tokens) instead of a draw.
 
     Returns:
-        h, shape (B,), in the dtype of ``logits``.
+        h, shape (B,), in the dtype of ``logits``. h depends on ``logits`` only through their
+        head mean, so its gradient is the same for every head; the CPU kernel returns it as one
+        head's values expanded over the heads (stride 0), as autograd does for a sum.
     """
     num_patches = check_entropy_args(logits, num_prefix_tokens, num_rows, row_index)
     if row_index is None:
@@ -229,7 +231,8 @@ def masked_attention_align(cls_t, cls_q, *, ratio, keep=0.7, generator=None, see
         rand: explicit (B, M) uniform [0, 1) draws instead.
 
     Returns:
-        (loss 0-dim, mask (B, M) of 0/1 in the inputs' dtype).
+        (loss 0-dim, mask (B, M) of 0/1 in the inputs' dtype). The gradient is the same for
+        every head; the CPU kernel returns it expanded over the heads (stride 0).
     """
     check_align_args(cls_t, cls_q, ratio, keep, rand)
     if rand is None:
@@ -369,8 +372,18 @@ def _entropy_fake(logits, row_index, num_prefix_tokens):
     return logits.new_empty((logits.shape[0],))
 
 
+def _head_shared_fake(like, head_dim):
+    """An empty gradient shaped like ``like``: on the CPU one head's worth expanded over the heads
+    (stride 0 in ``head_dim``), as the CPU kernels return it; dense elsewhere."""
+    if like.device.type != "cpu":
+        return like.new_empty(like.shape)
+    shape = list(like.shape)
+    shape[head_dim] = 1
+    return like.new_empty(shape).expand(like.shape)
+
+
 def _entropy_backward_fake(grad, logits, row_index, num_prefix_tokens):
-    return logits.new_empty(logits.shape)
+    return _head_shared_fake(logits, 1)
 
 
 def _align_fake(cls_t, cls_q, rand, ratio, keep):
@@ -378,7 +391,7 @@ def _align_fake(cls_t, cls_q, rand, ratio, keep):
 
 
 def _align_backward_fake(grad, cls_t, cls_q, mask):
-    return cls_q.new_empty(cls_q.shape)
+    return _head_shared_fake(cls_q, 2)
 
 
 def _int8_linear_epilogue_fake(acc, scale, bias, activation, out_step, out_zero_point, out_qmin, out_qmax):
@@ -489,7 +502,9 @@ def _align_backward(ctx, grad_loss, grad_mask):
     grad_q = torch.ops.maskaq.masked_attention_align_backward(grad_loss.contiguous(), cls_t, cls_q, mask)
     # |mean_h t − mean_h q| is odd in (t − q) and the mask is piecewise constant in t, so the
     # teacher's gradient is exactly the negative of the student's.
-    grad_t = -grad_q if ctx.needs_input_grad[0] else None
+    grad_t = None
+    if ctx.needs_input_grad[0]:  # a head-shared gradient (stride 0 over the heads) stays shared
+        grad_t = grad_q.narrow(2, 0, 1).neg().expand_as(grad_q) if grad_q.stride(2) == 0 else -grad_q
     return grad_t, grad_q if ctx.needs_input_grad[1] else None, None, None, None
 
 

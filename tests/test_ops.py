@@ -322,6 +322,43 @@ def test_patch_similarity_entropy_repeated_rows_and_tiny_norms():
 
 
 @needs_ext
+@pytest.mark.parametrize("H", [1, 4])
+def test_head_shared_gradients_add_up_like_dense_ones(H):
+    """The CPU backward of the entropy and of the alignment writes one head and returns it
+    expanded over the heads (stride 0); autograd adds it to the other gradients of the same
+    tensor exactly as it adds the reference's dense gradient, in either order."""
+    logits = randn(3, H, 11, 11, seed=H, dtype=torch.float32, requires_grad=True)
+    row_index = torch.tensor([[0, 4, 4, 7], [2, 9, 5, 1], [3, 3, 8, 0]])
+    w = randn(3, H, 11, 11, seed=9, dtype=torch.float32)
+    alone = {}
+    for fn in (ops.patch_similarity_entropy, ref.patch_similarity_entropy):
+        h = fn(logits, row_index=row_index)
+        (alone[fn],) = torch.autograd.grad(h.sum(), logits, retain_graph=True)
+        assert alone[fn].shape == logits.shape
+        for loss in (h.sum() + (logits * w).sum(), (logits * w).sum() + h.sum()):
+            (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+            assert torch.equal(g, alone[fn] + w)
+    got, want = alone[ops.patch_similarity_entropy], alone[ref.patch_similarity_entropy]
+    if H > 1:
+        assert got.stride(1) == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+    cls_t = randn(2, 3, H, 13, seed=4, dtype=torch.float32, requires_grad=True)
+    cls_q = randn(2, 3, H, 13, seed=5, dtype=torch.float32, requires_grad=True)
+    rand = torch.rand(3, 13, generator=gen(0))
+    loss, _ = ops.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=rand)
+    g_t, g_q = torch.autograd.grad(loss, (cls_t, cls_q), retain_graph=True)
+    if H > 1:
+        assert g_t.stride(2) == 0 and g_q.stride(2) == 0
+    assert torch.equal(g_t, -g_q)
+    extra = randn(2, 3, H, 13, seed=6, dtype=torch.float32)
+    (g,) = torch.autograd.grad(loss + (cls_q * extra).sum(), cls_q)
+    assert torch.equal(g, g_q + extra)
+    loss_r, _ = ref.masked_attention_align(cls_t, cls_q, ratio=0.5, rand=rand)
+    torch.testing.assert_close(g_q, torch.autograd.grad(loss_r, cls_q)[0], rtol=1e-5, atol=1e-7)
+
+
+@needs_ext
 def test_patch_similarity_entropy_gradcheck():
     logits = randn(2, 2, 7, 7, seed=11, requires_grad=True)
     row_index = torch.tensor([[0, 3, 5, 3], [1, 2, 4, 0]])

@@ -117,12 +117,14 @@ std::tuple<at::Tensor, at::Tensor> align_forward_cpu(const at::Tensor& cls_t, co
   return {loss, mask};
 }
 
-// d loss / d cls_q[l, b, h, i] = −grad · sign(mean_h t − mean_h q) · m[b, i] / (L·H·(Σ m + 1e-8)).
+// d loss / d cls_q[l, b, h, i] = −grad · sign(mean_h t − mean_h q) · m[b, i] / (L·H·(Σ m + 1e-8)), the
+// same for every head: written once per (block, sample), (L, B, 1, M), and returned expanded over
+// the heads (stride 0), as autograd does for the backward of a sum.
 at::Tensor align_backward_cpu(const at::Tensor& grad, const at::Tensor& cls_t, const at::Tensor& cls_q,
                               const at::Tensor& mask) {
   checks::check_align_backward_inputs(grad, cls_t, cls_q, mask, kCpuDtypes);
   const int64_t L = cls_t.size(0), B = cls_t.size(1), H = cls_t.size(2), M = cls_t.size(3);
-  at::Tensor grad_q = at::empty_like(cls_q, at::MemoryFormat::Contiguous);
+  at::Tensor grad_shared = at::empty({L, B, 1, M}, cls_q.options());
   AT_DISPATCH_FLOATING_TYPES(cls_t.scalar_type(), "masked_attention_align_backward_cpu", [&] {
     using T = scalar_t;
     const T* mp = mask.data_ptr<T>();
@@ -132,22 +134,20 @@ at::Tensor align_backward_cpu(const at::Tensor& grad, const at::Tensor& cls_t, c
     const T coef = static_cast<T>(g / (static_cast<double>(L * H) * (mask_sum + kMaskEps)));
     const T* tp = cls_t.data_ptr<T>();
     const T* qp = cls_q.data_ptr<T>();
-    T* op = grad_q.data_ptr<T>();
+    T* op = grad_shared.data_ptr<T>();
     at::parallel_for(0, L * B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> w(M);
       for (int64_t lb = begin; lb < end; ++lb) {
-        const int64_t off = lb * H * M;
-        head_difference(w.data(), tp + off, qp + off, H, M);
+        T* w = op + lb * M;
+        head_difference(w, tp + lb * H * M, qp + lb * H * M, H, M);
         const T* mb = mp + (lb % B) * M;
         for (int64_t i = 0; i < M; ++i) {
           const T sgn = static_cast<T>((w[i] > 0) - (w[i] < 0));
           w[i] = -sgn * mb[i] * coef;
         }
-        for (int64_t h = 0; h < H; ++h) std::copy(w.begin(), w.end(), op + off + h * M);
       }
     });
   });
-  return grad_q;
+  return grad_shared.expand({L, B, H, M});
 }
 
 }  // namespace

@@ -6,8 +6,11 @@
 // per-thread buffer, BLAS underneath), its biased variance and the Gaussian entropy
 // h = ½·log(2πe·(s² + 1e-8)). The backward recomputes rows and Gram matrix (no state is
 // kept between the calls), forms dG, dX = 2·dG·X (one more product) and the normalization
-// backward, then writes the sample's dense gradient in one pass (zeros except the picked
-// rows), so every byte of the B·H·N·N output is written once.
+// backward. h depends on the logits only through their head mean, so every head gets the same
+// gradient: the kernel writes it once per sample (zeros except the picked rows), (B, 1, N, N),
+// and returns it expanded over the heads (stride 0), as autograd does for the backward of a sum.
+// A consumer that needs it dense (autograd adding it to another gradient) reads B·N·N values
+// instead of B·H·N·N.
 #include "checks.h"
 
 #include <ATen/Parallel.h>
@@ -214,13 +217,13 @@ at::Tensor entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits
   checks::check_entropy_grad(grad, logits);
   checks::check_row_index_range(row_index, Np);
   const Sizes s = sizes_of(logits, row_index, num_prefix_tokens, Np);
-  at::Tensor grad_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad_shared = at::empty({s.B, 1, s.N, s.N}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "patch_similarity_entropy_backward_cpu", [&] {
     using T = scalar_t;
     const T* lp = logits.data_ptr<T>();
     const int64_t* ip = row_index.data_ptr<int64_t>();
     const T* gp = grad.data_ptr<T>();
-    T* op = grad_logits.data_ptr<T>();
+    T* op = grad_shared.data_ptr<T>();
     const T inv_h = T(1) / static_cast<T>(s.H);
     at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> w(s, logits.options(), true);
@@ -252,25 +255,22 @@ at::Tensor entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits
             add_into(dx + first * Np, dr, Np);
           }
         }
-        // Write the sample's gradient once: zeros, and dY/H in the picked rows of every head.
-        T* ob = op + b * s.H * s.N * s.N;
-        for (int64_t h = 0; h < s.H; ++h) {
-          T* oh = ob + h * s.N * s.N;
-          std::memset(oh, 0, sizeof(T) * s.P * s.N);  // prefix rows
-          for (int64_t i = 0; i < Np; ++i) {
-            T* orow = oh + (i + s.P) * s.N;
-            if (slot[i] < 0) {
-              std::memset(orow, 0, sizeof(T) * s.N);
-            } else {
-              std::memset(orow, 0, sizeof(T) * s.P);  // prefix columns
-              std::memcpy(orow + s.P, dx + slot[i] * Np, sizeof(T) * Np);
-            }
+        // Write the sample's gradient once: zeros, and dY/H in the picked rows.
+        T* ob = op + b * s.N * s.N;
+        std::memset(ob, 0, sizeof(T) * s.P * s.N);  // prefix rows
+        for (int64_t i = 0; i < Np; ++i) {
+          T* orow = ob + (i + s.P) * s.N;
+          if (slot[i] < 0) {
+            std::memset(orow, 0, sizeof(T) * s.N);
+          } else {
+            std::memset(orow, 0, sizeof(T) * s.P);  // prefix columns
+            std::memcpy(orow + s.P, dx + slot[i] * Np, sizeof(T) * Np);
           }
         }
       }
     });
   });
-  return grad_logits;
+  return grad_shared.expand({s.B, s.H, s.N, s.N});
 }
 
 }  // namespace
