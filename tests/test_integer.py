@@ -113,6 +113,39 @@ def test_int_linear_equals_fake_quant_exactly(kernel, wbits, abits, signed, zero
     assert torch.equal(got, expected), (got - expected).abs().max()
 
 
+def test_cached_onednn_call_follows_every_change_of_the_layer():
+    """A layer reads its grid and weights once into its oneDNN call; folding a scale into it, a new
+    state dict, another kernel and a device move must all take effect on the next call."""
+    layer = _exact_linear(8, 8, True, -3, True)
+    integer = IntLinear.from_quant(layer, "onednn")
+    x = _random_input(layer, 37, torch.Generator().manual_seed(4))
+    x = torch.round(x * 2 ** 10) / 2 ** 10 + 2.0 ** -12  # no .5 ties
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(integer(x), expected)
+        first = integer.onednn_call()
+        if integer.cpu_gemm == "onednn":  # (CPUs whose oneDNN clips these pair sums run maskaq's GEMM)
+            assert first is not None and integer.onednn_call() is first  # read once, reused
+        else:
+            assert first is None
+        integer.fold_output_scale(torch.full((integer.out_features,), 2.0, dtype=torch.float64))
+        assert torch.equal(integer(x), 2 * expected)
+        integer.fold_input_prescale(4.0)  # the caller now passes x/4
+        assert torch.equal(integer(x / 4), 2 * expected)
+        fresh = IntLinear.from_quant(layer, "onednn")
+        fresh.load_state_dict(integer.state_dict())
+        assert torch.equal(fresh(x / 4), 2 * expected)
+        integer.load_state_dict(IntLinear.from_quant(layer, "onednn").state_dict())
+        assert torch.equal(integer(x), expected)
+        integer.set_kernel("fbgemm")
+        assert integer.onednn_call() is None and torch.equal(integer(x), expected)
+        integer.set_kernel("onednn")
+        before = integer.onednn_call()
+        integer.to(torch.float32)  # a move repacks
+        assert before is None or integer.onednn_call() is not before
+        assert torch.equal(integer(x), expected)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int_linear_accumulates_exact_integers(kernel):
     """Full 8-bit ranges on both operands (u8 up to 255 times s8 -128 and 127): no int16 saturation."""

@@ -164,14 +164,14 @@ class IntAttention(nn.Module):
             raise ValueError("IntAttention does not support attn_mask / is_causal (classification ViTs do not use them)")
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
-        gq, gk, gp, gv = self.attn_grids
         qkv = self.qkv(x).view(B, N, 3, H, d)
-        if self.folded and self._uses_int8_kernel(x):
+        if self._folded and self._uses_int8_kernel(x):
             if x.device.type == "cpu":
                 # rounding, clamping, packing and both products in one op, O in proj's layout
                 plan = self._kernel_plan()
                 return self.proj(torch.ops.maskaq.qkv_int8_attention(qkv, *plan.args, plan.lo, plan.hi))
             return self.proj(self._folded_kernel_products(qkv))
+        gq, gk, gp, gv = self.attn_grids
         if self.folded:
             # qkv already holds x/α per slice: one round and one clamp give (q − z) for q, k and v.
             qkv = qkv.round_()

@@ -34,6 +34,49 @@ def _quantize_per_tensor(x: torch.Tensor, step: float, zero_point: int) -> torch
     return qx
 
 
+def _quantize_uint8(x2d: torch.Tensor, step: float, zero_point: int, grid: ActGrid) -> torch.Tensor:
+    """uint8 u = q − qmin of a float input on ``grid`` (kernel step and zero point of u given)."""
+    if 0 <= zero_point <= 255:  # one vectorized pass; the quint8 bytes are then read as uint8, no copy
+        qx = _quantize_per_tensor(x2d, step, zero_point)
+        # (Tensor.view(torch.uint8) on a quint8 tensor is not a real view and crashes; set_
+        # on its storage is. int_repr() would copy.)
+        u = torch.empty(0, dtype=torch.uint8).set_(qx.untyped_storage(), qx.storage_offset(), qx.shape, qx.stride())
+        return clamp_to_grid(u, grid)
+    return clamp_to_grid(torch.div(x2d, step).round_().add_(zero_point).clamp_(0, 255).to(torch.uint8), grid)
+
+
+class _OnednnCall:
+    """One layer's oneDNN GEMM with what it reads from the layer taken once: the kernel step and zero
+    point of its uint8 input, its grid and the packed weights. A frozen model's layers are called
+    with the same arguments every time, and at batch 1 reading them anew through the module (grid,
+    folds, packing state, checks) cost more than any op but the GEMMs
+    (docs/integer-inference.md#where-a-batch-1-call-goes). Made from, and valid for, one ``_packed``
+    tuple of the layer: every change to the layer replaces that tuple."""
+
+    __slots__ = ("packed", "input", "weights")
+
+    def __init__(self, layer: "IntLinear", packed: tuple):
+        self.packed = packed
+        self.input = layer.input_spec()
+        self.weights = packed[1:]  # packed weight, per-channel scales, zero points, bias
+
+    def quantize(self, x2d: torch.Tensor) -> torch.Tensor:
+        return _quantize_uint8(x2d, *self.input)
+
+    def run(self, u: torch.Tensor, act: Optional[str] = None, out: Optional[tuple] = None) -> torch.Tensor:
+        """The GEMM on u, with GELU (``act``) and the requantization to the grid ``out`` (the next
+        layer's ``input_spec``) fused in its epilogue (see ``IntLinear.run_uint8``)."""
+        post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
+        step, zero_point, _ = self.input
+        if out is None:
+            return torch.ops.onednn.qlinear_pointwise(u, step, zero_point, *self.weights, 1.0, 0, torch.float32,
+                                                      post, [], algorithm)
+        y = torch.ops.onednn.qlinear_pointwise(u, step, zero_point, *self.weights, out[0], out[1], None, post, [],
+                                               algorithm)
+        # oneDNN saturates the requantized output to [0, 255]: a narrower grid clamps the bytes after
+        return clamp_to_grid(y, out[2])
+
+
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Switch every IntLinear of ``model`` to the CPU library ``kernel`` ("onednn" or "fbgemm")."""
     _check_kernel(kernel)
@@ -68,6 +111,7 @@ class IntLinear(nn.Module):
         self._grid = grid
         self._prescale = 1.0  # Python mirror of input_prescale (no tensor read per call)
         self._packed = None  # (kind, packed weights, ...), rebuilt lazily after any change
+        self._onednn = None  # _OnednnCall of the current _packed (or None where another kernel runs)
         self._split = False  # set when packing for the CPU: the weights run as two halves
 
     # -- construction ------------------------------------------------------------------------
@@ -126,6 +170,10 @@ class IntLinear(nn.Module):
         """Zero point of u = q − qmin (the uint8 the kernel reads): z − qmin."""
         return self._grid.zero_point - self._grid.qmin
 
+    def input_spec(self) -> tuple:
+        """(kernel step, kernel zero point, grid) of the uint8 input u this layer reads."""
+        return self.kernel_step(), self.kernel_zero_point(), self._grid
+
     def _weight_scales(self) -> torch.Tensor:
         """Per-channel scales of the kernel's weights: s_w·output_scale·prescale (float64)
         (the kernel multiplies the accumulator by its input step α/prescale and these)."""
@@ -169,6 +217,16 @@ class IntLinear(nn.Module):
             self._packed = self._pack_cpu()
         return self._packed
 
+    def onednn_call(self) -> Optional[_OnednnCall]:
+        """This layer's oneDNN GEMM with its arguments read once (``_OnednnCall``), where the layer
+        runs oneDNN on unsplit weights (the CPU paths that fuse the epilogue); else None."""
+        packed = self._cpu_packed()
+        if packed[0] != "onednn" or self._split:
+            return None
+        if self._onednn is None or self._onednn.packed is not packed:
+            self._onednn = _OnednnCall(self, packed)
+        return self._onednn
+
     @property
     def cpu_gemm(self) -> str:
         """What runs this layer's GEMM on the CPU: "onednn" or "fbgemm" (the library of ``kernel``),
@@ -198,14 +256,7 @@ class IntLinear(nn.Module):
 
     def quantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """uint8 u = q − qmin of a float input (the kernel's activation operand)."""
-        step, zp = self.kernel_step(), self.kernel_zero_point()
-        if 0 <= zp <= 255:  # one vectorized pass; the quint8 bytes are then read as uint8, no copy
-            qx = _quantize_per_tensor(x2d, step, zp)
-            # (Tensor.view(torch.uint8) on a quint8 tensor is not a real view and crashes; set_
-            # on its storage is. int_repr() would copy.)
-            u = torch.empty(0, dtype=torch.uint8).set_(qx.untyped_storage(), qx.storage_offset(), qx.shape, qx.stride())
-            return clamp_to_grid(u, self._grid)
-        return clamp_to_grid(torch.div(x2d, step).round_().add_(zp).clamp_(0, 255).to(torch.uint8), self._grid)
+        return _quantize_uint8(x2d, self.kernel_step(), self.kernel_zero_point(), self._grid)
 
     def run_uint8(self, u: torch.Tensor, act: Optional[str] = None, out: Optional["IntLinear"] = None):
         """The CPU GEMM on uint8 activations u (on this layer's grid), bias and an optional GELU
@@ -221,16 +272,11 @@ class IntLinear(nn.Module):
                                + (" with requantization" if out is not None else ""))
         if packed[0] == "int16":
             return self._run_int16(u)
-        _, weight, w_scales, w_zeros, bias = packed
-        post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
-        if out is None:
-            out_scale, out_zp, dtype = 1.0, 0, torch.float32
-        else:
-            out_scale, out_zp, dtype = out.kernel_step(), out.kernel_zero_point(), None
-        y = torch.ops.onednn.qlinear_pointwise(u, self.kernel_step(), self.kernel_zero_point(), weight, w_scales,
-                                               w_zeros, bias, out_scale, out_zp, dtype, post, [], algorithm)
-        # oneDNN saturates the requantized output to [0, 255]: a narrower grid clamps the bytes after
-        return self._join_halves(y) if out is None else clamp_to_grid(y, out.grid)
+        call = self.onednn_call()
+        if call is None:  # split weights: float output only (fuses_epilogue is False for them)
+            return self._join_halves(torch.ops.onednn.qlinear_pointwise(
+                u, self.kernel_step(), self.kernel_zero_point(), *packed[1:], 1.0, 0, torch.float32, "none", [], ""))
+        return call.run(u, act, None if out is None else out.input_spec())
 
     def _run_int16(self, u: torch.Tensor) -> torch.Tensor:
         """maskaq's exact GEMM (int32 accumulators of (u − z)·W) with y = acc·scale + bias (float32)
@@ -239,6 +285,9 @@ class IntLinear(nn.Module):
         return ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features, scales, bias)
 
     def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        call = self.onednn_call()
+        if call is not None:
+            return call.run(x2d if x2d.dtype == torch.uint8 else call.quantize(x2d))
         packed = self._cpu_packed()
         if packed[0] == "float":
             return F.linear(x2d, packed[1], packed[2])

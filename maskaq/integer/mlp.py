@@ -42,6 +42,13 @@ class IntMlp(nn.Module):
         return torch.ops.aten.gelu_(y, approximate="tanh" if self.act_name == "gelu_tanh" else "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.act_name is not None:
+            # both layers on oneDNN: the fused path below with their arguments read once
+            c1, c2 = self.fc1.onednn_call(), self.fc2.onednn_call()
+            if c1 is not None and c2 is not None:
+                shape = x.shape
+                hidden = c1.run(c1.quantize(x.reshape(-1, shape[-1]).contiguous()), self.act_name, c2.input)
+                return c2.run(hidden).reshape(*shape[:-1], self.fc2.out_features)
         cuda = self._cuda_fusable(x)
         if not (cuda or self._fusable(x)):
             return self.fc2(self._activation(self.fc1(x)))
