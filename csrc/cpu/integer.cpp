@@ -117,6 +117,17 @@ MASKAQ_VINLINE vi8 vrequantize(vf8 y, const checks::Requant& rq) {
   return __builtin_convertvector(vrequantize_levels(y, rq), vi8);  // exact: integers in [lo, hi]
 }
 
+// vrequantize for a grid of step 1 and zero point 0, without the division: y / 1 is y exactly (NaN
+// and signed zeros included), so the levels are vrequantize's.
+MASKAQ_VINLINE vi8 vround_clamp(vf8 y, const checks::Requant& rq) {
+  const vf8 t_lo = vsplat(rq.t_lo), t_hi = vsplat(rq.t_hi), lo = vsplat(rq.lo), hi = vsplat(rq.hi);
+  vf8 t = vselect(y > t_lo, y, t_lo);
+  t = vselect(t < t_hi, t, t_hi);
+  vf8 u = vround_small(t);
+  u = vselect(u > lo, u, lo);
+  return __builtin_convertvector(vselect(u < hi, u, hi), vi8);
+}
+
 MASKAQ_VINLINE vf8 epilogue_vector(const int32_t* acc, const float* scale, const float* bias, bool gelu) {
   vf8 y = __builtin_convertvector(vload<vi8>(acc), vf8) * vload<vf8>(scale);
   y = y + vload<vf8>(bias);
@@ -233,8 +244,20 @@ MASKAQ_CLONES void requantize_s8(const float* src, int8_t* dst, int64_t n, const
   for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(src + i), rq) - o));
   requantize_s8_scalar(src + nv, dst + nv, n - nv, rq, offset);
 }
+
+// requantize_s8 on a grid of step 1 and zero point 0 (q, k and v from the folded qkv output).
+MASKAQ_CLONES void round_clamp_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+  const int64_t nv = n - n % kLanes;
+  const vi8 o = vi8{} + offset;
+  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vround_clamp(vload(src + i), rq) - o));
+  requantize_s8_scalar(src + nv, dst + nv, n - nv, rq, offset);
+}
 #else
 inline void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+  requantize_s8_scalar(src, dst, n, rq, offset);
+}
+
+inline void round_clamp_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
   requantize_s8_scalar(src, dst, n, rq, offset);
 }
 #endif
@@ -555,12 +578,14 @@ at::Tensor qkv_int8_attention_cpu(const at::Tensor& qkv, double scale_qk, double
                                  checks::requant_grid(1.0, 0, qs.lo[1], qs.hi[1]),
                                  checks::requant_grid(1.0, 0, qs.lo[2], qs.hi[2])};
   at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> row(static_cast<size_t>(H * d));  // one token's q, k or v, all heads
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, n = r % N;
-      for (int64_t i = 0; i < 3; ++i)
+      for (int64_t i = 0; i < 3; ++i) {
+        round_clamp_s8(src + (r * 3 + i) * H * d, row.data(), H * d, rq[i], static_cast<int32_t>(qs.shift[i]));
         for (int64_t h = 0; h < H; ++h)
-          requantize_s8(src + ((r * 3 + i) * H + h) * d, dst + (((i * B + b) * H + h) * N + n) * d, d, rq[i],
-                        static_cast<int32_t>(qs.shift[i]));
+          std::memcpy(dst + (((i * B + b) * H + h) * N + n) * d, row.data() + h * d, static_cast<size_t>(d));
+      }
     }
   });
   Args a{};
