@@ -9,8 +9,6 @@ import torch
 from torch import nn
 
 from maskaq.integer import IntAttention, IntLinear, IntMlp, export_integer, load_integer, save_integer, set_kernel
-from maskaq.integer import linear as int_linear
-from maskaq.integer.block import IntBlock
 from maskaq.integer.export import pack_int4, unpack_int4
 from maskaq.integer.grid import integer_grid
 from maskaq.quant import QuantConv2d, QuantLinear, calibrate, quantize_model
@@ -453,7 +451,6 @@ def test_save_load_round_trip_packs_4bit_weights(tmp_path):
     meta = json.loads((tmp_path / "int" / "integer.json").read_text())
     assert meta["quant"]["wbits"] == 4
     loaded = load_integer(tmp_path / "int", small_vit(seed=99))  # weights of the FP model unused
-    assert all(type(b) is IntBlock for b in loaded.blocks)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), imodel(x))
@@ -479,52 +476,6 @@ def test_pack_int4_round_trip():
     assert torch.equal(unpack_int4(packed, 7), w)
     with pytest.raises(ValueError, match=re.escape("pack_int4 takes values in [-8, 7]")):
         pack_int4(torch.full((2, 2), 9, dtype=torch.int8))
-
-
-@pytest.mark.parametrize("fused_residual", [True, False])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_int_block_adds_the_residual_as_the_timm_block_does(monkeypatch, kernel, fused_residual):
-    """The exported blocks run as IntBlock, whose branches add the residual in their last GEMM: the
-    floats of timm's x + attn(norm1(x)), then x + mlp(norm2(x)), bit for bit, whether oneDNN adds
-    it in its epilogue or the add runs on its own (a torch whose overload fails the probe)."""
-    if not fused_residual:
-        monkeypatch.setattr(int_linear, "_RESIDUAL_IN_EPILOGUE", False)
-    _, qmodel = _student(8, 8, seed=3)
-    imodel = set_kernel(export_integer(qmodel), kernel)
-    assert all(type(b) is IntBlock for b in imodel.blocks)
-    assert set(imodel.state_dict()) == set(export_integer(qmodel).state_dict())
-    x = torch.randn(5, 50, 48, generator=torch.Generator().manual_seed(0)) * 2
-    with torch.no_grad():
-        for block in imodel.blocks:
-            want = x + block.attn(block.norm1(x))
-            want = want + block.mlp(block.norm2(want))
-            assert torch.equal(block(x), want)
-            x = want
-
-
-def test_blocks_with_layer_scale_stay_timm_blocks():
-    from timm.models.vision_transformer import Block
-
-    _, qmodel = _student(8, 8, seed=4, init_values=0.1)
-    imodel = export_integer(qmodel)
-    assert all(type(b) is Block and not IntBlock.wraps(b) for b in imodel.blocks)
-    with torch.no_grad():
-        got = imodel(torch.randn(3, 1, 28, 28))
-    assert got.shape == (3, 10) and torch.isfinite(got).all()
-
-
-def test_residual_in_epilogue_probe_agrees_with_the_separate_add():
-    """Where the probe says oneDNN adds the residual with the separate add's floats, a layer's fused
-    call gives exactly its float output plus the residual."""
-    _, qmodel = _student(8, 8, seed=6)
-    layer = export_integer(qmodel).blocks[0].attn.proj
-    call = layer.onednn_call()
-    if call is None or not int_linear.residual_in_epilogue():
-        pytest.skip("this CPU or torch runs the residual add on its own")
-    g = torch.Generator().manual_seed(1)
-    u = call.quantize(torch.randn(50, 48, generator=g) * 3)
-    residual = torch.randn(50, 48, generator=g) * 100
-    assert torch.equal(call.run(u, residual=residual), call.run(u) + residual)
 
 
 def test_set_kernel_switches_and_keeps_results():

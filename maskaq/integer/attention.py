@@ -159,10 +159,7 @@ class IntAttention(nn.Module):
         out = torch.ops.maskaq.int8_attention(q8, k8, v8, *self._kernel_plan().args, zq, zk, zv)
         return out.transpose(1, 2).reshape(B, N, self.attn_dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                residual: Optional[torch.Tensor] = None):
-        """timm's attention on ``x`` (B, N, C); with ``residual`` (B, N, C) the output plus the
-        residual, added in proj's epilogue where it can (``IntLinear.forward``)."""
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
             raise ValueError("IntAttention does not support attn_mask / is_causal (classification ViTs do not use them)")
         B, N, _ = x.shape
@@ -172,8 +169,8 @@ class IntAttention(nn.Module):
             if x.device.type == "cpu":
                 # rounding, clamping, packing and both products in one op, O in proj's layout
                 plan = self._kernel_plan()
-                return self.proj(torch.ops.maskaq.qkv_int8_attention(qkv, *plan.args, plan.lo, plan.hi), residual)
-            return self.proj(self._folded_kernel_products(qkv), residual)
+                return self.proj(torch.ops.maskaq.qkv_int8_attention(qkv, *plan.args, plan.lo, plan.hi))
+            return self.proj(self._folded_kernel_products(qkv))
         gq, gk, gp, gv = self.attn_grids
         if self.folded:
             # qkv already holds x/α per slice: one round and one clamp give (q − z) for q, k and v.
@@ -210,7 +207,7 @@ class IntAttention(nn.Module):
             out = self.norm(out * (gp.step * gv.step))
             if self.gate is not None:
                 out = out * self.gate(x).sigmoid()
-        return self.proj(out, residual)
+        return self.proj(out)
 
 
 def _clamp_slices(qkv: torch.Tensor, lo: list, hi: list) -> None:

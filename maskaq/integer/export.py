@@ -22,7 +22,6 @@ from torch import nn
 
 from maskaq._files import save_tensors_and_json
 
-from maskaq.integer.block import wrap_blocks
 from maskaq.integer.modules import (DEFAULT_KERNEL, ActGrid, IntAttention, IntConv2d, IntLinear, IntMlp, cpu_integer_path,
                                     set_kernel)
 
@@ -97,7 +96,6 @@ def export_integer(qmodel: nn.Module, *, device: Optional[Union[str, torch.devic
     set_kernel(nn.Module(), kernel)  # validates the name before the copy
     imodel = copy.deepcopy(qmodel)
     _convert(imodel, fold, kernel)
-    wrap_blocks(imodel)
     leftover = [n for n, m in imodel.named_modules() if isinstance(m, _quant_types()[4])]
     if leftover:
         raise ValueError(f"quantizer at '{leftover[0]}' sits outside a Linear/Conv/Attention; cannot export it")
@@ -284,7 +282,6 @@ def load_integer(directory: Union[str, os.PathLike], model: Optional[nn.Module] 
         raise ValueError(f"{directory} does not match the given architecture ({what}); "
                          "pass the model the integer model was exported from")
     imodel.load_state_dict(state, strict=True)
-    wrap_blocks(imodel)  # as export_integer: not in the saved record, the same state either way
     imodel.maskaq_integer = {"quant": meta.get("quant", {}), "cpu_path": cpu_integer_path()}
     imodel.requires_grad_(False)
     imodel.eval()

@@ -15,7 +15,7 @@ from maskaq.integer.cpu_gemm import (DEFAULT_KERNEL, _check_kernel, cpu_int8_pai
 from maskaq.integer.device import _cuda_kernels
 from maskaq.integer.grid import ActGrid, _grid_buffer, clamp_to_grid
 
-__all__ = ["IntLinear", "set_kernel", "residual_in_epilogue"]
+__all__ = ["IntLinear", "set_kernel"]
 
 
 _quantize_warned = False
@@ -63,23 +63,11 @@ class _OnednnCall:
     def quantize(self, x2d: torch.Tensor) -> torch.Tensor:
         return _quantize_uint8(x2d, *self.input)
 
-    def run(self, u: torch.Tensor, act: Optional[str] = None, out: Optional[tuple] = None,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run(self, u: torch.Tensor, act: Optional[str] = None, out: Optional[tuple] = None) -> torch.Tensor:
         """The GEMM on u, with GELU (``act``) and the requantization to the grid ``out`` (the next
-        layer's ``input_spec``) fused in its epilogue (see ``IntLinear.run_uint8``); or, float32
-        output only, plus ``residual`` (rows × out features, float32), added in the epilogue where
-        that gives the separate add's floats (``residual_in_epilogue``)."""
+        layer's ``input_spec``) fused in its epilogue (see ``IntLinear.run_uint8``)."""
         post, algorithm = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
         step, zero_point, _ = self.input
-        if residual is not None:
-            if out is not None:
-                raise ValueError("a residual is added to the float output only, not with requantization")
-            if not residual_in_epilogue():
-                return self.run(u, act).add_(residual)
-            weight, w_scales, w_zeros, bias = self.weights
-            return torch.ops.onednn.qlinear_pointwise.binary(
-                u, step, zero_point, weight, w_scales, w_zeros, residual.contiguous(), bias, 1.0, 0, torch.float32,
-                1.0, 0, "add", 1.0, post, [], algorithm)
         if out is None:
             return torch.ops.onednn.qlinear_pointwise(u, step, zero_point, *self.weights, 1.0, 0, torch.float32,
                                                       post, [], algorithm)
@@ -87,40 +75,6 @@ class _OnednnCall:
                                                algorithm)
         # oneDNN saturates the requantized output to [0, 255]: a narrower grid clamps the bytes after
         return clamp_to_grid(y, out[2])
-
-
-_RESIDUAL_IN_EPILOGUE = None
-
-
-def residual_in_epilogue() -> bool:
-    """Whether oneDNN's linear adds a float residual in its epilogue (``qlinear_pointwise.binary``,
-    post-op "add") with exactly the floats of the GEMM's output plus the residual added after it.
-    Probed once per process on a small GEMM with values that round differently in another order;
-    where the overload is missing or gives other floats, the add runs as its own op."""
-    global _RESIDUAL_IN_EPILOGUE
-    if _RESIDUAL_IN_EPILOGUE is None:
-        _RESIDUAL_IN_EPILOGUE = _probe_residual_in_epilogue()
-    return _RESIDUAL_IN_EPILOGUE
-
-
-def _probe_residual_in_epilogue() -> bool:
-    g = torch.Generator().manual_seed(0)
-    rows, cols, out = 24, 64, 48
-    u = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
-    w = torch.randint(-128, 128, (out, cols), generator=g, dtype=torch.int8)
-    scales = torch.rand(out, generator=g, dtype=torch.float64).add_(0.5).mul_(1e-3).float()
-    bias = torch.randn(out, generator=g)
-    residual = torch.randn(rows, out, generator=g) * 1e3  # large: its sum with y rounds
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(w, None)
-        zeros = torch.zeros(out, dtype=torch.int32)
-        y = torch.ops.onednn.qlinear_pointwise(u, 0.02, 7, packed, scales, zeros, bias, 1.0, 0, torch.float32,
-                                               "none", [], "")
-        fused = torch.ops.onednn.qlinear_pointwise.binary(u, 0.02, 7, packed, scales, zeros, residual.clone(), bias,
-                                                          1.0, 0, torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
-    except (RuntimeError, AttributeError, TypeError):  # an older overload, or no oneDNN
-        return False
-    return fused.shape == y.shape and torch.equal(fused, y + residual)
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
@@ -330,14 +284,10 @@ class IntLinear(nn.Module):
         _, packed, scales, bias = self._packed
         return ops.int8_gemm(u, self.kernel_zero_point(), packed, self.out_features, scales, bias)
 
-    def _cpu_forward(self, x2d: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _cpu_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         call = self.onednn_call()
         if call is not None:
-            return call.run(x2d if x2d.dtype == torch.uint8 else call.quantize(x2d), residual=residual)
-        y = self._cpu_other_kernels(x2d)
-        return y if residual is None else y.add_(residual)
-
-    def _cpu_other_kernels(self, x2d: torch.Tensor) -> torch.Tensor:
+            return call.run(x2d if x2d.dtype == torch.uint8 else call.quantize(x2d))
         packed = self._cpu_packed()
         if packed[0] == "float":
             return F.linear(x2d, packed[1], packed[2])
@@ -420,20 +370,16 @@ class IntLinear(nn.Module):
         return out._cuda_int8_input(y) if out is not None else y
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Float (or, on this layer's grid, uint8) input of shape (..., in_features) -> float32; with
-        ``residual`` (float32, shaped like the output) the output plus the residual, the sum of a
-        residual connection (on the CPU added in oneDNN's epilogue, see ``residual_in_epilogue``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float (or, on this layer's grid, uint8) input of shape (..., in_features) -> float32."""
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
         if x2d.dtype not in (torch.float32, torch.uint8):
             x2d = x2d.float()
-        res2d = None if residual is None else residual.reshape(-1, self.out_features)
         if x2d.is_cuda:
             y = self._cuda_forward(x2d)
-            y = y if res2d is None else y + res2d
         elif x2d.device.type == "cpu":
-            y = self._cpu_forward(x2d.contiguous(), res2d)
+            y = self._cpu_forward(x2d.contiguous())
         else:
             raise ValueError(f"IntLinear runs on CPU or CUDA tensors, got device {x2d.device}")
         return y.reshape(*shape[:-1], self.out_features)

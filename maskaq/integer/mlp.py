@@ -1,8 +1,6 @@
 """IntMlp: fc1 → GELU → fc2 with the GELU and fc2's requantization in fc1's epilogue."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -43,21 +41,17 @@ class IntMlp(nn.Module):
             return self.act(y)
         return torch.ops.aten.gelu_(y, approximate="tanh" if self.act_name == "gelu_tanh" else "none")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fc2(GELU(fc1(x))); with ``residual`` (shaped like the output) plus the residual, added in
-        fc2's epilogue where it can (``IntLinear.forward``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and self.act_name is not None:
             # both layers on oneDNN: the fused path below with their arguments read once
             c1, c2 = self.fc1.onednn_call(), self.fc2.onednn_call()
             if c1 is not None and c2 is not None:
                 shape = x.shape
-                out_shape = (*shape[:-1], self.fc2.out_features)
                 hidden = c1.run(c1.quantize(x.reshape(-1, shape[-1]).contiguous()), self.act_name, c2.input)
-                res2d = None if residual is None else residual.reshape(-1, self.fc2.out_features)
-                return c2.run(hidden, residual=res2d).reshape(out_shape)
+                return c2.run(hidden).reshape(*shape[:-1], self.fc2.out_features)
         cuda = self._cuda_fusable(x)
         if not (cuda or self._fusable(x)):
-            return self.fc2(self._activation(self.fc1(x)), residual)
+            return self.fc2(self._activation(self.fc1(x)))
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
         if cuda:
@@ -70,5 +64,4 @@ class IntMlp(nn.Module):
                 x2d = x2d.float()
             hidden = self.fc1.run_uint8(self.fc1.quantize_input(x2d), act=self.act_name, out=self.fc2)
             y = self.fc2.run_uint8(hidden)
-        y = y.reshape(*shape[:-1], self.fc2.out_features)
-        return y if residual is None else y + residual
+        return y.reshape(*shape[:-1], self.fc2.out_features)

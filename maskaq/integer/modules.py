@@ -52,12 +52,6 @@ per-output-channel integers W_q in [-2^(b-1), 2^(b-1)-1] with steps s_w (zero po
   path warns once and runs the plain-PyTorch epilogue and float32 attention products instead.
   The CUDA kernels are compiled in CI but have not yet run on a GPU (tests/test_int_ops.py holds
   their GPU tests).
-* ``IntBlock``: timm's pre-norm ViT block (no layer scale, no stochastic depth) on IntAttention and
-  IntMlp; each branch adds the residual in its last GEMM (proj, fc2), on the CPU in oneDNN's
-  epilogue where that gives the separate add's floats (``residual_in_epilogue``, probed once).
-  ``export_integer`` and ``load_integer`` wrap such blocks; the state dict is the block's.
-* On the CPU each oneDNN layer reads its call's arguments (input grid, packed weights) once and
-  keeps them with its packed weights until the layer changes.
 * ``IntConv2d``: the patch embedding. Its input (the image) is full precision in the student, so
   it runs as a float convolution with the dequantized integer weights (exactly the fake-quant
   result); with a quantized input (abits set) it runs as patchify + IntLinear.
@@ -71,7 +65,6 @@ from __future__ import annotations
 from torch import nn
 
 from maskaq.integer.attention import IntAttention
-from maskaq.integer.block import IntBlock
 from maskaq.integer.conv import IntConv2d
 from maskaq.integer.cpu_gemm import DEFAULT_KERNEL, KERNELS, cpu_int8_pairs_saturate, cpu_integer_path
 from maskaq.integer.grid import ActGrid, integer_grid
@@ -82,7 +75,6 @@ __all__ = [
     "ActGrid",
     "IntLinear",
     "IntAttention",
-    "IntBlock",
     "IntConv2d",
     "integer_grid",
     "stored_bytes",
