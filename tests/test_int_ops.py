@@ -193,6 +193,28 @@ def p_grid_args(grid, N):
 
 
 @needs_ext
+@pytest.mark.parametrize("N,p_step", [(3, 2 / 87), (5, 2 / 15), (5, 2 / 95), (6, 1 / 87), (3, 2 / 135)])
+def test_attention_divides_probabilities_at_half_levels(N, p_step):
+    """Uniform rows (q = 0) give every probability the value P of softmax(0), and P / step lands
+    within a unit in the last place of a half-integer, on the other side of it from P times the
+    float reciprocal of the step (found by search; for N = 5 and step 2/15 the quotient is 1.5 and
+    the product 1.4999999). The kernel's levels must be those of the quotient, as the reference's."""
+    B, H, d = 2, 3, 8
+    q = torch.zeros(B, H, N, d, dtype=torch.int8)
+    k, v = (torch.randint(-128, 128, (B, H, N, d), generator=gen(N + i), dtype=torch.int8) for i in range(2))
+    args = (0.01, p_step, 0, 0, 255, 0, 0, 0)
+    got = torch.ops.maskaq.int8_attention(q, k, v, *args)
+    expected = ref.int8_attention(q, k, v, *args)
+    assert torch.equal(got, expected)
+    p, step = torch.softmax(torch.zeros(N), 0)[0], torch.tensor(p_step, dtype=torch.float32)
+    assert torch.round(p / step) != torch.round(p * (1 / step))  # the case the reciprocal gets wrong
+    folded = torch.stack([q, k, v], dim=2).permute(0, 3, 2, 1, 4).float()  # the folded qkv (B, N, 3, H, d)
+    args_qkv = (0.01, p_step, 0, 0, 255, [-128] * 3, [127] * 3)
+    assert torch.equal(torch.ops.maskaq.qkv_int8_attention(folded.contiguous(), *args_qkv),
+                       ref.qkv_int8_attention(folded.contiguous(), *args_qkv))
+
+
+@needs_ext
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 @pytest.mark.parametrize("p_grid", P_GRIDS)
 @pytest.mark.parametrize("zero_points", ZERO_POINTS)
