@@ -102,10 +102,10 @@ MASKAQ_VINLINE vf8 verf(vf8 x) {
 
 MASKAQ_VINLINE vf8 vgelu(vf8 x) { return x * 0.5f * (1.0f + verf(x * fmath::kSqrtHalf)); }
 
-// requantize lane by lane: the levels, integers in [lo, hi] as floats.
-MASKAQ_VINLINE vf8 vrequantize_levels(vf8 y, const checks::Requant& rq) {
+// The levels of the quotient t = y / step, lane by lane: clamp, round, add the zero point, clamp;
+// integers in [lo, hi] as floats.
+MASKAQ_VINLINE vf8 vlevels_of_quotient(vf8 t, const checks::Requant& rq) {
   const vf8 t_lo = vsplat(rq.t_lo), t_hi = vsplat(rq.t_hi), lo = vsplat(rq.lo), hi = vsplat(rq.hi);
-  vf8 t = y / rq.step;
   t = vselect(t > t_lo, t, t_lo);
   t = vselect(t < t_hi, t, t_hi);
   vf8 u = vround_small(t) + rq.zero_point;
@@ -113,19 +113,19 @@ MASKAQ_VINLINE vf8 vrequantize_levels(vf8 y, const checks::Requant& rq) {
   return vselect(u < hi, u, hi);
 }
 
+// requantize lane by lane: the levels, integers in [lo, hi] as floats.
+MASKAQ_VINLINE vf8 vrequantize_levels(vf8 y, const checks::Requant& rq) {
+  return vlevels_of_quotient(y / rq.step, rq);
+}
+
 MASKAQ_VINLINE vi8 vrequantize(vf8 y, const checks::Requant& rq) {
   return __builtin_convertvector(vrequantize_levels(y, rq), vi8);  // exact: integers in [lo, hi]
 }
 
-// vrequantize for a grid of step 1 and zero point 0, without the division: y / 1 is y exactly (NaN
-// and signed zeros included), so the levels are vrequantize's.
+// vrequantize for a grid of step 1, without the division: y / 1 is y exactly (NaN and signed zeros
+// included), so the levels are vrequantize's.
 MASKAQ_VINLINE vi8 vround_clamp(vf8 y, const checks::Requant& rq) {
-  const vf8 t_lo = vsplat(rq.t_lo), t_hi = vsplat(rq.t_hi), lo = vsplat(rq.lo), hi = vsplat(rq.hi);
-  vf8 t = vselect(y > t_lo, y, t_lo);
-  t = vselect(t < t_hi, t, t_hi);
-  vf8 u = vround_small(t);
-  u = vselect(u > lo, u, lo);
-  return __builtin_convertvector(vselect(u < hi, u, hi), vi8);
+  return __builtin_convertvector(vlevels_of_quotient(y, rq), vi8);
 }
 
 MASKAQ_VINLINE vf8 epilogue_vector(const int32_t* acc, const float* scale, const float* bias, bool gelu) {
@@ -238,19 +238,28 @@ inline void requantize_s8_scalar(const float* src, int8_t* dst, int64_t n, const
 }
 
 #if defined(MASKAQ_SIMD)
-MASKAQ_CLONES void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+// The bytes level − offset of n values, 8 lanes at a time (vround_clamp on a grid of step 1, else
+// vrequantize) and the scalar requantizer on the tail; inlined into each instruction-set clone below.
+template <bool kUnitStep>
+MASKAQ_VINLINE void requantize_s8_lanes(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq,
+                                        int32_t offset) {
   const int64_t nv = n - n % kLanes;
   const vi8 o = vi8{} + offset;
-  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vrequantize(vload(src + i), rq) - o));
+  for (int64_t i = 0; i < nv; i += kLanes) {
+    const vf8 y = vload(src + i);
+    const vi8 levels = kUnitStep ? vround_clamp(y, rq) : vrequantize(y, rq);
+    vstore(dst + i, (vs8)vlow_bytes(levels - o));
+  }
   requantize_s8_scalar(src + nv, dst + nv, n - nv, rq, offset);
 }
 
-// requantize_s8 on a grid of step 1 and zero point 0 (q, k and v from the folded qkv output).
+MASKAQ_CLONES void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
+  requantize_s8_lanes<false>(src, dst, n, rq, offset);
+}
+
+// requantize_s8 on a grid of step 1 (q, k and v from the folded qkv output).
 MASKAQ_CLONES void round_clamp_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
-  const int64_t nv = n - n % kLanes;
-  const vi8 o = vi8{} + offset;
-  for (int64_t i = 0; i < nv; i += kLanes) vstore(dst + i, (vs8)vlow_bytes(vround_clamp(vload(src + i), rq) - o));
-  requantize_s8_scalar(src + nv, dst + nv, n - nv, rq, offset);
+  requantize_s8_lanes<true>(src, dst, n, rq, offset);
 }
 #else
 inline void requantize_s8(const float* src, int8_t* dst, int64_t n, const checks::Requant& rq, int32_t offset) {
